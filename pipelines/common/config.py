@@ -1,0 +1,254 @@
+"""Typed job configs: dataclasses with documented fields, named presets, YAML and CLI overrides.
+
+Every job (render, pseudo-4D, the training stages) describes its options as a
+dataclass whose fields carry a ``doc`` string. ``parse_config`` turns that into
+a command line: each field becomes ``--name`` (nested dataclasses become
+``--section.name``), ``--preset`` picks a starting point, ``--config`` layers a
+YAML file on top, and explicit flags win over both. The resolved config is
+written next to every output so any run can be reproduced from its folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad preset, override or option value; the message says how to fix it."""
+
+
+def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with a help text (shown by ``--help`` and kept in the YAML dump)."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"doc": text})
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML or CLI value to the field's declared type, or raise ConfigError."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"option '{name}' may not be empty; give a {getattr(tp, '__name__', tp)}")
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if origin is typing.Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+            return value
+        if origin in (list, tuple):
+            (item_tp, *_) = typing.get_args(tp) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+            items = [_coerce(v, item_tp, name) for v in value]
+            return tuple(items) if origin is tuple else items
+        if origin is dict or tp is dict:
+            if not isinstance(value, Mapping):
+                raise ValueError(value)
+            return dict(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        tname = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"option '{name}' expects {tname}, got {value!r}") from None
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
+    """Return a copy of ``cfg`` with nested ``overrides`` (dicts or dotted keys) applied and type-checked."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = str(key).partition(".")
+        if rest:
+            nested.setdefault(head, {})
+            if not isinstance(nested[head], dict):
+                raise ConfigError(f"option '{prefix}{head}' is set both as a value and as a section")
+            nested[head][rest] = value
+        else:
+            if isinstance(nested.get(head), dict) and isinstance(value, Mapping):
+                nested[head].update(value)
+            else:
+                nested[head] = value
+    hints = _field_types(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for key, value in nested.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"unknown option '{full}'{hint}; see --help for the list")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"option '{full}' is a section; set its fields as {full}.<name>=<value>")
+            changes[key] = apply_overrides(current, value, prefix=f"{full}.")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    new = dataclasses.replace(cfg, **changes)
+    validate = getattr(new, "validate", None)
+    if callable(validate) and not prefix:
+        validate()
+    return new
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-able data (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return plain(cfg)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """Dotted-key view of a config, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+    walk(to_dict(cfg), "")
+    return out
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], base: T | None = None) -> T:
+    """Rebuild a config from ``to_dict`` output (e.g. a resolved config.yaml)."""
+    return apply_overrides(base if base is not None else cls(), data)
+
+
+def write_resolved(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a job's outputs and return its path."""
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of option: value at the top level")
+    return data
+
+
+def _add_flags(parser: argparse.ArgumentParser, cfg: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _add_flags(parser, value, f"{name}.")
+            continue
+        flag = "--" + name.replace("_", "-")
+        aliases = [flag] if flag == f"--{name}" else [flag, f"--{name}"]
+        text = f.metadata.get("doc", "")
+        parser.add_argument(*aliases, dest=f"override:{name}", metavar="V", default=argparse.SUPPRESS,
+                            help=f"{text} [default: {value!r}]")
+
+
+def parse_config(cls: type[T], presets: Mapping[str, Callable[[], T]], argv: list[str] | None = None,
+                 description: str = "", default_preset: str = "demo",
+                 extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[T, argparse.Namespace]:
+    """Build ``cls`` from ``--preset``, ``--config`` YAML, ``--set k=v`` and per-field flags (in that order)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default=default_preset,
+                        help=f"named starting config: {', '.join(presets)}")
+    parser.add_argument("--config", default=None, help="YAML file of overrides (nested sections or dotted keys)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any field by dotted name, e.g. --set model.depth=4")
+    if extra is not None:
+        extra(parser)
+    _add_flags(parser, presets[default_preset]() if default_preset in presets else cls())
+    args = parser.parse_args(argv)
+    if args.preset not in presets:
+        raise ConfigError(f"unknown preset '{args.preset}'; choose one of: {', '.join(presets)}")
+    cfg = presets[args.preset]()
+    overrides: dict[str, Any] = {}
+    if args.config:
+        overrides.update(load_yaml(args.config))
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"malformed override '{item}'; write --set key=value, e.g. --set views=8")
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    for key, value in vars(args).items():
+        if key.startswith("override:"):
+            overrides[key[len("override:"):]] = value
+    # YAML may hold nested sections; flags are dotted. apply_overrides accepts both.
+    cfg = apply_overrides(cfg, overrides)
+    return cfg, args
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run an entry point so that expected errors print one line and exit non-zero, not a traceback."""
+    from pipelines.common.errors import UserError
+    try:
+        code = main(argv)
+    except (ConfigError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)

@@ -1,0 +1,163 @@
+"""The Ray Data driver shared by the data jobs (render and pseudo-4D).
+
+The driver lists items, drops those an earlier run finished, groups the rest
+into parts and maps the parts over a pool of Ray actors. Each actor builds its
+item processor once (a warm Blender, a decoder) and turns a part into shards
+plus commit records (see shards.py). Only a few counters per part come back to
+the driver, so its memory stays flat however many items there are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from pipelines.common.shards import Failure, PartResult, Sample, commit_part, consolidate, scan_output
+
+
+class ItemError(Exception):
+    """A single item failed; ``stage`` names where (download, import, render, decode, ...)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class ItemProcessor(Protocol):
+    def __call__(self, item: dict[str, Any]) -> list[Sample]: ...
+
+
+@dataclass
+class JobSpec:
+    """Everything the shared driver needs to run one data job."""
+
+    name: str
+    output: Path
+    items: list[dict[str, Any]]
+    """Each item has a unique ``item_id`` plus whatever its processor reads."""
+    make_processor: Callable[[], ItemProcessor]
+    """Called once per actor; must be picklable (a module-level function or a partial)."""
+    items_per_part: int = 8
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    retry_failed: bool = False
+    ray_address: str = ""
+    extra_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def init_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Connect to the cluster in ``address``/RAY_ADDRESS, or start a private local one."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    kwargs: dict[str, Any] = dict(log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+class _PartWorker:
+    """Ray Data actor: one warm processor, many parts."""
+
+    def __init__(self, make_processor: Callable[[], ItemProcessor], output: str) -> None:
+        self.processor = make_processor()
+        self.output = Path(output)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        start = time.time()
+        part = int(row["part"])
+        samples: list[Sample] = []
+        failures: list[Failure] = []
+        ok = 0
+        for item in json.loads(row["items"]):
+            t0 = time.time()
+            try:
+                produced = self.processor(item)
+                if not produced:
+                    raise ItemError("process", "produced no samples")
+                samples.extend(produced)
+                ok += 1
+            except ItemError as exc:
+                failures.append(Failure(item["item_id"], exc.stage, str(exc), time.time() - t0))
+            except Exception as exc:  # a bug or an unforeseen input: keep the job alive, keep the evidence
+                tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+                failures.append(Failure(item["item_id"], "process", f"{type(exc).__name__}: {exc} ({tb})",
+                                        time.time() - t0))
+        result = commit_part(self.output, part, samples, failures)
+        result.items_ok, result.items_failed = ok, len(failures)
+        result.seconds = time.time() - start
+        return {"result": json.dumps(result.__dict__)}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Plan, run and summarise a data job; returns the summary (also written to summary.json)."""
+    import ray
+
+    t_start = time.time()
+    output = Path(spec.output)
+    output.mkdir(parents=True, exist_ok=True)
+    state = scan_output(output)
+    if state.removed_orphans:
+        print(f"[{spec.name}] removed {len(state.removed_orphans)} leftovers of an interrupted run", flush=True)
+    skip = state.done_items | (set() if spec.retry_failed else state.failed_items)
+    seen: set[str] = set()
+    todo = []
+    for item in spec.items:
+        iid = item["item_id"]
+        if iid in seen:
+            continue  # the same asset listed twice must not become two samples
+        seen.add(iid)
+        if iid not in skip:
+            todo.append(item)
+    n_parts = (len(todo) + spec.items_per_part - 1) // spec.items_per_part
+    print(f"[{spec.name}] {len(seen)} items: {len(state.done_items & seen)} already done, "
+          f"{len(state.failed_items & seen)} failed before{' (retrying)' if spec.retry_failed else ' (skipped)'}, "
+          f"{len(todo)} to do in {n_parts} parts", flush=True)
+
+    totals = PartResult(part=-1)
+    if todo:
+        init_ray(spec.ray_address)
+        rows = [{"part": state.next_part + i,
+                 "items": json.dumps(todo[i * spec.items_per_part:(i + 1) * spec.items_per_part])}
+                for i in range(n_parts)]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(n_parts, 1000)))
+        ds = ds.map(_PartWorker, fn_constructor_kwargs=dict(make_processor=spec.make_processor, output=str(output)),
+                    concurrency=max(1, min(spec.concurrency, n_parts)), num_cpus=spec.num_cpus)
+        done_parts = 0
+        for row in ds.iter_rows():
+            r = json.loads(row["result"])
+            done_parts += 1
+            for k in ("items_ok", "items_failed", "samples", "frames", "bytes"):
+                setattr(totals, k, getattr(totals, k) + r[k])
+            for f in r["failures"]:
+                print(f"[{spec.name}] FAILED {f['item_id']} at {f['stage']}: {f['error']}", file=sys.stderr, flush=True)
+            el = time.time() - t_start
+            print(f"[{spec.name}] part {done_parts}/{n_parts} | items ok {totals.items_ok} failed {totals.items_failed} "
+                  f"| samples {totals.samples} | frames {totals.frames} ({totals.frames / max(el, 1e-9):.1f}/s) "
+                  f"| {el:.0f}s", flush=True)
+    index, failures = consolidate(output)
+    wall = time.time() - t_start
+    summary = dict(job=spec.name, output=str(output), items_total=len(seen), items_ok_this_run=totals.items_ok,
+                   items_failed_this_run=totals.items_failed, items_skipped=len(seen) - len(todo),
+                   samples_this_run=totals.samples, frames_this_run=totals.frames,
+                   frames_per_second=totals.frames / wall if wall > 0 else 0.0,
+                   samples_total=index.num_rows, failures_total=failures.num_rows, wall_seconds=wall,
+                   driver_peak_rss_mb=_peak_rss_mb(), **spec.extra_summary)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[{spec.name}] done in {wall:.1f}s: {totals.items_ok} items ok, {totals.items_failed} failed, "
+          f"{totals.samples} samples, {totals.frames} frames ({summary['frames_per_second']:.1f} frames/s); "
+          f"output holds {index.num_rows} samples, {failures.num_rows} failures -> {output}", flush=True)
+    return summary

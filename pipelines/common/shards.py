@@ -1,0 +1,246 @@
+"""WebDataset shard writing, the per-part commit records, and resume state.
+
+Layout of a data job's output directory (docs/data_format.md has the whole format)::
+
+    <output>/config.yaml                      resolved job config
+    <output>/shards/shard-NNNNNN.tar          grids ("render" or "pseudo4d" samples)
+    <output>/clips/shard-NNNNNN.tar           base-model clips (pseudo-4D job only)
+    <output>/index.parquet                    one row per sample
+    <output>/failures.parquet                 one row per failed item
+    <output>/_parts/part-NNNNNN.*.parquet     per-part commit records (the source of truth)
+
+A *part* is the unit of work a Ray task handles: a few input items whose samples
+go into one shard per stream. A part is committed by writing its index record
+last, after its shards were renamed into place and its failure record written;
+a part without an index record never happened, so a crash at any point leaves
+nothing half-counted, and a re-run redoes exactly the uncommitted items.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PARTS_DIR = "_parts"
+STREAM_DIRS = {"grids": "shards", "clips": "clips"}
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()), ("item_id", pa.string()), ("stream", pa.string()), ("shard", pa.string()),
+    ("part", pa.int64()), ("kind", pa.string()), ("views", pa.int32()), ("frames", pa.int32()),
+    ("height", pa.int32()), ("width", pa.int32()), ("context", pa.string()), ("bytes", pa.int64()),
+])
+FAILURE_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("stage", pa.string()), ("error", pa.string()),
+    ("seconds", pa.float64()), ("part", pa.int64()),
+])
+
+
+@dataclass
+class Sample:
+    """One WebDataset sample: ``files`` maps member suffix (e.g. ``v00t03.png``) to bytes."""
+
+    key: str
+    item_id: str
+    files: dict[str, bytes]
+    kind: str
+    views: int
+    frames: int
+    height: int
+    width: int
+    stream: str = "grids"
+    context: str = ""
+
+    def __post_init__(self) -> None:
+        # WebDataset splits member names at the first dot: a dot in the key would
+        # silently split one sample into several.
+        if "." in self.key or "/" in self.key:
+            raise ValueError(f"sample key {self.key!r} may not contain '.' or '/'")
+
+
+@dataclass
+class Failure:
+    item_id: str
+    stage: str
+    error: str
+    seconds: float
+
+
+@dataclass
+class PartResult:
+    """What a part hands back to the driver: small enough to keep thousands of them."""
+
+    part: int
+    items_ok: int = 0
+    items_failed: int = 0
+    samples: int = 0
+    frames: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+
+def safe_key(text: str) -> str:
+    """Map an arbitrary id to a WebDataset-safe key (no dots or slashes)."""
+    return "".join(c if (c.isalnum() or c in "-_") else "_" for c in text)
+
+
+def write_tar(path: Path, samples: Iterable[Sample]) -> int:
+    """Write samples to ``path`` atomically; members of a sample are contiguous and sorted.
+
+    ``ray.data.read_webdataset`` groups consecutive members by key, so members
+    must never interleave between samples. Returns bytes written.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in sorted(samples, key=lambda s: s.key):
+            for suffix in sorted(sample.files):
+                data = sample.files[suffix]
+                info = tarfile.TarInfo(f"{sample.key}.{suffix}")
+                info.size = len(data)
+                info.mode = 0o644
+                info.mtime = 0  # byte-identical shards for identical inputs
+                tar.addfile(info, io.BytesIO(data))
+    size = tmp.stat().st_size
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return size
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def shard_name(stream: str, part: int) -> str:
+    return f"{STREAM_DIRS[stream]}/shard-{part:06d}.tar"
+
+
+def commit_part(output: Path, part: int, samples: list[Sample], failures: list[Failure]) -> PartResult:
+    """Write a part's shards, then its failure record, then its index record (the commit)."""
+    output = Path(output)
+    parts = output / PARTS_DIR
+    parts.mkdir(parents=True, exist_ok=True)
+    result = PartResult(part=part)
+    rows: list[dict[str, Any]] = []
+    by_stream: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_stream.setdefault(s.stream, []).append(s)
+    for stream, group in sorted(by_stream.items()):
+        rel = shard_name(stream, part)
+        nbytes = write_tar(output / rel, group)
+        result.bytes += nbytes
+        for s in group:
+            rows.append(dict(key=s.key, item_id=s.item_id, stream=stream, shard=rel, part=part, kind=s.kind,
+                             views=s.views, frames=s.frames, height=s.height, width=s.width, context=s.context,
+                             bytes=sum(len(b) for b in s.files.values())))
+    fail_rows = [dict(item_id=f.item_id, stage=f.stage, error=f.error, seconds=float(f.seconds), part=part)
+                 for f in failures]
+    _write_parquet(pa.Table.from_pylist(fail_rows, schema=FAILURE_SCHEMA), parts / f"part-{part:06d}.failures.parquet")
+    _write_parquet(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), parts / f"part-{part:06d}.index.parquet")
+    result.samples = len(rows)
+    result.frames = sum(r["views"] * r["frames"] if r["stream"] == "grids" else r["frames"] for r in rows)
+    result.failures = fail_rows
+    return result
+
+
+@dataclass
+class ResumeState:
+    """What earlier runs into the same output already finished."""
+
+    done_items: set[str]
+    failed_items: set[str]
+    next_part: int
+    committed_parts: int
+    removed_orphans: list[str]
+
+
+def _read_parts(output: Path, suffix: str, schema: pa.Schema) -> pa.Table:
+    files = sorted((output / PARTS_DIR).glob(f"part-*.{suffix}.parquet"))
+    if suffix == "failures":
+        committed = {f.name.split(".")[0] for f in (output / PARTS_DIR).glob("part-*.index.parquet")}
+        files = [f for f in files if f.name.split(".")[0] in committed]
+    tables = [pq.read_table(f, schema=schema) for f in files]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def scan_output(output: str | Path) -> ResumeState:
+    """Read the commit records and remove leftovers of parts that never committed."""
+    output = Path(output)
+    parts_dir = output / PARTS_DIR
+    committed = sorted(int(f.name[5:11]) for f in parts_dir.glob("part-*.index.parquet")) if parts_dir.exists() else []
+    committed_set = set(committed)
+    removed: list[str] = []
+    for stream_dir in STREAM_DIRS.values():
+        d = output / stream_dir
+        if not d.exists():
+            continue
+        for f in d.iterdir():
+            # *.tmp files and shards of uncommitted parts are debris of an interrupted run.
+            orphan = f.name.endswith(".tmp") or (f.name.startswith("shard-") and f.name.endswith(".tar")
+                                                 and int(f.name[6:12]) not in committed_set)
+            if orphan:
+                f.unlink()
+                removed.append(str(f.relative_to(output)))
+    if parts_dir.exists():
+        for f in parts_dir.glob("*.tmp"):
+            f.unlink()
+        for f in parts_dir.glob("part-*.failures.parquet"):
+            if int(f.name[5:11]) not in committed_set:
+                f.unlink()
+    index = _read_parts(output, "index", INDEX_SCHEMA)
+    failures = _read_parts(output, "failures", FAILURE_SCHEMA)
+    done = set(index.column("item_id").to_pylist())
+    failed = set(failures.column("item_id").to_pylist()) - done
+    return ResumeState(done_items=done, failed_items=failed, next_part=(max(committed) + 1) if committed else 0,
+                       committed_parts=len(committed), removed_orphans=removed)
+
+
+def consolidate(output: str | Path) -> tuple[pa.Table, pa.Table]:
+    """Rewrite ``index.parquet`` and ``failures.parquet`` from the commit records.
+
+    A failure of an item that a later run finished is dropped: the failure table
+    lists what is missing from the data now, not the history of attempts.
+    """
+    output = Path(output)
+    index = _read_parts(output, "index", INDEX_SCHEMA).sort_by([("shard", "ascending"), ("key", "ascending")])
+    failures = _read_parts(output, "failures", FAILURE_SCHEMA)
+    done = set(index.column("item_id").to_pylist())
+    if failures.num_rows:
+        mask = pa.array([i not in done for i in failures.column("item_id").to_pylist()])
+        failures = failures.filter(mask)
+    _write_parquet(index, output / "index.parquet")
+    _write_parquet(failures, output / "failures.parquet")
+    return index, failures
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Read a shard written by ``write_tar`` without webdataset (members are contiguous)."""
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, suffix = member.name.partition(".")
+            if key is not None and k != key:
+                yield key, files
+                files = {}
+            key = k
+            files[suffix] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if key is not None:
+        yield key, files
+
+
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()

@@ -1,0 +1,73 @@
+"""Config presets, YAML and CLI overrides, and their one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.common.config import ConfigError, doc, parse_config, write_resolved, from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Inner:
+    depth: int = doc(2, "blocks")
+    rate: float = doc(0.5, "a rate")
+
+
+@dataclasses.dataclass
+class Outer:
+    name: str = doc("x", "a name")
+    views: int = doc(8, "views")
+    flag: bool = doc(False, "a switch")
+    tags: list[str] = doc(text="tags", factory=list)
+    inner: Inner = doc(text="nested", factory=Inner)
+
+
+PRESETS = {"demo": Outer, "tiny": lambda: Outer(views=2, inner=Inner(depth=1))}
+
+
+def test_preset_yaml_cli_precedence(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"views": 4, "inner": {"rate": 0.25}, "name": "from-yaml"}))
+    cfg, _ = parse_config(Outer, PRESETS, ["--preset", "tiny", "--config", str(cfg_file), "--name", "cli",
+                                           "--set", "inner.depth=7", "--flag", "yes", "--tags", "a,b"])
+    assert cfg.views == 4 and cfg.name == "cli" and cfg.flag is True and cfg.tags == ["a", "b"]
+    assert cfg.inner.depth == 7 and cfg.inner.rate == 0.25
+    path = write_resolved(cfg, tmp_path / "out")
+    again = from_dict(Outer, yaml.safe_load(path.read_text()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--set", "views"], "malformed override 'views'"),
+    (["--set", "vews=3"], "unknown option 'vews'"),
+    (["--views", "eight"], "option 'views' expects int"),
+    (["--flag", "maybe"], "option 'flag' expects bool"),
+    (["--set", "inner=3"], "option 'inner' is a section"),
+])
+def test_bad_input_is_one_clear_error(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Outer, PRESETS, argv)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(Outer, PRESETS, ["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("views: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config(Outer, PRESETS, ["--config", str(bad)])
+
+
+def test_missing_dependency_message() -> None:
+    from pipelines.common.errors import UserError, require
+    with pytest.raises(UserError, match="missing dependency 'no_such_module_xyz'.*make install"):
+        require("no_such_module_xyz")
