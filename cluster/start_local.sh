@@ -27,7 +27,10 @@ fi
 args=(--head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127.0.0.1
       --dashboard-port="$RAY_DASHBOARD_PORT" --include-dashboard=true --temp-dir="$RAY_TEMP_DIR" --disable-usage-stats)
 [ -n "${RAY_NUM_CPUS:-}" ] && args+=(--num-cpus="$RAY_NUM_CPUS")
-"$RAY_BIN" start "${args[@]}" >"$RAY_LOCAL_DIR/start.log" 2>&1 || { cat "$RAY_LOCAL_DIR/start.log" >&2; exit 1; }
+# A new session makes every head process (and the workers it forks later) one process
+# group, so stop_local.sh stops exactly this head and not other Ray instances.
+setsid bash -c 'echo $$ > "$0"; exec "$@"' "$RAY_LOCAL_DIR/pgid" "$RAY_BIN" start "${args[@]}" \
+  >"$RAY_LOCAL_DIR/start.log" 2>&1 || { cat "$RAY_LOCAL_DIR/start.log" >&2; exit 1; }
 cat > "$RAY_LOCAL_DIR/env.sh" <<ENV
 export RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT
 export RAY_AUTH_MODE=token
