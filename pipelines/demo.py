@@ -1,0 +1,102 @@
+"""The embedded demo: render -> pseudo-4D -> train base -> train 4D -> generate, each a real Ray job.
+
+`make demo` runs this. It starts (or reuses) the loopback Ray head of
+cluster/start_local.sh and submits every stage with `ray job submit`, exactly as
+a user would on a cluster, then prints where the shards, checkpoints, pictures
+and the MLflow UI are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.common.config import run_cli  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+
+
+def _head_env() -> dict[str, str]:
+    """Start the loopback head unless one from start_local.sh is up; return the env that reaches it."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    state = Path(env.get("RAY_LOCAL_DIR", Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
+                         "fourreal-video" / "ray"))
+    env_file = state / "env.sh"
+    alive = False
+    if env_file.exists():
+        probe = dict(env)
+        probe.update(_read_env(env_file))
+        alive = subprocess.run(["ray", "job", "list"], env=probe, capture_output=True, timeout=60).returncode == 0
+    if not alive:
+        print("[demo] starting a local Ray head on 127.0.0.1 ...", flush=True)
+        out = subprocess.run([str(ROOT / "cluster/start_local.sh")], env=env, text=True, capture_output=True)
+        if out.returncode != 0:
+            raise UserError(f"could not start the local Ray head: {out.stderr.strip() or out.stdout.strip()}")
+        print(out.stdout.strip(), flush=True)
+    env.update(_read_env(env_file))
+    return env
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    pairs = [line.removeprefix("export ").split("=", 1) for line in path.read_text().splitlines() if "=" in line]
+    return {k: v for k, v in pairs}
+
+
+def _submit(env: dict[str, str], name: str, args: list[str]) -> None:
+    cmd = ["ray", "job", "submit", "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
+           "--", "python", *args]
+    print(f"\n[demo] === {name} ===\n[demo] $ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    if subprocess.run(cmd, env=env, cwd=ROOT).returncode != 0:
+        raise UserError(f"demo stage '{name}' failed; its log is above (ray job logs <id> shows it again)")
+    print(f"[demo] {name} finished in {time.time() - t0:.0f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", default=str(ROOT / "outputs" / "demo"), help="where all demo results go")
+    args = parser.parse_args(argv)
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = _head_env()
+    mlflow_uri = f"sqlite:///{out / 'mlflow.db'}"  # one store, an experiment per stage
+    t0 = time.time()
+    _submit(env, "render procedural assets (Blender/Cycles)",
+            ["pipelines/render_objaverse.py", "--preset", "demo", "--output", str(out / "render")])
+    _submit(env, "pseudo-4D grids from procedural videos",
+            ["pipelines/make_pseudo4d.py", "--preset", "demo", "--output", str(out / "pseudo4d")])
+    _submit(env, "train the base video model",
+            ["training/train_base.py", "--preset", "demo", "--output", str(out / "train_base"), "--mlflow-uri", mlflow_uri,
+             "--data.grids", f"{out / 'pseudo4d'},{out / 'render'}", "--data.clips", str(out / "pseudo4d" / "clips")])
+    _submit(env, "train the 4D model (soft sync)",
+            ["training/train_4d.py", "--preset", "demo", "--output", str(out / "train_4d"), "--mlflow-uri", mlflow_uri,
+             "--base-checkpoint", str(out / "train_base" / "checkpoint_final"),
+             "--data.grids", f"{out / 'pseudo4d'},{out / 'render'}", "--data.weights", "0.7,0.3"])
+    generate = ROOT / "pipelines" / "generate_4d.py"
+    if generate.exists():
+        _submit(env, "generate a 4D grid", ["pipelines/generate_4d.py", "--checkpoint",
+                                            str(out / "train_4d" / "checkpoint_final"), "--demo-inputs",
+                                            str(out / "pseudo4d"), "--out", str(out / "generated")])
+    print(f"\n[demo] all stages done in {time.time() - t0:.0f}s. Results under {out}:")
+    print(f"  rendered shards      {out / 'render' / 'shards'}  (index.parquet, failures.parquet)")
+    print(f"  pseudo-4D shards     {out / 'pseudo4d' / 'shards'} and clips {out / 'pseudo4d' / 'clips'}")
+    print(f"  base checkpoint      {out / 'train_base' / 'checkpoint_final'}")
+    print(f"  4D checkpoint        {out / 'train_4d' / 'checkpoint_final'}")
+    if (out / "generated").exists():
+        print(f"  generated grid       {out / 'generated' / 'contact_sheet.png'} and MP4s in {out / 'generated'}")
+    print(f"  MLflow UI            .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --port 5000  "
+          "-> http://127.0.0.1:5000 (experiments 4real-base, 4real-4d)")
+    print(f"  Ray dashboard        {env['RAY_ADDRESS']}   (stop the head with: make ray-down)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,157 @@
+"""Training configs: one dataclass for all three stages, with named presets per stage.
+
+Progress is counted in samples seen (edm2 style), so changing the number of
+workers or the batch size keeps the schedule's meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+from pipelines.common.config import ConfigError, doc
+
+STAGES = ("base", "upsampler", "4d")
+
+
+@dataclass
+class DataConfig:
+    grids: list[str] = doc(text="grid shard folders or tar globs (render/pseudo-4D outputs, their shards/ folder or "
+                           "the job output folder)", factory=list)
+    weights: list[float] = doc(text="sampling weight per entry of grids (empty = equal)", factory=list)
+    clips: list[str] = doc(text="clip shard folders (pseudo-4D clips/) used by the base stage besides grid rows "
+                           "and columns", factory=list)
+    height: int = doc(32, "training frame height (frames are resized, aspect kept, centre-cropped)")
+    width: int = doc(32, "training frame width")
+    frames: int = doc(8, "frames per clip (base/upsampler) and time steps T of a grid window (4d)")
+    views: int = doc(4, "views V of a grid window (4d)")
+    background: str = doc("white", "background for RGBA renders: white, black, gray or random")
+    mask_prob: float = doc(0.5, "base stage: chance that a clip gets a random set of given (clean) frames")
+    max_given: float = doc(0.5, "base stage: most frames given clean, as a fraction of the clip")
+    shuffle_buffer: int = doc(64, "samples held for shuffling within a worker's shard stream")
+    prefetch: int = doc(4, "batches decoded ahead in a background thread")
+    seed: int = doc(0, "data order seed (shard order, shuffling, masks)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(1e-4, "peak learning rate")
+    min_lr_ratio: float = doc(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_samples: int = doc(256, "samples of linear learning-rate warm-up")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.99, "AdamW beta2")
+    grad_clip: float = doc(1.0, "gradient norm clipping (0 = off)")
+    ema_decay: float = doc(0.999, "EMA decay of the trained weights per step (0 = off)")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = doc("base", "which model to train: base, upsampler or 4d")
+    output: str = doc("outputs/train", "run folder: Ray Train checkpoints, final checkpoint, MLflow store")
+    run_name: str = doc("", "Ray Train / MLflow run name (default: the stage); re-running with the same name resumes")
+    model_preset: str = doc("tiny", "model size preset (model/: tiny, small, paper)")
+    sync: str = doc("soft", "4d: synchronization variant: soft, hard, sequential, train_free_hard, train_free_soft")
+    soft_init: str = doc("zero", "4d soft sync initialisation: zero or schedule (Eq. 13)")
+    base_checkpoint: str = doc("", "4d: base model weights: a checkpoint folder/model.pt or runs:/<mlflow run id>")
+    resume_from: str = doc("", "start from this Ray Train checkpoint folder when the run folder has none")
+    total_samples: int = doc(256, "training length in samples seen (all workers together)")
+    batch_size: int = doc(2, "micro-batch per worker")
+    grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
+    num_workers: int = doc(2, "Ray Train workers")
+    use_gpu: bool = doc(False, "one GPU per worker (NCCL); otherwise CPU workers over gloo")
+    cpus_per_worker: float = doc(1.0, "CPUs reserved per worker")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
+    precision: str = doc("fp32", "bf16 or fp32 (bf16 autocast needs a GPU or a recent CPU)")
+    activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
+    log_every: int = doc(1, "optimizer steps between metric logs")
+    sample_every: int = doc(0, "optimizer steps between sample grids logged to MLflow (0 = only at the end)")
+    sample_steps: int = doc(4, "Euler steps used for the logged samples")
+    checkpoint_every: int = doc(0, "optimizer steps between Ray Train checkpoints (0 = only at the end)")
+    keep_checkpoints: int = doc(2, "Ray Train checkpoints kept")
+    max_failures: int = doc(1, "worker failures Ray Train recovers from (restart from the latest checkpoint)")
+    mlflow_uri: str = doc("", "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the output folder)")
+    experiment: str = doc("", "MLflow experiment (default: 4real-<stage>)")
+    seed: int = doc(0, "model init and noise seed")
+    ray_address: str = doc("", "Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
+    fail_at_step: int = doc(0, "testing: rank 1 exits at this optimizer step on the first attempt (0 = off)")
+    data: DataConfig = doc(text="input data", factory=DataConfig)
+    optim: OptimConfig = doc(text="optimizer and schedule", factory=OptimConfig)
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown stage '{self.stage}'; choose one of {', '.join(STAGES)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision}")
+        if self.data.background not in ("white", "black", "gray", "random"):
+            raise ConfigError(f"background must be white, black, gray or random, got {self.data.background}")
+        if self.data.weights and len(self.data.weights) != len(self.data.grids):
+            raise ConfigError(f"data.weights has {len(self.data.weights)} entries but data.grids has "
+                              f"{len(self.data.grids)}; give one weight per grid folder")
+        for name in ("batch_size", "grad_accum", "num_workers", "total_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.stage == "4d" and self.sync not in ("soft", "hard", "sequential", "train_free_hard",
+                                                    "train_free_soft"):
+            raise ConfigError(f"unknown sync variant '{self.sync}'; choose soft, hard, sequential, "
+                              "train_free_hard or train_free_soft")
+        if self.soft_init not in ("zero", "schedule"):
+            raise ConfigError(f"soft_init must be zero or schedule, got {self.soft_init}")
+        if self.upsampler_scale_ok() is False:
+            raise ConfigError("upsampler: data.height and data.width must be divisible by 4 (x4 super-resolution)")
+
+    def upsampler_scale_ok(self) -> bool:
+        return self.stage != "upsampler" or (self.data.height % 4 == 0 and self.data.width % 4 == 0)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.num_workers
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_samples // self.samples_per_step)
+
+
+def _preset(stage: str, **kw) -> Callable[[], TrainConfig]:
+    def make() -> TrainConfig:
+        data = DataConfig(**kw.pop("data", {}))
+        optim = OptimConfig(**kw.pop("optim", {}))
+        return TrainConfig(stage=stage, data=data, optim=optim, **kw)
+    return make
+
+
+def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
+    """Named presets of one stage: tiny (tests, seconds), demo (embedded default), small (1 GPU), paper."""
+    up = stage == "upsampler"
+    res_tiny = dict(height=32, width=32) if up else dict(height=16, width=16)
+    four = stage == "4d"
+    return {
+        "tiny": _preset(stage, model_preset="tiny", total_samples=16, batch_size=2, num_workers=2,
+                        output=f"outputs/tiny/{stage}",
+                        data=dict(frames=4, views=3, **res_tiny, shuffle_buffer=8),
+                        optim=dict(lr=1e-3 if not four else 1e-2, warmup_samples=4)),
+        "demo": _preset(stage, model_preset="tiny", total_samples=96 if not four else 64, batch_size=2,
+                        num_workers=2, output=f"outputs/demo/train_{stage}", sample_every=0,
+                        data=dict(frames=8 if not four else 4, views=4, height=32, width=32),
+                        optim=dict(lr=1e-3, warmup_samples=16)),
+        "small": _preset(stage, model_preset="small", total_samples=2_000_000, batch_size=8, num_workers=1,
+                         use_gpu=True, precision="bf16", zero_stage=2, log_every=20, sample_every=2000,
+                         checkpoint_every=2000, output=f"outputs/small/{stage}",
+                         data=dict(frames=16 if not four else 8, views=8, height=36 if not up else 144,
+                                   width=64 if not up else 256),
+                         optim=dict(lr=2e-4, warmup_samples=20_000)),
+        "paper": _preset(stage, model_preset="paper", total_samples=20_000 * 24 * 8 if four else 50_000_000,
+                         batch_size=4 if not four else 1, num_workers=24, use_gpu=True, precision="bf16",
+                         zero_stage=2, activation_checkpointing=True, log_every=50, sample_every=5000,
+                         checkpoint_every=2000, output=f"outputs/paper/{stage}",
+                         data=dict(frames=16 if not four else 8, views=8, height=72 if not up else 288,
+                                   width=128 if not up else 512),
+                         optim=dict(lr=1e-4, warmup_samples=100_000)),
+    }
+
+
+def with_changes(cfg: TrainConfig, **changes) -> TrainConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,72 @@
+"""Driver side of the training jobs: parse the config, start Ray Train, report where things went."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipelines.common.config import parse_config, run_cli, to_dict, write_resolved
+from pipelines.common.errors import UserError, require
+from training.config import TrainConfig, presets_for
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Run a resolved config through Ray Train; returns a small summary."""
+    require("ray", "deepspeed", "mlflow", "torch")
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.common.job import init_ray
+    from training.loop import train_loop_per_worker
+    from training.tracking import ensure_experiment, experiment_name, tracking_uri
+
+    output = Path(cfg.output).resolve()
+    cfg = dataclasses.replace(cfg, output=str(output))
+    if cfg.stage == "4d":
+        from training.checkpoints import resolve_checkpoint
+        resolve_checkpoint(cfg.base_checkpoint)  # fail before any worker starts
+    from training.data import resolve_shards
+    for spec in cfg.data.grids + (cfg.data.clips if cfg.stage == "base" else []):
+        resolve_shards(spec)
+    write_resolved(cfg, output)
+    ensure_experiment(cfg)
+    init_ray(cfg.ray_address)
+    env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
+    os.environ.update(env)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(name=cfg.run_name or cfg.stage, storage_path=str(output / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    final = output / "checkpoint_final" / "model.pt"
+    summary = {"stage": cfg.stage, "output": str(output), "final_checkpoint": str(final),
+               "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+               "mlflow_uri": tracking_uri(cfg), "experiment": experiment_name(cfg)}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[train {cfg.stage}] done: final checkpoint {final}")
+    print(f"[train {cfg.stage}] MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000  "
+          f"(experiment '{experiment_name(cfg)}')")
+    return summary
+
+
+def main_for(stage: str, description: str) -> None:
+    def main(argv: list[str] | None) -> int:
+        cfg, _ = parse_config(TrainConfig, presets_for(stage), argv, description=description, default_preset="demo")
+        if cfg.stage != stage:
+            raise UserError(f"this entry point trains the {stage} stage; drop --stage or use training/train_{cfg.stage}.py")
+        run(cfg)
+        return 0
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,101 @@
+"""MLflow tracking and the status line; only rank 0 talks to MLflow.
+
+The default store is a SQLite file in the run folder (``<output>/mlflow.db``,
+artifacts in ``<output>/mlartifacts``), so a laptop run needs no server;
+MLFLOW_TRACKING_URI or ``--mlflow-uri`` points it anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from pipelines.common.config import flatten
+from pipelines.common.visuals import contact_sheet, to_uint8, write_mp4
+from training.config import TrainConfig
+
+
+def tracking_uri(cfg: TrainConfig) -> str:
+    return cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.output).resolve()}/mlflow.db"
+
+
+def experiment_name(cfg: TrainConfig) -> str:
+    return cfg.experiment or f"4real-{cfg.stage}"
+
+
+def ensure_experiment(cfg: TrainConfig) -> str:
+    """Create the stage's experiment (artifacts next to the SQLite store by default); returns its id."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(experiment_name(cfg))
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        # Artifacts beside the database file, not in the current directory, which is a
+        # temporary copy under `ray job submit`.
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(experiment_name(cfg), artifact_location=location)
+
+
+class Tracker:
+    def __init__(self, cfg: TrainConfig, rank: int, run_id: str | None) -> None:
+        self.cfg, self.rank, self.run_id = cfg, rank, run_id
+        self.t0 = time.time()
+        self.mlflow = None
+        if rank != 0:
+            return
+        import mlflow
+        self.mlflow = mlflow
+        exp_id = ensure_experiment(cfg)
+        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
+                               run_name=cfg.run_name or cfg.stage, log_system_metrics=True)
+        self.run_id = run.info.run_id
+        if run_id is None:
+            mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in flatten(cfg).items()})
+            mlflow.set_tags({"stage": cfg.stage, "model_preset": cfg.model_preset, "sync": cfg.sync})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.rank != 0:
+            return
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        rss = psutil.Process().memory_info().rss / 2 ** 30
+        mem = f"gpu {metrics['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in metrics else f"rss {rss:.1f} GB"
+        mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
+        print(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "
+              f"| loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} "
+              f"| {metrics['samples_per_s']:.2f} samples/s{mfu} | {mem} | {time.time() - self.t0:.0f}s", flush=True)
+
+    def log_samples(self, batch: dict[str, torch.Tensor], out: torch.Tensor, step: int) -> None:
+        """Contact sheet (top: data, bottom: sample) and MP4s of rows and columns."""
+        if self.rank != 0:
+            return
+        truth, gen = to_uint8(batch["x"][0]), to_uint8(out[0])
+        if truth.ndim == 4:  # a clip [F, H, W, 3]: show it as a 1 x F grid
+            truth, gen = truth[None], gen[None]
+        mask = batch["mask"][0].cpu().numpy().astype(bool)
+        mask = mask[None] if mask.ndim == 1 else mask
+        with tempfile.TemporaryDirectory() as d:
+            sheet = np.concatenate([truth, gen], axis=0)
+            given = np.concatenate([mask, mask], axis=0)
+            contact_sheet(sheet, Path(d) / f"samples_step{step:07d}.png", given=given)
+            write_mp4(gen[0], Path(d) / f"row0_step{step:07d}.mp4")
+            if gen.shape[0] > 1:
+                write_mp4(gen[:, -1], Path(d) / f"col_last_step{step:07d}.mp4")
+            self.mlflow.log_artifacts(d, artifact_path="samples")
+
+    def log_final_checkpoint(self, folder: Path) -> None:
+        if self.rank == 0:
+            self.mlflow.log_artifacts(str(folder), artifact_path="final_checkpoint")
+
+    def finish(self) -> None:
+        if self.rank == 0:
+            self.mlflow.end_run()
