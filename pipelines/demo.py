@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     generate = ROOT / "pipelines" / "generate_4d.py"
     if generate.exists():
         _submit(env, "generate a 4D grid", ["pipelines/generate_4d.py", "--checkpoint",
-                                            str(out / "train_4d" / "checkpoint_final"), "--demo-inputs",
-                                            str(out / "pseudo4d"), "--out", str(out / "generated")])
+                                            str(out / "train_4d" / "checkpoint_final"), "--from-grid",
+                                            str(out / "render"), "--out", str(out / "generated")])
     print(f"\n[demo] all stages done in {time.time() - t0:.0f}s. Results under {out}:")
     print(f"  rendered shards      {out / 'render' / 'shards'}  (index.parquet, failures.parquet)")
     print(f"  pseudo-4D shards     {out / 'pseudo4d' / 'shards'} and clips {out / 'pseudo4d' / 'clips'}")

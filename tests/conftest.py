@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster failure detection in tests
 # Tests start their own private Ray; a RAY_ADDRESS left in the shell must not redirect them.
 os.environ.pop("RAY_ADDRESS", None)
 
@@ -29,3 +30,17 @@ def ray_local():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def train_grids(tmp_path_factory):
+    """Grid shards for the training tests (4 views x 6 frames, 16 px)."""
+    from shardgen import make_grid_shards
+    return make_grid_shards(tmp_path_factory.mktemp("train_grids"), n=8, views=4, frames=6, size=16)
+
+
+@pytest.fixture(scope="session")
+def one_grid(tmp_path_factory):
+    """Two grids to overfit (one per worker)."""
+    from shardgen import make_grid_shards
+    return make_grid_shards(tmp_path_factory.mktemp("one_grid"), n=2, views=4, frames=6, size=16, per_shard=1)

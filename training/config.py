@@ -57,6 +57,8 @@ class TrainConfig:
     base_checkpoint: str = doc("", "4d: base model weights: a checkpoint folder/model.pt or runs:/<mlflow run id>")
     resume_from: str = doc("", "start from this Ray Train checkpoint folder when the run folder has none")
     total_samples: int = doc(256, "training length in samples seen (all workers together)")
+    steps_this_run: int = doc(0, "stop after this many optimizer steps and checkpoint (0 = train to the end); "
+                              "re-running the same command continues, e.g. under a time-limited scheduler")
     batch_size: int = doc(2, "micro-batch per worker")
     grad_accum: int = doc(1, "micro-batches accumulated per optimizer step")
     num_workers: int = doc(2, "Ray Train workers")
@@ -71,6 +73,7 @@ class TrainConfig:
     checkpoint_every: int = doc(0, "optimizer steps between Ray Train checkpoints (0 = only at the end)")
     keep_checkpoints: int = doc(2, "Ray Train checkpoints kept")
     max_failures: int = doc(1, "worker failures Ray Train recovers from (restart from the latest checkpoint)")
+    system_metrics_every: float = doc(10.0, "seconds between MLflow system metric samples (CPU, memory, GPU)")
     mlflow_uri: str = doc("", "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the output folder)")
     experiment: str = doc("", "MLflow experiment (default: 4real-<stage>)")
     seed: int = doc(0, "model init and noise seed")
@@ -130,6 +133,7 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
     four = stage == "4d"
     return {
         "tiny": _preset(stage, model_preset="tiny", total_samples=16, batch_size=2, num_workers=2,
+                        system_metrics_every=0.2,
                         output=f"outputs/tiny/{stage}",
                         data=dict(frames=4, views=3, **res_tiny, shuffle_buffer=8),
                         optim=dict(lr=1e-3 if not four else 1e-2, warmup_samples=4)),

@@ -56,7 +56,11 @@ def run(cfg: TrainConfig) -> dict:
                "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
                "mlflow_uri": tracking_uri(cfg), "experiment": experiment_name(cfg)}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[train {cfg.stage}] done: final checkpoint {final}")
+    if final.exists():
+        print(f"[train {cfg.stage}] done: final checkpoint {final}")
+    else:
+        print(f"[train {cfg.stage}] paused at {result.checkpoint.path if result.checkpoint else '?'}; "
+              "run the same command again to continue")
     print(f"[train {cfg.stage}] MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000  "
           f"(experiment '{experiment_name(cfg)}')")
     return summary

@@ -96,7 +96,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from training.data import TrainLoader, prefetch
     from training.stages import build_stage
-    from training.tracking import Tracker
+    from training.tracking import Tracker, say
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -126,12 +126,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank_file.exists() and state.get("world") == world:
                 data_state = json.loads(rank_file.read_text())
             elif rank == 0:
-                print(f"[train] checkpoint was written by {state.get('world')} workers, now {world}: "
-                      "data order restarts", flush=True)
+                say(f"[train] checkpoint was written by {state.get('world')} workers, now {world}: "
+                    "data order restarts")
             if ema is not None and (Path(d) / "ema.pt").exists():
                 ema.shadow = torch.load(Path(d) / "ema.pt", map_location="cpu")
         if rank == 0:
-            print(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)", flush=True)
+            say(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)")
 
     loader = TrainLoader(cfg.stage, cfg.data, cfg.batch_size, rank, world, data_state)
     batches = prefetch(iter(loader), cfg.data.prefetch)
@@ -153,7 +153,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     data_pos = loader.state() if data_state is None else data_state
     t_last, samples_last = time.time(), state["samples_seen"]
     metrics: dict[str, Any] = {}
-    while state["step"] < cfg.total_steps:
+    stop_at = min(cfg.total_steps, state["step"] + cfg.steps_this_run) if cfg.steps_this_run else cfg.total_steps
+    while state["step"] < stop_at:
         step = state["step"]
         losses = []
         for micro in range(cfg.grad_accum):
@@ -174,6 +175,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             marker = Path(cfg.output) / "_fault_injected"
             if not marker.exists():
                 marker.write_text("rank killed itself once to test recovery")
+                # Ray Train's controller registers a reported checkpoint at its next poll of the
+                # workers; die after that, as a real crash almost always does.
+                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5)
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill would be
 
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.total_steps:
@@ -195,10 +199,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         at_end = state["step"] == cfg.total_steps
         if cfg.sample_every and (state["step"] % cfg.sample_every == 0 or at_end) or at_end:
             _log_samples(stage, engine, preview, cfg, tracker, state["step"])
-        if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or at_end:
+        if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or state["step"] == stop_at:
             save(metrics)
 
-    _export(stage, ema, cfg, tracker, rank)
+    if state["step"] == cfg.total_steps:
+        _export(stage, ema, cfg, tracker, rank)
+    elif rank == 0:
+        say(f"[train] stopped at step {state['step']}/{cfg.total_steps} (steps_this_run); run again to continue")
     tracker.finish()
 
 
@@ -231,7 +238,8 @@ def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
     from training.checkpoints import save_checkpoint
     path = save_checkpoint(Path(cfg.output) / "checkpoint_final", payload)
     tracker.log_final_checkpoint(path.parent)
-    print(f"[train] final checkpoint: {path}", flush=True)
+    from training.tracking import say
+    say(f"[train] final checkpoint: {path}")
 
 
 def loop_config_dict(cfg: TrainConfig) -> dict[str, Any]:

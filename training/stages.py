@@ -15,8 +15,6 @@ from torch import nn
 
 from model import rectified_flow as rf
 from model.dit import DIT_PRESETS, DiTConfig, VideoDiT
-from model.fourd import FourDConfig, FourDModel
-from model.upsampler import UPSAMPLER_PRESETS, UpsamplerConfig, VideoUpsampler
 from pipelines.common.errors import UserError
 from training.checkpoints import load_checkpoint
 from training.config import TrainConfig
@@ -67,14 +65,14 @@ class BaseStage(Stage):
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, mask, context = batch["x"], batch["mask"], batch["context"]
-        return rf.training_loss(lambda xt, t: self.net(xt, t, context, cond=x0, mask=mask), x0, mask,
+        return rf.training_loss(lambda xt, t, cond, m: self.net(xt, t, context, cond=cond, mask=m), x0, mask,
                                 generator=self._gen(seed, x0.device))
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int, seed: int) -> torch.Tensor:
         x0, mask, context = batch["x"], batch["mask"], batch["context"]
         noise = torch.randn(x0.shape, generator=self._gen(seed, x0.device), device=x0.device)
-        return rf.sample(lambda xt, t: self.net(xt, t, context, cond=x0, mask=mask), noise, steps,
+        return rf.sample(lambda xt, t, cond, m: self.net(xt, t, context, cond=cond, mask=m), noise, steps,
                          cond=x0, mask=mask)
 
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
@@ -89,7 +87,8 @@ class UpsamplerStage(Stage):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
-        ucfg: UpsamplerConfig = _preset(UPSAMPLER_PRESETS, cfg.model_preset, "upsampler")
+        from model.upsampler import UPSAMPLER_PRESETS, VideoUpsampler
+        ucfg = _preset(UPSAMPLER_PRESETS, cfg.model_preset, "upsampler")
         if hasattr(ucfg, "checkpointing"):
             ucfg.checkpointing = cfg.activation_checkpointing
         self.net = VideoUpsampler(ucfg)
@@ -98,14 +97,14 @@ class UpsamplerStage(Stage):
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, lowres = batch["x"], batch["lowres"]
         mask = torch.zeros(x0.shape[:2], device=x0.device)
-        return rf.training_loss(lambda xt, t: self.net(xt, t, lowres), x0, mask,
+        return rf.training_loss(lambda xt, t, cond, m: self.net(xt, t, lowres), x0, mask,
                                 generator=self._gen(seed, x0.device))
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int, seed: int) -> torch.Tensor:
         x0, lowres = batch["x"], batch["lowres"]
         noise = torch.randn(x0.shape, generator=self._gen(seed, x0.device), device=x0.device)
-        return rf.sample(lambda xt, t: self.net(xt, t, lowres), noise, steps)
+        return rf.sample(lambda xt, t, cond, m: self.net(xt, t, lowres), noise, steps)
 
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
         _, f, _, h, w = batch["x"].shape
@@ -129,6 +128,7 @@ class FourDStage(Stage):
 
     def __init__(self, cfg: TrainConfig, base: VideoDiT | None = None) -> None:
         super().__init__()
+        from model.fourd import FourDConfig, FourDModel
         if base is None:
             if not cfg.base_checkpoint:
                 raise UserError("the 4d stage needs --base-checkpoint (a base-stage checkpoint_final folder or "
@@ -143,14 +143,14 @@ class FourDStage(Stage):
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, mask = batch["x"], batch["mask"]
-        return rf.training_loss(lambda xt, t: self.net(xt, t, cond=x0, mask=mask), x0, mask,
+        return rf.training_loss(lambda xt, t, cond, m: self.net(xt, t, cond=cond, mask=m), x0, mask,
                                 generator=self._gen(seed, x0.device))
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int, seed: int) -> torch.Tensor:
         x0, mask = batch["x"], batch["mask"]
         noise = torch.randn(x0.shape, generator=self._gen(seed, x0.device), device=x0.device)
-        return rf.sample(lambda xt, t: self.net(xt, t, cond=x0, mask=mask), noise, steps, cond=x0, mask=mask)
+        return rf.sample(lambda xt, t, cond, m: self.net(xt, t, cond=cond, mask=m), noise, steps, cond=x0, mask=mask)
 
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
         _, v, t, _, h, w = batch["x"].shape

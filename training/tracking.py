@@ -8,6 +8,7 @@ MLFLOW_TRACKING_URI or ``--mlflow-uri`` points it anywhere else.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,12 @@ import torch
 from pipelines.common.config import flatten
 from pipelines.common.visuals import contact_sheet, to_uint8, write_mp4
 from training.config import TrainConfig
+
+
+def say(message: str) -> None:
+    """One status line from a worker; bypasses Ray Train's print patch, which would echo it twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def tracking_uri(cfg: TrainConfig) -> str:
@@ -56,6 +63,8 @@ class Tracker:
         import mlflow
         self.mlflow = mlflow
         exp_id = ensure_experiment(cfg)
+        mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_every)
+        mlflow.set_system_metrics_samples_before_logging(1)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                                run_name=cfg.run_name or cfg.stage, log_system_metrics=True)
         self.run_id = run.info.run_id
@@ -70,9 +79,9 @@ class Tracker:
         rss = psutil.Process().memory_info().rss / 2 ** 30
         mem = f"gpu {metrics['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in metrics else f"rss {rss:.1f} GB"
         mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
-        print(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "
+        say(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "
               f"| loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} "
-              f"| {metrics['samples_per_s']:.2f} samples/s{mfu} | {mem} | {time.time() - self.t0:.0f}s", flush=True)
+              f"| {metrics['samples_per_s']:.2f} samples/s{mfu} | {mem} | {time.time() - self.t0:.0f}s")
 
     def log_samples(self, batch: dict[str, torch.Tensor], out: torch.Tensor, step: int) -> None:
         """Contact sheet (top: data, bottom: sample) and MP4s of rows and columns."""

@@ -39,23 +39,11 @@ def contact_sheet(grid: np.ndarray, path: str | Path, given: np.ndarray | None =
 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
-    """uint8 [N, H, W, 3] -> H.264 MP4 (sides rounded up to even, as yuv420p needs)."""
-    import av
-    n, h, w, _ = frames.shape
-    eh, ew = h + h % 2, w + w % 2
-    if (eh, ew) != (h, w):
-        frames = np.pad(frames, ((0, 0), (0, eh - h), (0, ew - w), (0, 0)), mode="edge")
+    """uint8 [N, H, W, 3] -> H.264 MP4."""
+    from pipelines.video_io import encode_video
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = ew, eh, "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    encode_video(path, frames, fps)
     return path
 
 

@@ -1,0 +1,292 @@
+"""Generate a 4D video from a fixed-view video (the first row) and a freeze-time video (the first column).
+
+    python pipelines/generate_4d.py --checkpoint outputs/demo/train_4d/checkpoint_final \\
+        --fixed-view row.mp4 --freeze-time column.mp4 --out outputs/gen
+    python pipelines/generate_4d.py --checkpoint runs:/<mlflow run id> --from-grid outputs/render --out outputs/gen
+    python pipelines/generate_4d.py --checkpoint ... --manifest pairs.parquet --out outputs/batch   # Ray Data
+
+Writes the V x T frames, a contact sheet, an MP4 per row and per column and a bullet-time MP4.
+Grids larger than the model's trained window are filled by sliding windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.common.config import doc, parse_config, run_cli, write_resolved  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = doc("", "4D checkpoint: a checkpoint_final folder, model.pt, or runs:/<mlflow run id>")
+    sync: str = doc("", "override the checkpoint's sync variant (e.g. train_free_soft on a base checkpoint)")
+    upsampler: str = doc("", "optional x4 upsampler checkpoint (folder, model.pt or runs:/<id>)")
+    fixed_view: str = doc("", "first row: a video file or a folder of images (time runs, view fixed)")
+    freeze_time: str = doc("", "first column: a video file or a folder of images (time frozen, camera moves)")
+    from_grid: str = doc("", "take the first row and column of the first grid in these shards instead")
+    manifest: str = doc("", "batch mode: Parquet with columns fixed_view, freeze_time, name (Ray Data, one model "
+                        "per actor)")
+    out: str = doc("outputs/generated", "output folder")
+    views: int = doc(0, "grid views V to generate (0 = length of the freeze-time video)")
+    frames: int = doc(0, "grid time steps T (0 = length of the fixed-view video)")
+    steps: int = doc(20, "sampling steps of the 4D model")
+    upsampler_steps: int = doc(10, "sampling steps of the upsampler")
+    method: str = doc("heun", "sampler: euler or heun")
+    overlap: int = doc(1, "rows/columns shared by neighbouring sliding windows")
+    corner_psnr: float = doc(25.0, "the two inputs' first frames must agree to this PSNR (dB) after resizing")
+    fps: int = doc(8, "frame rate of the MP4s")
+    seed: int = doc(0, "noise seed")
+    device: str = doc("auto", "cuda, cpu or auto")
+    concurrency: int = doc(1, "batch mode: model actors")
+    gpus_per_actor: float = doc(0.0, "batch mode: GPUs per actor (1 on GPU nodes)")
+
+
+def read_frames(path: str) -> np.ndarray:
+    """A video file or a folder of images -> uint8 [N, H, W, 3]."""
+    from PIL import Image
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input '{path}' does not exist; pass a video file or a folder of images")
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise UserError(f"folder '{path}' holds no .png/.jpg images")
+        frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({f.shape for f in frames}) != 1:
+            raise UserError(f"images in '{path}' differ in size; all frames of an input must have one size")
+        return np.stack(frames)
+    from pipelines.video_io import decode_video
+    try:
+        return decode_video(str(p))
+    except Exception as exc:
+        raise UserError(f"could not decode video '{path}' ({exc}); pass an mp4/webm/mov/avi or an image folder") \
+            from None
+
+
+def frames_to_tensor(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    from training.data import to_tensor
+    import random
+    return to_tensor(frames, height, width, "white", random.Random(0))
+
+
+class Generator4D:
+    """Loads the 4D model (and optional upsampler) once; fills grids of any size."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        from model.dit import DiTConfig, VideoDiT
+        from model.fourd import FourDConfig, FourDModel
+        from training.checkpoints import load_checkpoint
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        ckpt = load_checkpoint(cfg.checkpoint)
+        if ckpt["stage"] not in ("4d", "base"):
+            raise UserError(f"checkpoint '{cfg.checkpoint}' holds a '{ckpt['stage']}' model; pass a 4D checkpoint "
+                            "(or a base checkpoint with --sync train_free_soft / train_free_hard)")
+        fourd_cfg = dict(ckpt.get("fourd_config", {"sync": "train_free_soft"}))
+        if cfg.sync:
+            fourd_cfg["sync"] = cfg.sync
+        if ckpt["stage"] == "base" and not fourd_cfg["sync"].startswith("train_free"):
+            raise UserError("a base checkpoint has no synchronization layers; use --sync train_free_soft or "
+                            "train_free_hard, or pass a 4D checkpoint")
+        base = VideoDiT(DiTConfig(**ckpt["model_config"]))
+        model = FourDModel(base, FourDConfig(**fourd_cfg))
+        state = ckpt["state_dict"]
+        if ckpt["stage"] == "base":
+            base.load_state_dict(state)
+        else:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # a checkpoint of another trained variant carries other sync layers: those may be missing, not the base
+            if any(k.startswith("base.") for k in missing) or unexpected and fourd_cfg.get("sync") == \
+                    ckpt.get("fourd_config", {}).get("sync"):
+                raise UserError(f"checkpoint '{cfg.checkpoint}' does not match the 4D model "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.model = model.to(self.device).eval()
+        train_cfg = ckpt.get("config", {}).get("data", {})
+        self.window = (int(train_cfg.get("views", 8)), int(train_cfg.get("frames", 8)))
+        self.size = (int(train_cfg.get("height", 72)), int(train_cfg.get("width", 128)))
+        self.sync = fourd_cfg["sync"]
+        self.upsampler = None
+        if cfg.upsampler:
+            from model.upsampler import UpsamplerConfig, VideoUpsampler
+            up = load_checkpoint(cfg.upsampler)
+            if up["stage"] != "upsampler":
+                raise UserError(f"--upsampler '{cfg.upsampler}' holds a '{up['stage']}' model")
+            self.upsampler = VideoUpsampler(UpsamplerConfig(**up["model_config"]))
+            self.upsampler.load_state_dict(up["state_dict"])
+            self.upsampler.to(self.device).eval()
+
+    @torch.no_grad()
+    def generate(self, row: torch.Tensor, column: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """row [T, 3, H, W], column [V, 3, H, W] in [-1, 1] -> grid [V, T, 3, H', W'] and the given mask [V, T]."""
+        from model import rectified_flow as rf
+        from model.sliding_window import fill_grid
+        V, T = column.shape[0], row.shape[0]
+        grid = torch.zeros(1, V, T, *row.shape[1:])
+        grid[0, 0] = row
+        grid[0, :, 0] = column
+        grid[0, 0, 0] = row[0]  # the corner is the fixed-view video's first frame
+        known = torch.zeros(1, V, T)
+        known[:, 0, :] = 1
+        known[:, :, 0] = 1
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def window_fn(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x, mask = x.to(self.device), mask.to(self.device)
+            noise = torch.randn(x.shape, generator=gen).to(self.device)
+            out = rf.sample(lambda xt, t, c, m: self.model(xt, t, cond=c, mask=m), noise, self.cfg.steps,
+                            method=self.cfg.method, cond=x, mask=mask)
+            return out.cpu()
+        filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
+        filled = filled[0].clamp(-1, 1)
+        if self.upsampler is not None:
+            from model.upsampler import upsample
+            rows = [upsample(self.upsampler, filled[v:v + 1].to(self.device), self.cfg.upsampler_steps,
+                             self.cfg.method).cpu()[0] for v in range(V)]
+            filled = torch.stack(rows).clamp(-1, 1)
+        return filled, known[0]
+
+
+def check_corner(row0: np.ndarray, col0: np.ndarray, size: tuple[int, int], min_psnr: float) -> float:
+    """The two inputs must start on the same frame (the grid's corner); returns their PSNR."""
+    from pipelines.eval_metrics import psnr
+    a = (frames_to_tensor(row0[None], *size) + 1) / 2
+    b = (frames_to_tensor(col0[None], *size) + 1) / 2
+    value = float(psnr(a, b)[0])
+    if value < min_psnr:
+        raise UserError(f"the fixed-view and freeze-time inputs do not share their first frame (PSNR {value:.1f} dB "
+                        f"< {min_psnr} dB); both must start at the grid's corner: the same moment from the same "
+                        "camera. Trim one input or pass --corner-psnr to loosen the check")
+    return value
+
+
+def write_outputs(grid: torch.Tensor, given: torch.Tensor, out: Path, fps: int, meta: dict[str, Any]) -> dict:
+    from PIL import Image
+
+    from pipelines.common.visuals import contact_sheet, grid_videos, to_uint8
+    out.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(grid)
+    (out / "frames").mkdir(exist_ok=True)
+    for v in range(frames.shape[0]):
+        for t in range(frames.shape[1]):
+            Image.fromarray(frames[v, t]).save(out / "frames" / f"v{v:02d}t{t:02d}.png")
+    sheet = contact_sheet(frames, out / "contact_sheet.png", given=given.numpy().astype(bool))
+    videos = grid_videos(frames, out / "videos", fps=fps)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return {"contact_sheet": str(sheet), "videos": str(out / "videos"), "bullet_time": str(videos["bullet_time"][0])}
+
+
+def _first_grid(spec: str) -> tuple[np.ndarray, dict]:
+    from pipelines.common.shards import iter_tar_samples
+    from training.data import decode_grid, resolve_shards
+    for shard in resolve_shards(spec):
+        for _, files in iter_tar_samples(shard):
+            return decode_grid(files)
+    raise UserError(f"no grid samples in '{spec}'")
+
+
+def _inputs(cfg: GenerateConfig, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    if cfg.from_grid:
+        grid, meta = _first_grid(cfg.from_grid)
+        g = frames_to_tensor(grid, *size)
+        return g[0], g[:, 0], {"from_grid": cfg.from_grid, "source_item": meta.get("item_id")}
+    if not (cfg.fixed_view and cfg.freeze_time):
+        raise UserError("give both --fixed-view and --freeze-time (or --from-grid, or --manifest)")
+    row, col = read_frames(cfg.fixed_view), read_frames(cfg.freeze_time)
+    corner = check_corner(row[0], col[0], size, cfg.corner_psnr)
+    return frames_to_tensor(row, *size), frames_to_tensor(col, *size), {"corner_psnr_db": corner}
+
+
+def generate_one(gen: Generator4D, cfg: GenerateConfig, out: Path) -> dict:
+    t0 = time.time()
+    row, col, info = _inputs(cfg, gen.size)
+    if cfg.frames:
+        if cfg.frames > row.shape[0]:
+            raise UserError(f"--frames {cfg.frames} exceeds the fixed-view video's {row.shape[0]} frames")
+        row = row[:cfg.frames]
+    if cfg.views:
+        if cfg.views > col.shape[0]:
+            raise UserError(f"--views {cfg.views} exceeds the freeze-time video's {col.shape[0]} frames")
+        col = col[:cfg.views]
+    grid, given = gen.generate(row, col, cfg.seed)
+    meta = {"views": int(grid.shape[0]), "frames": int(grid.shape[1]), "window": list(gen.window),
+            "sync": gen.sync, "steps": cfg.steps, "method": cfg.method, "seconds": time.time() - t0, **info}
+    paths = write_outputs(grid, given, out, cfg.fps, meta)
+    return {**meta, **paths}
+
+
+class _BatchActor:
+    """Ray Data actor: one model per actor, many input pairs."""
+
+    def __init__(self, cfg_dict: dict) -> None:
+        from pipelines.common.config import from_dict
+        self.cfg = from_dict(GenerateConfig, cfg_dict)
+        self.gen = Generator4D(self.cfg)
+
+    def __call__(self, row: dict) -> dict:
+        cfg = dataclasses.replace(self.cfg, fixed_view=row["fixed_view"], freeze_time=row["freeze_time"],
+                                  manifest="", from_grid="")
+        out = Path(self.cfg.out) / str(row["name"])
+        try:
+            result = generate_one(self.gen, cfg, out)
+            return {"name": row["name"], "ok": True, "error": "", "contact_sheet": result["contact_sheet"]}
+        except UserError as exc:  # one bad pair never sinks the batch
+            return {"name": row["name"], "ok": False, "error": str(exc), "contact_sheet": ""}
+
+
+def run_batch(cfg: GenerateConfig) -> int:
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.common.config import to_dict
+    from pipelines.common.job import init_ray
+    table = pq.read_table(cfg.manifest)
+    missing = {"fixed_view", "freeze_time", "name"} - set(table.column_names)
+    if missing:
+        raise UserError(f"manifest {cfg.manifest} lacks columns {sorted(missing)}; it needs fixed_view, "
+                        "freeze_time and name")
+    init_ray()
+    ds = ray.data.from_arrow(table).map(_BatchActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
+                                        concurrency=cfg.concurrency, num_gpus=cfg.gpus_per_actor or None)
+    results = list(ds.iter_rows())
+    ok = sum(r["ok"] for r in results)
+    for r in results:
+        if not r["ok"]:
+            print(f"[generate] FAILED {r['name']}: {r['error']}", file=sys.stderr)
+    (Path(cfg.out) / "batch_results.json").write_text(json.dumps(results, indent=2))
+    print(f"[generate] {ok}/{len(results)} grids written under {cfg.out}")
+    return 0 if ok == len(results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_config(GenerateConfig, {"default": GenerateConfig}, argv, description=__doc__,
+                          default_preset="default")
+    if cfg.method not in ("euler", "heun"):
+        raise UserError(f"--method must be euler or heun, got {cfg.method}")
+    out = Path(cfg.out).resolve()
+    write_resolved(cfg, out)
+    if cfg.manifest:
+        return run_batch(dataclasses.replace(cfg, out=str(out)))
+    gen = Generator4D(cfg)
+    result = generate_one(gen, cfg, out)
+    print(f"[generate] {result['views']}x{result['frames']} grid ({gen.sync}, window {gen.window[0]}x"
+          f"{gen.window[1]}) in {result['seconds']:.1f}s")
+    print(f"[generate] contact sheet: {result['contact_sheet']}")
+    print(f"[generate] videos: {result['videos']} (rows, columns, bullet_time.mp4)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
