@@ -152,10 +152,9 @@ class Generator4D:
         filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
         filled = filled[0].clamp(-1, 1)
         if self.upsampler is not None:
-            from model.upsampler import upsample
-            rows = [upsample(self.upsampler, filled[v:v + 1].to(self.device), self.cfg.upsampler_steps,
-                             self.cfg.method).cpu()[0] for v in range(V)]
-            filled = torch.stack(rows).clamp(-1, 1)
+            # every row is a fixed-view video: upsample it as one (clips inside, batched)
+            filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps, self.cfg.method,
+                                             generator=None).cpu()
         return filled, known[0]
 
 

@@ -57,19 +57,38 @@ def _decode_png(data: bytes) -> np.ndarray:
     return np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB"))
 
 
+class LazyGrid:
+    """A sample's frames, decoded only when a cell is asked for (a base clip needs one row of a grid)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
+        names = sorted(k for k in files if k[0] in "vf" and k.endswith((".png", ".jpg")) and k.count(".") == 1)
+        if not names:
+            raise ValueError("sample has no frames")
+        self.ext = names[0].rsplit(".", 1)[1]
+        if names[0][0] == "f":  # a clip: f{TT}.png, one view
+            self.views, self.times = [0], sorted(int(n[1:3]) for n in names)
+            self.name = lambda v, t: f"f{t:02d}.{self.ext}"
+        else:
+            self.views = sorted({int(n[1:3]) for n in names})
+            self.times = sorted({int(n[4:6]) for n in names})
+            self.name = lambda v, t: f"v{v:02d}t{t:02d}.{self.ext}"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.views), len(self.times)
+
+    def cells(self, vs: range | list[int], ts: range | list[int]) -> np.ndarray:
+        """uint8 [len(vs), len(ts), H, W, C] for view/time positions (0-based indices into the grid)."""
+        return np.stack([np.stack([_decode_png(self.files[self.name(self.views[v], self.times[t])]) for t in ts])
+                         for v in vs])
+
+
 def decode_grid(files: dict[str, bytes]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Sample members -> (uint8 [V, T, H, W, C], meta). Clip samples come back as V = 1."""
-    meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
-    names = sorted(k for k in files if k[0] in "vf" and k.endswith((".png", ".jpg")) and k.count(".") == 1)
-    if not names:
-        raise ValueError("sample has no frames")
-    if names[0][0] == "f":  # clip: f{TT}.png
-        frames = [_decode_png(files[n]) for n in names]
-        return np.stack(frames)[None], meta
-    views = sorted({int(n[1:3]) for n in names})
-    times = sorted({int(n[4:6]) for n in names})
-    grid = [[_decode_png(files[f"v{v:02d}t{t:02d}.{names[0].rsplit('.', 1)[1]}"]) for t in times] for v in views]
-    return np.stack([np.stack(row) for row in grid]), meta
+    """Sample members -> (uint8 [V, T, H, W, C], meta); clips come back as V = 1."""
+    g = LazyGrid(files)
+    return g.cells(range(g.shape[0]), range(g.shape[1])), g.meta
 
 
 def to_tensor(frames: np.ndarray, height: int, width: int, background: str, rng: random.Random) -> torch.Tensor:
@@ -153,56 +172,58 @@ class Example:
     lowres: torch.Tensor | None = None
 
 
-def _base_example(grid: torch.Tensor, meta: dict, cfg: DataConfig, rng: random.Random) -> Example | None:
+Frames = Callable[[range | list[int], range | list[int]], torch.Tensor]
+
+
+def _base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
     """A row (dynamic) or a column (freeze-time) of a grid, or a whole clip, with a random given-frame mask."""
-    V, T = grid.shape[:2]
-    if meta.get("kind") == "clip" or V == 1:
-        clip, context = grid[0], CONTEXT_FREEZE_TIME if meta.get("context") == "freeze-time" else CONTEXT_DYNAMIC
+    V, T = grid.shape
+    n = cfg.frames
+    if grid.meta.get("kind") == "clip" or V == 1:
+        if T < n:
+            return None
+        context = CONTEXT_FREEZE_TIME if grid.meta.get("context") == "freeze-time" else CONTEXT_DYNAMIC
+        t0 = rng.randrange(T - n + 1)
+        clip = frames([0], range(t0, t0 + n))[0]
     else:
-        options = []
-        if T >= cfg.frames:
-            options.append("row")
-        if V >= cfg.frames:
-            options.append("col")
+        options = (["row"] if T >= n else []) + (["col"] if V >= n else [])
         if not options:
             return None
         if rng.choice(options) == "row":
-            clip, context = grid[rng.randrange(V)], CONTEXT_DYNAMIC
+            v, t0 = rng.randrange(V), rng.randrange(T - n + 1)
+            clip, context = frames([v], range(t0, t0 + n))[0], CONTEXT_DYNAMIC
         else:
-            clip, context = grid[:, rng.randrange(T)], CONTEXT_FREEZE_TIME
-    if clip.shape[0] < cfg.frames:
-        return None
-    start = rng.randrange(clip.shape[0] - cfg.frames + 1)
-    clip = clip[start:start + cfg.frames]
-    mask = torch.zeros(cfg.frames)
+            t, v0 = rng.randrange(T), rng.randrange(V - n + 1)
+            clip, context = frames(range(v0, v0 + n), [t])[:, 0], CONTEXT_FREEZE_TIME
+    mask = torch.zeros(n)
     if rng.random() < cfg.mask_prob:
-        k = rng.randint(1, max(1, int(cfg.max_given * cfg.frames)))
-        mask[rng.sample(range(cfg.frames), k)] = 1
+        k = rng.randint(1, max(1, int(cfg.max_given * n)))
+        mask[rng.sample(range(n), k)] = 1
     return Example(clip, mask, context)
 
 
-def _upsampler_example(grid: torch.Tensor, meta: dict, cfg: DataConfig, rng: random.Random) -> Example | None:
-    ex = _base_example(grid, meta, cfg, rng)
+def _upsampler_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
+    ex = _base_example(grid, frames, cfg, rng)
     if ex is None:
         return None
     lowres = F.avg_pool2d(ex.x, 4)  # the base model's resolution: a box filter is what area-resizing does
     return Example(ex.x, torch.zeros(cfg.frames), ex.context, lowres)
 
 
-def _grid_example(grid: torch.Tensor, meta: dict, cfg: DataConfig, rng: random.Random) -> Example | None:
+def _grid_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
     """A V x T window with the first row (fixed-view video) and first column (freeze-time video) given."""
-    V, T = grid.shape[:2]
+    V, T = grid.shape
     if V < cfg.views or T < cfg.frames:
         return None
     v0, t0 = rng.randrange(V - cfg.views + 1), rng.randrange(T - cfg.frames + 1)
-    window = grid[v0:v0 + cfg.views, t0:t0 + cfg.frames]
+    window = frames(range(v0, v0 + cfg.views), range(t0, t0 + cfg.frames))
     mask = torch.zeros(cfg.views, cfg.frames)
     mask[0, :] = 1
     mask[:, 0] = 1
     return Example(window, mask)
 
 
-EXAMPLE_BUILDERS: dict[str, Callable[[torch.Tensor, dict, DataConfig, random.Random], Example | None]] = {
+EXAMPLE_BUILDERS: dict[str, Callable[[LazyGrid, Frames, DataConfig, random.Random], Example | None]] = {
     "base": _base_example, "upsampler": _upsampler_example, "4d": _grid_example,
 }
 
@@ -238,13 +259,16 @@ class TrainLoader:
             self.draws += 1
             src = int(rng.choices(range(len(self.streams)), weights=self.weights)[0]) if len(self.streams) > 1 else 0
             key, files = next(self.iters[src])
+            bg = random.Random(rng.random())  # the background draw must not shift the builder's draws
+
+            def frames(vs, ts, grid=None):
+                return to_tensor(grid.cells(vs, ts), self.cfg.height, self.cfg.width, self.cfg.background, bg)
             try:
-                frames, meta = decode_grid(files)
+                grid = LazyGrid(files)
+                ex = self.builder(grid, lambda vs, ts: frames(vs, ts, grid), self.cfg, rng)
             except Exception as exc:  # one unreadable sample is skipped, not fatal
-                print(f"[data] skipping unreadable sample {key}: {exc}", flush=True)
+                print(f"[data] skipping unreadable sample {key}: {type(exc).__name__}: {exc}", flush=True)
                 continue
-            grid = to_tensor(frames, self.cfg.height, self.cfg.width, self.cfg.background, rng)
-            ex = self.builder(grid, meta, self.cfg, rng)
             if ex is not None:
                 return ex
         raise UserError(f"no sample fits the {self.stage} stage's window (views={self.cfg.views}, "

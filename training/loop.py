@@ -193,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        "samples_per_s": sps, "tokens_per_s": sps * stage.tokens_per_sample(preview),
                        "samples_seen": state["samples_seen"]}
             if peak is not None:
-                metrics["mfu"] = 3 * stage.flops_per_sample(preview) * sps / world / peak
+                metrics["mfu"] = stage.train_flops_per_sample(preview) * sps / world / peak
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
             tracker.log_metrics(metrics, state["step"])
         at_end = state["step"] == cfg.total_steps

@@ -40,6 +40,10 @@ class Stage(nn.Module):
         p = self.patch_size
         return int(x[0].numel() // x.shape[-3] // (p * p))
 
+    def train_flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward + backward FLOPs of one sample (backward = 2x forward when every weight trains)."""
+        return 3 * self.flops_per_sample(batch)
+
     def export(self) -> dict[str, Any]:
         return {"stage": self.name, "model_config": dataclasses.asdict(self.net.cfg), "state_dict":
                 {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}
@@ -155,6 +159,10 @@ class FourDStage(Stage):
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
         _, v, t, _, h, w = batch["x"].shape
         return float(self.net.flops_per_sample(v, t, h, w))
+
+    def train_flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
+        _, v, t, _, h, w = batch["x"].shape
+        return float(self.net.train_flops_per_sample(v, t, h, w))  # the frozen base needs no weight gradients
 
     def tokens_per_sample(self, batch: dict[str, torch.Tensor]) -> int:
         _, v, t, _, h, w = batch["x"].shape
