@@ -44,3 +44,35 @@ def one_grid(tmp_path_factory):
     """Two grids to overfit (one per worker)."""
     from shardgen import make_grid_shards
     return make_grid_shards(tmp_path_factory.mktemp("one_grid"), n=2, views=4, frames=6, size=16, per_shard=1)
+
+
+def tiny_train_config(stage: str, out, grids: list[str], **overrides):
+    """The tiny preset of a stage writing to ``out``, reading ``grids``, plus dotted-key overrides."""
+    import dataclasses
+
+    from pipelines.common.config import apply_overrides
+    from training.config import presets_for
+    cfg = dataclasses.replace(presets_for(stage)["tiny"](), output=str(out), run_name=f"{stage}-test")
+    return apply_overrides(cfg, {"data.grids": grids, **overrides})
+
+
+@pytest.fixture(scope="session")
+def base_run(ray_local, train_grids, tmp_path_factory):
+    """A base model trained by the real job (tiny preset); its checkpoint feeds the 4D and generation tests."""
+    from training.launch import run
+    cfg = tiny_train_config("base", tmp_path_factory.mktemp("base_run"), [str(train_grids)])
+    run(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def fourd_run(ray_local, base_run, train_grids, tmp_path_factory):
+    """A soft-sync 4D model trained over ``base_run``, mixing two sources by weight."""
+    from pathlib import Path
+
+    from training.launch import run
+    cfg = tiny_train_config("4d", tmp_path_factory.mktemp("fourd_run"), [str(train_grids), str(train_grids)],
+                            base_checkpoint=str(Path(base_run.output) / "checkpoint_final"),
+                            **{"data.weights": [0.5, 0.5]})
+    run(cfg)
+    return cfg

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from pipelines.common.config import apply_overrides
 from training.checkpoints import load_checkpoint
-from training.config import TrainConfig, presets_for
+from training.config import TrainConfig
 from training.launch import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def tiny(stage: str, out: Path, grids: list[str], **overrides) -> TrainConfig:
-    cfg = presets_for(stage)["tiny"]()
-    cfg = dataclasses.replace(cfg, output=str(out), run_name=f"{stage}-test")
-    return apply_overrides(cfg, {"data.grids": grids, **overrides})
+from conftest import tiny_train_config as tiny
 
 
 def _run_record(cfg: TrainConfig):
@@ -36,13 +31,6 @@ def _artifacts(client, run_id: str, path: str = "") -> list[str]:
     for a in client.list_artifacts(run_id, path):
         out += _artifacts(client, run_id, a.path) if a.is_dir else [a.path]
     return out
-
-
-@pytest.fixture(scope="module")
-def base_run(ray_local, train_grids: Path, tmp_path_factory) -> TrainConfig:
-    cfg = tiny("base", tmp_path_factory.mktemp("base"), [str(train_grids)])
-    run(cfg)
-    return cfg
 
 
 def test_base_stage_runs_and_is_tracked_in_mlflow(base_run: TrainConfig) -> None:
@@ -71,13 +59,9 @@ def test_upsampler_stage_runs(ray_local, train_grids: Path, tmp_path: Path) -> N
     assert ckpt["stage"] == "upsampler"
 
 
-def test_4d_stage_trains_only_the_sync_layers(ray_local, base_run: TrainConfig, train_grids: Path,
-                                              tmp_path: Path) -> None:
+def test_4d_stage_trains_only_the_sync_layers(base_run: TrainConfig, fourd_run: TrainConfig) -> None:
     base_ckpt = str(Path(base_run.output) / "checkpoint_final")
-    cfg = tiny("4d", tmp_path, [str(train_grids), str(train_grids)], base_checkpoint=base_ckpt,
-               **{"data.weights": [0.5, 0.5]})
-    run(cfg)
-    four = load_checkpoint(str(tmp_path / "checkpoint_final"))
+    four = load_checkpoint(str(Path(fourd_run.output) / "checkpoint_final"))
     base = load_checkpoint(base_ckpt)
     assert four["stage"] == "4d" and four["fourd_config"]["sync"] == "soft"
     sd = four["state_dict"]

@@ -26,6 +26,7 @@ def run(cfg: TrainConfig) -> dict:
 
     output = Path(cfg.output).resolve()
     cfg = dataclasses.replace(cfg, output=str(output))
+    cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver
     if cfg.stage == "4d":
         from training.checkpoints import resolve_checkpoint
         resolve_checkpoint(cfg.base_checkpoint)  # fail before any worker starts

@@ -37,20 +37,27 @@ def experiment_name(cfg: TrainConfig) -> str:
     return cfg.experiment or f"4real-{cfg.stage}"
 
 
-def ensure_experiment(cfg: TrainConfig) -> str:
-    """Create the stage's experiment (artifacts next to the SQLite store by default); returns its id."""
+def ensure_experiment_at(uri: str, name: str) -> str:
+    """Create experiment ``name`` in the store at ``uri`` unless it exists; returns its id.
+
+    Uses a client bound to ``uri``: ``mlflow.set_tracking_uri`` would also export
+    MLFLOW_TRACKING_URI, sending every later run of this process to this store.
+    """
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    exp = mlflow.get_experiment_by_name(experiment_name(cfg))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
-    uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         # Artifacts beside the database file, not in the current directory, which is a
         # temporary copy under `ray job submit`.
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(experiment_name(cfg), artifact_location=location)
+    return client.create_experiment(name, artifact_location=location)
+
+
+def ensure_experiment(cfg: TrainConfig) -> str:
+    return ensure_experiment_at(tracking_uri(cfg), experiment_name(cfg))
 
 
 class Tracker:
@@ -63,6 +70,7 @@ class Tracker:
         import mlflow
         self.mlflow = mlflow
         exp_id = ensure_experiment(cfg)
+        mlflow.set_tracking_uri(tracking_uri(cfg))  # a worker process of its own: global state is fine here
         mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_every)
         mlflow.set_system_metrics_samples_before_logging(1)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
@@ -107,4 +115,14 @@ class Tracker:
 
     def finish(self) -> None:
         if self.rank == 0:
+            # MLflow publishes system metrics once per sampling interval (and stops quietly when a
+            # poll of the store fails), so a short run can end with none: publish a final sample.
+            from mlflow.tracking import fluent
+            monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).get(self.run_id)
+            if monitor is not None:
+                try:
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                except Exception as exc:  # never fail a finished training run over telemetry
+                    say(f"[train] could not log final system metrics: {exc}")
             self.mlflow.end_run()

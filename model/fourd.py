@@ -1,0 +1,237 @@
+"""The 4D video model (paper section 3.2 and the ablations of section 7).
+
+A 4D video is a grid x[b, v, t] of V views by T times: each row (fixed v) is a
+fixed-view video, each column (fixed t) a freeze-time video. Two token streams over
+the whole grid reuse the frozen blocks of the base VideoDiT:
+
+* the view stream runs each block over every time column (the V frames of one
+  instant, camera moving) with the freeze-time context;
+* the time stream runs each block over every view row (the T frames of one camera)
+  with the dynamic context.
+
+After every block a synchronization layer exchanges information between the two
+streams (``SYNC_VARIANTS``):
+
+* ``soft`` (Eqs. 9-10): a flow-time-modulated linear layer predicts (dy^v, dy^t) from
+  both streams; initialised at zero (each stream is exactly the base model along its
+  axis) or at the training-free schedule of Eq. 13;
+* ``hard`` (Eq. 8): x_{l+1} = W^v y^v + W^t y^t with learned per-channel weights
+  modulated by flow time, initialised at 1/2;
+* ``sequential`` (Eq. 5): view pass then time pass in one stream; its trainable part
+  is a copy of each block's attention used by the time pass (the paper's
+  "sequential trained" baseline);
+* ``train_free_hard`` (Eq. 12) and ``train_free_soft`` (Eq. 13, w_l = 0.1 + 0.4 l/L):
+  parameter-free averaging.
+
+The base model is frozen; only synchronization parameters train. The output velocity
+is the mean of the final layer applied to each stream with its own context.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, VideoDiT, block_flops
+
+SYNC_VARIANTS = ("soft", "hard", "sequential", "train_free_hard", "train_free_soft")
+SOFT_INITS = ("zero", "schedule")
+
+
+@dataclass
+class FourDConfig:
+    sync: str = "soft"
+    """Synchronization variant, one of SYNC_VARIANTS."""
+    soft_init: str = "zero"
+    """Soft sync initialisation: "zero" (streams start independent) or "schedule" (Eq. 13 weights)."""
+
+    def __post_init__(self) -> None:
+        if self.sync not in SYNC_VARIANTS:
+            raise ValueError(f"unknown sync variant {self.sync!r}; choose one of {SYNC_VARIANTS}")
+        if self.soft_init not in SOFT_INITS:
+            raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
+
+
+def schedule_weight(layer: int, depth: int) -> float:
+    """Eq. 13: w_l = 0.1 + 0.4 l / L, with l = 1..L so the last layer averages the streams fully."""
+    return 0.1 + 0.4 * (layer + 1) / depth
+
+
+class SoftSync(nn.Module):
+    """(dy^v, dy^t) = Linear([y^v, y^t]) * (1 + g(t)); x^v = y^v + dy^v, x^t = y^t + dy^t (Eqs. 9-10)."""
+
+    def __init__(self, width: int, init_weight: float | None):
+        super().__init__()
+        self.linear = nn.Linear(2 * width, 2 * width)
+        self.time_gate = nn.Linear(width, 2 * width)  # flow-time modulation, zero at init
+        nn.init.zeros_(self.time_gate.weight)
+        nn.init.zeros_(self.time_gate.bias)
+        nn.init.zeros_(self.linear.bias)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            if init_weight is not None:
+                # dy^v = w (y^t - y^v), dy^t = w (y^v - y^t): Eq. 13's weighted averaging.
+                eye = torch.eye(width) * init_weight
+                self.linear.weight.copy_(torch.cat([torch.cat([-eye, eye], 1), torch.cat([eye, -eye], 1)], 0))
+
+    def forward(self, yv: torch.Tensor, yt: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """yv, yt [B, N, width] aligned tokens; temb [B, width] flow-time embedding."""
+        gate = self.time_gate(F.silu(temb))[:, None]
+        dv, dt = (self.linear(torch.cat([yv, yt], dim=-1)) * (1 + gate)).chunk(2, dim=-1)
+        return yv + dv, yt + dt
+
+
+class HardSync(nn.Module):
+    """x = W^v y^v + W^t y^t with per-channel W = w (1 + m(t)), w initialised at 1/2 (Eq. 8)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.w_view = nn.Parameter(torch.full((width,), 0.5))
+        self.w_time = nn.Parameter(torch.full((width,), 0.5))
+        self.time_mod = nn.Linear(width, 2 * width)
+        nn.init.zeros_(self.time_mod.weight)
+        nn.init.zeros_(self.time_mod.bias)
+
+    def forward(self, yv: torch.Tensor, yt: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        mv, mt = self.time_mod(F.silu(temb))[:, None].chunk(2, dim=-1)
+        # fp32 weights must not promote a bf16 token stream to fp32 (memory, kernel choice).
+        return (self.w_view * (1 + mv) * yv + self.w_time * (1 + mt) * yt).to(yv.dtype)
+
+
+class FourDModel(nn.Module):
+    """Velocity model over grids [B, V, T, C, H, W] built on a frozen VideoDiT."""
+
+    def __init__(self, base: VideoDiT, cfg: FourDConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or FourDConfig()
+        self.base = base
+        base.requires_grad_(False)
+        d, depth = base.cfg.width, base.cfg.depth
+        self.soft = self.hard = self.time_attn = None
+        if cfg.sync == "soft":
+            self.soft = nn.ModuleList(
+                SoftSync(d, None if cfg.soft_init == "zero" else schedule_weight(l, depth)) for l in range(depth))
+        elif cfg.sync == "hard":
+            self.hard = nn.ModuleList(HardSync(d) for _ in range(depth))
+        elif cfg.sync == "sequential":
+            self.time_attn = nn.ModuleList(copy.deepcopy(b.attn).requires_grad_(True) for b in base.blocks)
+
+    def sync_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters (everything of the base model stays frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile the base blocks and the sync layers in place."""
+        self.base.compile_blocks(**kwargs)
+        for layers in (self.soft, self.hard):
+            for layer in layers or ():
+                layer.compile(**kwargs)
+
+    def train(self, mode: bool = True) -> "FourDModel":
+        super().train(mode)
+        self.base.eval()  # frozen: no dropout-like behaviour changes, and keeps requires_grad off
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                return_streams: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Velocity for a noisy grid x [B, V, T, C, H, W]; cond/mask mark the given (clean) frames."""
+        base, cfg = self.base, self.cfg
+        if x.dim() != 6:
+            raise ValueError(f"x must be a grid [B, V, T, C, H, W], got shape {tuple(x.shape)}")
+        B, V, T, C, H, W = x.shape
+        if mask is not None and tuple(mask.shape) != (B, V, T):
+            raise ValueError(f"mask must be [B, V, T] = {(B, V, T)}, got {tuple(mask.shape)}")
+        if t.shape != (B,):
+            raise ValueError(f"t must be [B] = ({B},), got {tuple(t.shape)}")
+        p = base.cfg.patch_size
+        hp, wp = H // p, W // p
+        n = hp * wp
+        tokens = base.embed(x.flatten(1, 2), None if cond is None else cond.flatten(1, 2),
+                            None if mask is None else mask.flatten(1, 2))
+        grid = tokens.view(B, V, T, n, -1)
+        d = grid.shape[-1]
+
+        c_view = base.time_context_embedding(t, torch.full_like(t, CONTEXT_FREEZE_TIME, dtype=torch.long), text)
+        c_time = base.time_context_embedding(t, torch.full_like(t, CONTEXT_DYNAMIC, dtype=torch.long), text)
+        temb = base.time_embedding(t)
+        rope_view = base.rope(V, hp, wp, x.device)
+        rope_time = base.rope(T, hp, wp, x.device)
+        c_view_seq = c_view.repeat_interleave(T, dim=0)  # one sequence per (b, t) column
+        c_time_seq = c_time.repeat_interleave(V, dim=0)  # one sequence per (b, v) row
+
+        def view_pass(block: nn.Module, g: torch.Tensor) -> torch.Tensor:
+            s = rearrange(g, "b v t n d -> (b t) (v n) d")
+            s = base.run_block(block, s, c_view_seq, rope_view)
+            return rearrange(s, "(b t) (v n) d -> b v t n d", b=B, n=n).contiguous()
+
+        def time_pass(block: nn.Module, g: torch.Tensor, attn: nn.Module | None = None) -> torch.Tensor:
+            s = base.run_block(block, g.reshape(B * V, T * n, d), c_time_seq, rope_time, attn)
+            return s.view(B, V, T, n, d)
+
+        def flat(g: torch.Tensor) -> torch.Tensor:
+            return g.view(B, V * T * n, d)
+
+        xv = xt = grid
+        for l, block in enumerate(base.blocks):
+            if cfg.sync == "sequential":  # Eq. 5
+                xv = xt = time_pass(block, view_pass(block, xv), self.time_attn[l])
+                continue
+            yv, yt = view_pass(block, xv), time_pass(block, xt)  # Eq. 4, independent and parallel
+            if cfg.sync == "soft":
+                sv, st = self.soft[l](flat(yv), flat(yt), temb)
+                xv, xt = sv.view_as(yv), st.view_as(yt)
+            elif cfg.sync == "hard":
+                xv = xt = self.hard[l](flat(yv), flat(yt), temb).view_as(yv)
+            elif cfg.sync == "train_free_hard":  # Eq. 12
+                xv = xt = 0.5 * (yv + yt)
+            else:  # train_free_soft, Eq. 13
+                w = schedule_weight(l, len(base.blocks))
+                xv, xt = (1 - w) * yv + w * yt, (1 - w) * yt + w * yv
+
+        out_view = base.final(xv.reshape(B, V * T, n, d), c_view, H, W).reshape(B, V, T, C, H, W)
+        out_time = base.final(xt.reshape(B, V * T, n, d), c_time, H, W).reshape(B, V, T, C, H, W)
+        if return_streams:
+            return out_view, out_time
+        return 0.5 * (out_view + out_time)
+
+    def _flops(self, views: int, frames: int, height: int, width: int) -> dict[str, float]:
+        bc = self.base.cfg
+        p = bc.patch_size
+        n = (height // p) * (width // p)
+        tokens = views * frames * n
+        lin_v, att_v = block_flops(bc.width, bc.mlp_hidden, views * n, frames)  # view stream: T columns of V frames
+        lin_t, att_t = block_flops(bc.width, bc.mlp_hidden, frames * n, views)  # time stream: V rows of T frames
+        sync = 0.0
+        if self.cfg.sync == "soft":
+            sync = 2.0 * tokens * (2 * bc.width) ** 2
+        io = 2 * tokens * bc.width * p * p * (bc.in_channels + 1) + 2 * 2 * tokens * bc.width * p * p * bc.in_channels
+        return {"frozen_matmul": bc.depth * (lin_v + lin_t) + io, "attention": bc.depth * (att_v + att_t),
+                "sync": bc.depth * sync}
+
+    def flops_per_sample(self, views: int, frames: int, height: int, width: int) -> float:
+        """Forward FLOPs for one V x T grid: both streams through every block, the sync layers, embed and final."""
+        return sum(self._flops(views, frames, height, width).values())
+
+    def train_flops_per_sample(self, views: int, frames: int, height: int, width: int) -> float:
+        """Training-step FLOPs for one grid with the base frozen.
+
+        Frozen GEMMs need only the input gradient in the backward pass (1x forward),
+        attention's backward is counted at 2x its forward, and the trainable sync layers
+        at 2x (input and weight gradients): 2 F_frozen + 3 F_attention + 3 F_sync.
+        """
+        f = self._flops(views, frames, height, width)
+        return 2 * f["frozen_matmul"] + 3 * f["attention"] + 3 * f["sync"]
+
+
+def grid_condition_mask(batch: int, views: int, frames: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[B, V, T] mask with the first row (the fixed-view video) and first column (the freeze-time video) given."""
+    mask = torch.zeros(batch, views, frames, device=device)
+    mask[:, 0, :] = 1
+    mask[:, :, 0] = 1
+    return mask

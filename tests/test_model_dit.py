@@ -1,0 +1,111 @@
+"""Base video DiT: shapes, conditioning, presets, FLOP formula, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, DIT_PRESETS, VideoDiT, dit_config
+from model.text import load_text_encoder
+from tests.model_helpers import tiny_dit
+
+
+@pytest.mark.parametrize("frames,height,width", [(1, 8, 8), (3, 8, 12), (5, 16, 4), (2, 12, 20)])
+def test_output_shape_any_frames_and_resolution(frames, height, width):
+    model = tiny_dit()
+    x = torch.randn(2, frames, 3, height, width)
+    mask = torch.zeros(2, frames)
+    mask[0, 0] = 1
+    out = model(x, torch.rand(2), torch.tensor([CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME]), cond=torch.randn_like(x), mask=mask)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_adaln_zero_init_predicts_zero_velocity():
+    model = VideoDiT(DIT_PRESETS["tiny"])
+    out = model(torch.randn(1, 2, 3, 8, 8), torch.rand(1), torch.zeros(1, dtype=torch.long))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_given_frames_enter_clean_and_condition_the_rest():
+    model = tiny_dit()
+    x = torch.randn(1, 3, 3, 8, 8)
+    cond = torch.randn_like(x)
+    mask = torch.tensor([[1.0, 0.0, 0.0]])
+    t, ctx = torch.rand(1), torch.zeros(1, dtype=torch.long)
+    base = model(x, t, ctx, cond, mask)
+    # Noise left in a given frame is ignored: the clean frame replaces it.
+    x2 = x.clone()
+    x2[:, 0] = torch.randn(3, 8, 8)
+    torch.testing.assert_close(model(x2, t, ctx, cond, mask), base)
+    # Changing the clean frame changes the prediction for the unknown frames.
+    cond2 = cond.clone()
+    cond2[:, 0] += 1.0
+    assert not torch.allclose(model(x, t, ctx, cond2, mask)[:, 1:], base[:, 1:])
+
+
+def test_context_and_time_change_the_prediction():
+    model = tiny_dit()
+    x = torch.randn(1, 2, 3, 8, 8)
+    t = torch.full((1,), 0.5)
+    dyn = model(x, t, torch.tensor([CONTEXT_DYNAMIC]))
+    assert not torch.allclose(dyn, model(x, t, torch.tensor([CONTEXT_FREEZE_TIME])))
+    assert not torch.allclose(dyn, model(x, t * 0.5, torch.tensor([CONTEXT_DYNAMIC])))
+
+
+def test_text_conditioning_interface():
+    model = tiny_dit(text_dim=16)
+    x = torch.randn(2, 2, 3, 8, 8)
+    t, ctx = torch.rand(2), torch.zeros(2, dtype=torch.long)
+    text = torch.randn(2, 5, 16)
+    assert not torch.allclose(model(x, t, ctx, text=text), model(x, t, ctx))
+    with pytest.raises(ValueError, match="text_dim=0"):
+        tiny_dit()(x, t, ctx, text=text)
+
+
+def test_missing_text_encoder_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text encoder not found"):
+        load_text_encoder(tmp_path / "no-such-encoder")
+    with pytest.raises(ValueError, match="config.json"):
+        load_text_encoder(tmp_path)
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_dit()
+    t, ctx = torch.rand(1), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        model(torch.randn(1, 2, 3, 9, 8), t, ctx)
+    with pytest.raises(ValueError, match="mask must be"):
+        model(torch.randn(1, 2, 3, 8, 8), t, ctx, mask=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        dit_config("huge")
+
+
+def test_checkpointing_gives_the_same_gradients():
+    x = torch.randn(1, 2, 3, 8, 8)
+    t, ctx = torch.rand(1), torch.zeros(1, dtype=torch.long)
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_dit(checkpointing=ckpt)
+        model(x, t, ctx).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_paper_preset_is_about_600m_parameters():
+    with torch.device("meta"):
+        model = VideoDiT(DIT_PRESETS["paper"])
+    assert len(model.blocks) == 24 and model.cfg.width == 1024
+    assert 570e6 < model.num_parameters() < 630e6
+
+
+def test_flop_formula_matches_torch_flop_counter():
+    model = VideoDiT(dit_config("tiny", width=64, heads=4, depth=3))
+    x = torch.randn(2, 4, 3, 16, 24)
+    # The math backend runs attention as plain matmuls, which the counter sees on CPU.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, torch.rand(2), torch.zeros(2, dtype=torch.long))
+    counted = counter.get_total_flops() / 2
+    assert counted == pytest.approx(model.flops_per_sample(4, 16, 24), rel=0.03)

@@ -1,0 +1,126 @@
+"""4D two-stream model: shapes, what each sync variant is at initialisation, frozen base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, SYNC_VARIANTS, FourDConfig, FourDModel, grid_condition_mask
+from model import rectified_flow as rf
+from model.fourd import HardSync, schedule_weight
+from tests.model_helpers import randomize_, tiny_dit
+
+
+def grid_inputs(B=2, V=3, T=4, H=8, W=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, V, T, 3, H, W, generator=g)
+    cond = torch.randn(B, V, T, 3, H, W, generator=g)
+    return x, torch.rand(B, generator=g), cond, grid_condition_mask(B, V, T)
+
+
+@pytest.mark.parametrize("sync", SYNC_VARIANTS)
+@pytest.mark.parametrize("V,T,H,W", [(2, 3, 8, 8), (4, 1, 12, 4)])
+def test_output_shape_any_grid(sync, V, T, H, W):
+    model = FourDModel(tiny_dit(), FourDConfig(sync=sync))
+    x, t, cond, mask = grid_inputs(2, V, T, H, W)
+    out = model(x, t, cond, mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_grid_condition_mask_is_first_row_and_column():
+    mask = grid_condition_mask(1, 3, 4)[0]
+    assert mask[0].eq(1).all() and mask[:, 0].eq(1).all() and mask[1:, 1:].eq(0).all()
+
+
+def test_soft_sync_zero_init_is_the_base_model_along_each_axis():
+    base = tiny_dit()
+    model = FourDModel(base, FourDConfig(sync="soft", soft_init="zero"))
+    x, t, cond, mask = grid_inputs()
+    B, V, T = mask.shape
+    out_view, out_time = model(x, t, cond, mask, return_streams=True)
+    freeze = torch.full((B,), CONTEXT_FREEZE_TIME)
+    dynamic = torch.full((B,), CONTEXT_DYNAMIC)
+    for ti in range(T):  # view stream: each time column is a freeze-time video over V views
+        ref = base(x[:, :, ti], t, freeze, cond[:, :, ti], mask[:, :, ti])
+        torch.testing.assert_close(out_view[:, :, ti], ref)
+    for vi in range(V):  # time stream: each view row is a dynamic video over T times
+        ref = base(x[:, vi], t, dynamic, cond[:, vi], mask[:, vi])
+        torch.testing.assert_close(out_time[:, vi], ref)
+    torch.testing.assert_close(model(x, t, cond, mask), 0.5 * (out_view + out_time))
+
+
+def test_hard_sync_at_init_is_the_average_of_the_streams():
+    sync = HardSync(32)
+    randomize_(sync.time_mod)  # the time modulation must not matter either: its init is exactly zero
+    torch.nn.init.zeros_(sync.time_mod.weight)
+    torch.nn.init.zeros_(sync.time_mod.bias)
+    yv, yt = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    torch.testing.assert_close(sync(yv, yt, torch.randn(2, 32)), 0.5 * (yv + yt))
+    # The whole model: learned hard sync at init equals the training-free average of Eq. 12.
+    base = tiny_dit()
+    x, t, cond, mask = grid_inputs()
+    hard = FourDModel(base, FourDConfig(sync="hard"))(x, t, cond, mask)
+    torch.testing.assert_close(hard, FourDModel(base, FourDConfig(sync="train_free_hard"))(x, t, cond, mask))
+
+
+def test_soft_schedule_init_is_the_training_free_soft_sync():
+    base = tiny_dit()
+    x, t, cond, mask = grid_inputs()
+    soft = FourDModel(base, FourDConfig(sync="soft", soft_init="schedule"))(x, t, cond, mask)
+    free = FourDModel(base, FourDConfig(sync="train_free_soft"))(x, t, cond, mask)
+    torch.testing.assert_close(soft, free, atol=1e-5, rtol=1e-5)
+    assert schedule_weight(0, 24) == pytest.approx(0.1 + 0.4 / 24) and schedule_weight(23, 24) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("sync", ["soft", "hard", "sequential"])
+def test_only_sync_parameters_receive_gradients(sync):
+    model = FourDModel(tiny_dit(), FourDConfig(sync=sync))
+    trainable = model.sync_parameters()
+    assert trainable and all(p.requires_grad for p in trainable)
+    assert not any(p.requires_grad for p in model.base.parameters())
+    x, t, cond, mask = grid_inputs(1, 2, 3)
+    loss, _ = rf.training_loss(lambda x_t, tt, c, m: model(x_t, tt, c, m), x, mask)
+    loss.backward()
+    assert all(p.grad is None for p in model.base.parameters())
+    assert all(p.grad is not None for p in trainable)
+    assert sum(p.grad.abs().sum() for p in trainable) > 0
+
+
+def test_train_free_variants_have_nothing_to_train():
+    for sync in ("train_free_hard", "train_free_soft"):
+        assert FourDModel(tiny_dit(), FourDConfig(sync=sync)).sync_parameters() == []
+
+
+def test_bad_config_and_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="unknown sync variant"):
+        FourDConfig(sync="average")
+    with pytest.raises(ValueError, match="soft_init"):
+        FourDConfig(soft_init="ones")
+    model = FourDModel(tiny_dit())
+    x, t, cond, mask = grid_inputs()
+    with pytest.raises(ValueError, match=r"\[B, V, T, C, H, W\]"):
+        model(x[:, 0], t)
+    with pytest.raises(ValueError, match="mask must be"):
+        model(x, t, cond, mask[:, :1])
+
+
+def test_flop_formula_counts_both_streams_and_sync():
+    with torch.device("meta"):
+        from model import DIT_PRESETS, VideoDiT
+        base = VideoDiT(DIT_PRESETS["paper"])
+        soft, hard = FourDModel(base, FourDConfig("soft")), FourDModel(base, FourDConfig("hard"))
+    # One grid of V x T frames costs the two streams (each ~ V*T frames through the base), plus sync.
+    per_frame = base.flops_per_sample(1, 72, 128)
+    assert 2 * 64 * per_frame < hard.flops_per_sample(8, 8, 72, 128) < soft.flops_per_sample(8, 8, 72, 128)
+    assert soft.train_flops_per_sample(8, 8, 72, 128) > 2 * soft.flops_per_sample(8, 8, 72, 128)
+
+
+@pytest.mark.parametrize("sync", ["soft", "hard"])
+def test_flop_formula_matches_torch_flop_counter(sync):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = FourDModel(tiny_dit(width=64, heads=4), FourDConfig(sync=sync))
+    x, t, cond, mask = grid_inputs(1, 3, 2, 16, 8)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, t, cond, mask)
+    assert counter.get_total_flops() == pytest.approx(model.flops_per_sample(3, 2, 16, 8), rel=0.03)

@@ -1,0 +1,111 @@
+"""Rectified flow: interpolation, logit-normal times, masked loss, samplers, guidance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import rectified_flow as rf
+
+
+def test_add_noise_endpoints_and_velocity_target():
+    x0, noise = torch.randn(3, 2, 3, 4, 4), torch.randn(3, 2, 3, 4, 4)
+    torch.testing.assert_close(rf.add_noise(x0, noise, torch.zeros(3)), x0)
+    torch.testing.assert_close(rf.add_noise(x0, noise, torch.ones(3)), noise)
+    t = torch.tensor([0.25, 0.5, 0.75])
+    x_t = rf.add_noise(x0, noise, t)
+    # d x_t / dt is the velocity target.
+    dt = 1e-3
+    torch.testing.assert_close((rf.add_noise(x0, noise, t + dt) - x_t) / dt, rf.velocity_target(x0, noise),
+                               atol=1e-3, rtol=1e-3)
+
+
+def test_sample_t_is_logit_normal():
+    g = torch.Generator().manual_seed(0)
+    t = rf.sample_t(20000, generator=g)
+    assert t.min() > 0 and t.max() < 1
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
+
+
+def test_masked_mse_ignores_given_frames_for_clips_and_grids():
+    for frame_dims in [(2, 4), (2, 3, 3)]:
+        target = torch.randn(*frame_dims, 3, 4, 4)
+        mask = (torch.rand(frame_dims) < 0.5).float()
+        mask.view(-1)[0], mask.view(-1)[1] = 1.0, 0.0
+        pred = target + 0.1 * torch.randn_like(target)
+        ref = rf.masked_mse(pred, target, mask)
+        garbage = torch.where(mask[..., None, None, None] > 0, torch.full_like(pred, 1e3), pred)
+        torch.testing.assert_close(rf.masked_mse(garbage, target, mask), ref)
+        unknown = mask == 0
+        torch.testing.assert_close(ref, (pred - target)[unknown].pow(2).mean())
+    all_given = rf.masked_mse(torch.randn(1, 2, 3, 4, 4), torch.randn(1, 2, 3, 4, 4), torch.ones(1, 2))
+    assert all_given.item() == 0.0
+
+
+def test_training_loss_covers_only_unknown_frames():
+    x0 = torch.randn(4, 3, 3, 4, 4)
+    mask = torch.tensor([[1.0, 0, 0]] * 4)
+
+    def oracle(x_t, t, cond, m):
+        # Exact velocity (x_t - x0) / t on unknown frames, garbage on the given ones.
+        v = (x_t - x0) / t.view(-1, 1, 1, 1, 1)
+        assert torch.equal(x_t[:, 0], x0[:, 0]) and torch.equal(cond[:, 0], x0[:, 0])
+        return torch.where(m[..., None, None, None] > 0, torch.full_like(v, 1e3), v)
+
+    loss, aux = rf.training_loss(oracle, x0, mask, generator=torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-8
+    assert aux["given_fraction"].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_samplers_integrate_a_constant_velocity_exactly(method, steps):
+    noise = torch.randn(2, 3, 3, 4, 4, dtype=torch.float64)
+    c = torch.randn_like(noise)
+    out = rf.sample(lambda x, t, cond, mask: c, noise, steps, method)
+    torch.testing.assert_close(out, noise - c)
+
+
+def test_heun_is_exact_for_velocity_linear_in_time_and_euler_is_not():
+    noise = torch.randn(1, 1, 3, 2, 2, dtype=torch.float64)
+    a, b = torch.randn_like(noise), torch.randn_like(noise)
+    field = lambda x, t, cond, mask: a + b * t.view(-1, 1, 1, 1, 1).to(x.dtype)  # noqa: E731
+    exact = noise - (a + b / 2)  # x(0) = x(1) - integral_0^1 v dt
+    torch.testing.assert_close(rf.sample(field, noise, 4, "heun"), exact)
+    assert not torch.allclose(rf.sample(field, noise, 4, "euler"), exact)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_sampler_keeps_given_frames_clean_at_every_step(method):
+    noise = torch.randn(2, 3, 3, 4, 4)
+    cond = torch.randn_like(noise)
+    mask = torch.tensor([[1.0, 0, 1], [0, 1, 0]])
+    given = mask[..., None, None, None].expand_as(noise) > 0
+    calls = []
+
+    def model(x, t, c, m):
+        assert torch.equal(x[given], cond[given])
+        calls.append(t[0].item())
+        return torch.randn_like(x)
+
+    out = rf.sample(model, noise, 3, method, cond=cond, mask=mask)
+    assert torch.equal(out[given], cond[given])
+    assert len(calls) == (3 if method == "euler" else 6) and calls[0] == 1.0
+
+
+def test_classifier_free_guidance_combines_the_two_predictions():
+    noise = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64)
+    vc, vu = torch.randn_like(noise), torch.randn_like(noise)
+    out = rf.sample(lambda *a: vc, noise, 2, guidance=3.0, uncond_fn=lambda *a: vu)
+    torch.testing.assert_close(out, noise - (vu + 3.0 * (vc - vu)))
+    with pytest.raises(ValueError, match="uncond_fn"):
+        rf.sample(lambda *a: vc, noise, 2, guidance=3.0)
+    with pytest.raises(ValueError, match="euler"):
+        rf.sample(lambda *a: vc, noise, 2, method="rk4")
+
+
+def test_timestep_shift_keeps_endpoints():
+    ts = rf.timesteps(8, shift=3.0)
+    assert ts[0] == 1.0 and ts[-1] == 0.0 and (ts[1:] < ts[:-1]).all()
+    assert ts[4] > 0.5  # more of the budget spent at high noise
