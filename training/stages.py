@@ -176,4 +176,8 @@ class FourDStage(Stage):
 
 
 def build_stage(cfg: TrainConfig) -> Stage:
-    return {"base": BaseStage, "upsampler": UpsamplerStage, "4d": FourDStage}[cfg.stage](cfg)
+    stage = {"base": BaseStage, "upsampler": UpsamplerStage, "4d": FourDStage}[cfg.stage](cfg)
+    if cfg.compile_blocks:
+        net = stage.net
+        (net.compile_blocks if hasattr(net, "compile_blocks") else net.dit.compile_blocks)()
+    return stage
