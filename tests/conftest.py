@@ -33,10 +33,13 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def train_grids(tmp_path_factory):
-    """Grid shards for the training tests (4 views x 6 frames, 16 px)."""
-    from shardgen import make_grid_shards
-    return make_grid_shards(tmp_path_factory.mktemp("train_grids"), n=8, views=4, frames=6, size=16)
+def train_grids(ray_local, tmp_path_factory):
+    """Pseudo-4D grid and clip shards written by the real job (4 views x 6 frames at 32 px) for training tests."""
+    from pipelines.make_pseudo4d import main
+    out = tmp_path_factory.mktemp("train_grids")
+    assert main(["--preset", "tiny", "--output", str(out), "--views", "4", "--frames", "6", "--set",
+                 "procedural.count=4"]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

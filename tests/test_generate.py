@@ -122,7 +122,6 @@ def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_pat
     assert np.isnan(soft["fvd"]) and "FVD not computed: no weights given" in res["notes"]["fvd"]
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| soft | 2 |" in report and "| train_free_soft |" in report and "n/a" in report
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}")
     (rec,) = client.search_runs([client.get_experiment_by_name("4real-eval").experiment_id])
     assert "soft/psnr" in rec.data.metrics and "train_free_hard/ssim" in rec.data.metrics

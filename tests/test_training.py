@@ -19,8 +19,7 @@ from conftest import tiny_train_config as tiny
 
 
 def _run_record(cfg: TrainConfig):
-    mlflow.set_tracking_uri(f"sqlite:///{Path(cfg.output).resolve()}/mlflow.db")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.output).resolve()}/mlflow.db")
     exp = client.get_experiment_by_name(f"4real-{cfg.stage}")
     (run_,) = client.search_runs([exp.experiment_id])
     return client, run_

@@ -219,6 +219,14 @@ def consolidate(output: str | Path) -> tuple[pa.Table, pa.Table]:
     if failures.num_rows:
         mask = pa.array([i not in done for i in failures.column("item_id").to_pylist()])
         failures = failures.filter(mask)
+    if failures.num_rows:
+        # An item retried (--retry-failed) and failing again has a record per attempt: keep the latest.
+        latest: dict[str, dict[str, Any]] = {}
+        for row in failures.to_pylist():
+            if row["item_id"] not in latest or row["part"] >= latest[row["item_id"]]["part"]:
+                latest[row["item_id"]] = row
+        failures = pa.Table.from_pylist(sorted(latest.values(), key=lambda r: (r["part"], r["item_id"])),
+                                        schema=FAILURE_SCHEMA)
     _write_parquet(index, output / "index.parquet")
     _write_parquet(failures, output / "failures.parquet")
     return index, failures
