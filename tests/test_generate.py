@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipelines.common.config import apply_overrides
 from pipelines.common.errors import UserError
-from pipelines.generate_4d import GenerateConfig, Generator4D, generate_one
+from pipelines.common.visuals import to_uint8
+from pipelines.generate_4d import GenerateConfig, Generator4D, frames_to_tensor, generate_one
 from pipelines.video_io import encode_video
 from training.data import decode_grid, resolve_shards
 from pipelines.common.shards import iter_tar_samples
@@ -66,10 +67,11 @@ def test_generate_a_larger_grid_with_sliding_windows(fourd_run, train_grids: Pat
     assert (result["views"], result["frames"]) == (4, 6)
     frames = sorted(p.name for p in (out / "frames").glob("*.png"))
     assert len(frames) == 24 and frames[0] == "v00t00.png" and frames[-1] == "v03t05.png"
+    given = to_uint8(frames_to_tensor(grid, *gen.size))  # the inputs at the model's resolution
     for t in range(6):  # given cells come back bit-exact
-        assert np.array_equal(np.asarray(Image.open(out / "frames" / f"v00t{t:02d}.png")), grid[0, t])
+        assert np.array_equal(np.asarray(Image.open(out / "frames" / f"v00t{t:02d}.png")), given[0, t])
     for v in range(4):
-        assert np.array_equal(np.asarray(Image.open(out / "frames" / f"v{v:02d}t00.png")), grid[v, 0])
+        assert np.array_equal(np.asarray(Image.open(out / "frames" / f"v{v:02d}t00.png")), given[v, 0])
     assert (out / "contact_sheet.png").stat().st_size > 0
     videos = {p.name for p in (out / "videos").glob("*.mp4")}
     assert {"row_v00.mp4", "row_v03.mp4", "col_t00.mp4", "col_t05.mp4", "bullet_time.mp4"} <= videos
