@@ -79,3 +79,12 @@ def fourd_run(ray_local, base_run, train_grids, tmp_path_factory):
                             **{"data.weights": [0.5, 0.5]})
     run(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def upsampler_run(ray_local, train_grids, tmp_path_factory):
+    """An x4 upsampler trained by the real job (tiny preset)."""
+    from training.launch import run
+    cfg = tiny_train_config("upsampler", tmp_path_factory.mktemp("upsampler_run"), [str(train_grids)])
+    run(cfg)
+    return cfg

@@ -71,3 +71,13 @@ def test_missing_dependency_message() -> None:
     from pipelines.common.errors import UserError, require
     with pytest.raises(UserError, match="missing dependency 'no_such_module_xyz'.*make install"):
         require("no_such_module_xyz")
+
+
+def test_training_presets_survive_repeated_use() -> None:
+    """The CLI builds a preset twice (once for --help defaults); both must carry the preset's values."""
+    from training.config import TrainConfig, presets_for
+    presets = presets_for("4d")
+    first, second = presets["demo"](), presets["demo"]()
+    assert first == second and second.optim.lr == 1e-3 and second.data.frames == 4
+    cfg, _ = parse_config(TrainConfig, presets, ["--preset", "demo"], default_preset="demo")
+    assert cfg.optim.lr == 1e-3 and cfg.data.height == 32

@@ -77,6 +77,17 @@ def test_generate_a_larger_grid_with_sliding_windows(fourd_run, train_grids: Pat
     assert {"row_v00.mp4", "row_v03.mp4", "col_t00.mp4", "col_t05.mp4", "bullet_time.mp4"} <= videos
 
 
+def test_generate_with_the_upsampler(fourd_run, upsampler_run, train_grids: Path, tmp_path: Path) -> None:
+    row, col = _inputs(tmp_path, _grid(train_grids), video=False)
+    cfg = GenerateConfig(checkpoint=_ckpt(fourd_run), upsampler=_ckpt(upsampler_run), fixed_view=row,
+                         freeze_time=col, out=str(tmp_path / "gen"), steps=1, upsampler_steps=1, method="euler",
+                         views=3, frames=4)
+    gen = Generator4D(cfg)
+    generate_one(gen, cfg, tmp_path / "gen")
+    frame = np.asarray(Image.open(tmp_path / "gen" / "frames" / "v02t03.png"))
+    assert frame.shape == (4 * gen.size[0], 4 * gen.size[1], 3)  # x4 super-resolution of every cell
+
+
 def test_inputs_must_share_their_first_frame(fourd_run, train_grids: Path, tmp_path: Path) -> None:
     row, col = _inputs(tmp_path, _grid(train_grids), corrupt_corner=True)
     proc = subprocess.run([sys.executable, "pipelines/generate_4d.py", "--checkpoint", _ckpt(fourd_run),

@@ -51,11 +51,11 @@ def test_base_stage_runs_and_is_tracked_in_mlflow(base_run: TrainConfig) -> None
     assert (Path(base_run.output) / "config.yaml").exists()
 
 
-def test_upsampler_stage_runs(ray_local, train_grids: Path, tmp_path: Path) -> None:
-    cfg = tiny("upsampler", tmp_path, [str(train_grids)])
-    run(cfg)
-    ckpt = load_checkpoint(str(tmp_path / "checkpoint_final"))
+def test_upsampler_stage_runs(upsampler_run: TrainConfig) -> None:
+    ckpt = load_checkpoint(str(Path(upsampler_run.output) / "checkpoint_final"))
     assert ckpt["stage"] == "upsampler"
+    _, rec = _run_record(upsampler_run)
+    assert rec.info.status == "FINISHED" and "loss" in rec.data.metrics
 
 
 def test_4d_stage_trains_only_the_sync_layers(base_run: TrainConfig, fourd_run: TrainConfig) -> None:
@@ -116,3 +116,20 @@ def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path
     steps = sorted({m.step for m in client.get_metric_history(rec.info.run_id, "samples_seen")})
     assert steps[-1] == cfg.total_steps
     assert summary["metrics"]["samples_seen"] == cfg.total_steps * cfg.samples_per_step
+
+
+def test_zero3_checkpointing_accumulation_and_base_from_mlflow(ray_local, base_run: TrainConfig, train_grids: Path,
+                                                              tmp_path: Path) -> None:
+    """ZeRO-3 (gathered EMA and export), activation checkpointing, gradient accumulation, and a 4D run whose
+    base comes from the base stage's MLflow run."""
+    _, rec = _run_record(base_run)
+    cfg = tiny("4d", tmp_path, [str(train_grids)], base_checkpoint=f"runs:/{rec.info.run_id}", zero_stage=3,
+               activation_checkpointing=True, grad_accum=2, total_samples=16,
+               mlflow_uri=f"sqlite:///{Path(base_run.output).resolve()}/mlflow.db", sync="hard")
+    run(cfg)
+    four = load_checkpoint(str(tmp_path / "checkpoint_final"))
+    base = load_checkpoint(str(Path(base_run.output) / "checkpoint_final"))
+    assert four["fourd_config"]["sync"] == "hard"
+    assert all(torch.equal(four["state_dict"][f"base.{k}"], v) for k, v in base["state_dict"].items())
+    hard = {k: v for k, v in four["state_dict"].items() if not k.startswith("base.")}
+    assert hard and all(v.numel() > 0 for v in hard.values())  # gathered from ZeRO-3 partitions, not empty

@@ -17,18 +17,26 @@ from pipelines.common.errors import UserError
 MODEL_FILE = "model.pt"
 
 
-def resolve_checkpoint(spec: str) -> Path:
-    """A model.pt, a folder holding one, or ``runs:/<mlflow run id>`` -> path of model.pt."""
+def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A model.pt, a folder holding one, or ``runs:/<mlflow run id>`` -> path of model.pt.
+
+    MLflow checkpoints are downloaded to ``dst`` (a temporary folder if None) from the
+    store at ``tracking_uri`` (default: MLFLOW_TRACKING_URI).
+    """
     if not spec:
         raise UserError("no checkpoint given; pass a folder with model.pt, a model.pt file or runs:/<mlflow run id>")
     if spec.startswith("runs:/"):
         import mlflow
         run_id = spec[len("runs:/"):].strip("/").split("/")[0]
+        if dst is not None:
+            Path(dst).mkdir(parents=True, exist_ok=True)
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="final_checkpoint")
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="final_checkpoint",
+                                                        dst_path=str(dst) if dst else None, tracking_uri=tracking_uri)
         except Exception as exc:
-            raise UserError(f"could not fetch the final checkpoint of MLflow run {run_id} ({exc}); check "
-                            "MLFLOW_TRACKING_URI and the run id (mlflow ui lists runs)") from None
+            raise UserError(f"could not fetch the final checkpoint of MLflow run {run_id} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); check the tracking URI "
+                            "(--mlflow-uri or MLFLOW_TRACKING_URI) and the run id (mlflow ui lists runs)") from None
         return resolve_checkpoint(local)
     p = Path(spec)
     if p.is_dir():

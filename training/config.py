@@ -120,11 +120,9 @@ class TrainConfig:
         return max(1, self.total_samples // self.samples_per_step)
 
 
-def _preset(stage: str, **kw) -> Callable[[], TrainConfig]:
-    def make() -> TrainConfig:
-        data = DataConfig(**kw.pop("data", {}))
-        optim = OptimConfig(**kw.pop("optim", {}))
-        return TrainConfig(stage=stage, data=data, optim=optim, **kw)
+def _preset(stage: str, data: dict | None = None, optim: dict | None = None, **kw) -> Callable[[], TrainConfig]:
+    def make() -> TrainConfig:  # a fresh config per call: callers may change it
+        return TrainConfig(stage=stage, data=DataConfig(**(data or {})), optim=OptimConfig(**(optim or {})), **kw)
     return make
 
 

@@ -28,8 +28,11 @@ def run(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, output=str(output))
     cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver
     if cfg.stage == "4d":
+        # Fail before any worker starts; an MLflow run is fetched once, into the run folder that
+        # every worker can read (shared storage on a cluster).
         from training.checkpoints import resolve_checkpoint
-        resolve_checkpoint(cfg.base_checkpoint)  # fail before any worker starts
+        local = resolve_checkpoint(cfg.base_checkpoint, cfg.mlflow_uri, output / "base_checkpoint")
+        cfg = dataclasses.replace(cfg, base_checkpoint=str(local))
     from training.data import resolve_shards
     for spec in cfg.data.grids + (cfg.data.clips if cfg.stage == "base" else []):
         resolve_shards(spec)

@@ -88,7 +88,7 @@ class Tracker:
         mem = f"gpu {metrics['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in metrics else f"rss {rss:.1f} GB"
         mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
         say(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "
-              f"| loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} "
+              f"| loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3g} "
               f"| {metrics['samples_per_s']:.2f} samples/s{mfu} | {mem} | {time.time() - self.t0:.0f}s")
 
     def log_samples(self, batch: dict[str, torch.Tensor], out: torch.Tensor, step: int) -> None:
