@@ -78,6 +78,6 @@ def test_training_presets_survive_repeated_use() -> None:
     from training.config import TrainConfig, presets_for
     presets = presets_for("4d")
     first, second = presets["demo"](), presets["demo"]()
-    assert first == second and second.optim.lr == 1e-3 and second.data.frames == 4
+    assert first == second and second.optim.lr == 2e-3 and second.data.frames == 4
     cfg, _ = parse_config(TrainConfig, presets, ["--preset", "demo"], default_preset="demo")
-    assert cfg.optim.lr == 1e-3 and cfg.data.height == 32
+    assert cfg.optim.lr == 2e-3 and cfg.data.height == 32

@@ -137,11 +137,12 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                         output=f"outputs/tiny/{stage}",
                         data=dict(frames=4, views=3, **res_tiny, shuffle_buffer=8),
                         optim=dict(lr=1e-3 if not four else 1e-2, warmup_samples=4)),
-        "demo": _preset(stage, model_preset="tiny", total_samples=96 if not four else 64, batch_size=2,
-                        num_workers=2, output=f"outputs/demo/train_{stage}", sample_every=0,
+        # about a minute per stage on 2 CPU cores: enough for structure, not for quality
+        "demo": _preset(stage, model_preset="tiny", total_samples=2400 if not four else 800, batch_size=8,
+                        num_workers=2, output=f"outputs/demo/train_{stage}", sample_every=100, log_every=10,
                         # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
                         data=dict(frames=4, views=4, height=32, width=32),
-                        optim=dict(lr=1e-3, warmup_samples=16)),
+                        optim=dict(lr=2e-3, warmup_samples=160)),
         "small": _preset(stage, model_preset="small", total_samples=2_000_000, batch_size=8, num_workers=1,
                          use_gpu=True, precision="bf16", zero_stage=2, log_every=20, compile_blocks=True, sample_every=2000,
                          checkpoint_every=2000, output=f"outputs/small/{stage}",

@@ -63,7 +63,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         # The dashboard (loopback only) backs the state API that Ray Train and Ray Data progress use.
-        ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
 
 
 class _PartWorker:
