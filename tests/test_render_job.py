@@ -246,3 +246,24 @@ def test_depth_and_normal_passes(ray_local, tmp_path):
         w2c = np.array(cams["w2c"][v])
         center = -w2c[:3, :3].T @ w2c[:3, 3]
         assert (n.mean(0) @ (center / np.linalg.norm(center))) > 0.5
+
+
+def test_worker_survives_hang_and_crash_and_cleans_up():
+    from rendering.worker import BlenderWorker, WorkerFailure
+    worker = BlenderWorker(threads=1)
+    try:
+        first = worker.call({"op": "ping"}, timeout=60)
+        scratch = worker.scratch
+        assert scratch is not None and scratch.is_dir()
+        with pytest.raises(WorkerFailure) as err:
+            worker.call({"op": "ping", "fault": "hang"}, timeout=2)
+        assert err.value.stage == "timeout"
+        assert not scratch.exists()  # frames a killed Blender staged go with it
+        with pytest.raises(WorkerFailure) as err:
+            worker.call({"op": "ping", "fault": "crash"}, timeout=60)
+        assert err.value.stage == "crash" and "signal 6" in str(err.value)
+        again = worker.call({"op": "ping"}, timeout=60)  # a fresh Blender answers the next request
+        assert again["pid"] != first["pid"] and worker.restarts == 2
+    finally:
+        worker.close()
+    assert worker.proc is None

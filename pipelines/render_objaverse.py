@@ -1,0 +1,360 @@
+"""Render animated 3D assets into 4D grid shards with Blender, as a Ray Data job.
+
+    ray job submit --working-dir . -- python pipelines/render_objaverse.py --source objaverse --output /data/renders
+    python pipelines/render_objaverse.py --preset demo --output outputs/render      # local Ray
+
+Each asset is imported into a warm Blender (one child process per Ray actor),
+every action (up to --max-actions) becomes one V x T grid sample, and the
+samples go into WebDataset shards through pipelines/common (docs/data_format.md).
+A per-asset timeout, crash isolation and resume come from rendering/worker.py
+and pipelines/common/job.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script (ray job submit ... python pipelines/render_objaverse.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.common.config import ConfigError, doc, parse_config, run_cli, write_resolved
+from pipelines.common.errors import UserError, require
+from pipelines.common.job import ItemError, JobSpec, run_job
+from pipelines.common.shards import Sample, json_bytes, safe_key
+from pipelines.objaverse_source import DEFAULT_BASE_URL, AssetError, SourceError, ensure_asset, list_assets, read_uid_list
+from rendering.settings import DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING, RenderSettings
+
+ASSET_EXTENSIONS = (".glb", ".gltf", ".fbx", ".obj")
+
+
+@dataclass
+class RenderJobConfig:
+    """Options of the render job (every field is also a --flag)."""
+
+    source: str = doc("procedural", "where assets come from: objaverse | local | procedural")
+    input: str = doc("", "objaverse: optional UID list (.txt/.json/.parquet with 'uid'); "
+                         "local: a directory, a glob, or a Parquet manifest with a 'path' column; procedural: unused")
+    output: str = doc("outputs/render", "output directory (shards/, index.parquet, failures.parquet)")
+    count: int = doc(3, "procedural: number of assets to generate")
+    limit: int = doc(0, "render at most this many assets (0 = all listed)")
+    base_url: str = doc(DEFAULT_BASE_URL, "objaverse: root of the Objaverse 1.0 layout (hub or mirror)")
+    cache_dir: str = doc("", "where downloaded/generated assets are cached (default: <tmp>/render-asset-cache)")
+    download_retries: int = doc(4, "objaverse: retries per download (exponential backoff)")
+    download_timeout_s: float = doc(60.0, "objaverse: socket timeout per download attempt")
+    views: int = doc(8, "cameras on the circle (V)")
+    frames: int = doc(16, "frames sampled from each action (T)")
+    resolution: int = doc(256, "square image size in pixels")
+    fps: float = doc(8.0, "target fps of the sampled frames (squeezed to fit shorter actions)")
+    samples: int = doc(16, "render samples per pixel")
+    engine: str = doc("cycles", "cycles (CPU) | cycles-gpu | eevee (needs a GPU; software GL is ~50 s/frame)")
+    denoise: bool = doc(True, "OpenImageDenoise on the render")
+    denoise_quality: str = doc("FAST", "denoiser quality: FAST | BALANCED | HIGH")
+    denoise_prefilter: str = doc("NONE", "denoiser prefilter: NONE | FAST | ACCURATE")
+    threads: int = doc(0, "render threads per Blender (0 = all cores of the actor)")
+    elevation: float = doc(20.0, "camera elevation in degrees")
+    distance: float = doc(0.0, "camera distance in normalized units (0 = smallest that keeps the object in frame)")
+    fov: float = doc(40.0, "camera field of view in degrees")
+    random_azimuth: bool = doc(False, "random (per-uid, reproducible) start azimuth")
+    arc: float = doc(360.0, "arc spanned by the cameras in degrees (< 360: both ends included)")
+    lighting: str = doc("studio", "studio (3 suns + ambient) | sun | ambient")
+    light_strength: float = doc(1.0, "multiplier on the lights")
+    ambient: float = doc(0.3, "world (ambient) light strength")
+    depth: bool = doc(False, "also write 16-bit depth PNGs")
+    normals: bool = doc(False, "also write world-normal PNGs")
+    max_actions: int = doc(4, "samples per asset at most (one per action)")
+    multiview: bool = doc(True, "render all views of a frame in one Blender call (multiview)")
+    seed: int = doc(0, "seed for procedural assets and random azimuths")
+    timeout_s: float = doc(900.0, "per-asset limit (import + all renders); Blender is killed past it")
+    concurrency: int = doc(1, "Ray actors (each runs one warm Blender)")
+    cpus_per_worker: float = doc(2.0, "CPUs reserved per actor")
+    items_per_part: int = doc(4, "assets per part (one shard per part)")
+    retry_failed: bool = doc(False, "retry assets recorded as failed by an earlier run")
+    ray_address: str = doc("", "Ray cluster address (default: RAY_ADDRESS or a private local Ray)")
+    dry_run: bool = doc(False, "skip downloads and Blender; write tiny fake frames (tests listing, sharding, resume)")
+    inject_faults: dict = doc(text="testing only: {item_id: hang|crash} makes that asset's Blender hang or die",
+                              factory=dict)
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+        need(self.source in ("objaverse", "local", "procedural"),
+             f"--source must be objaverse, local or procedural; got {self.source!r}")
+        need(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        need(self.denoise_quality in DENOISE_QUALITY, f"--denoise-quality must be one of {', '.join(DENOISE_QUALITY)}")
+        need(self.denoise_prefilter in DENOISE_PREFILTER,
+             f"--denoise-prefilter must be one of {', '.join(DENOISE_PREFILTER)}")
+        need(self.lighting in LIGHTING, f"--lighting must be one of {', '.join(LIGHTING)}; got {self.lighting!r}")
+        need(1 <= self.views <= 99, f"--views must be 1..99 (two-digit member names); got {self.views}")
+        need(1 <= self.frames <= 99, f"--frames must be 1..99 (two-digit member names); got {self.frames}")
+        need(8 <= self.resolution <= 8192, f"--resolution must be 8..8192 pixels; got {self.resolution}")
+        need(self.samples >= 1, f"--samples must be >= 1; got {self.samples}")
+        need(self.fps > 0, f"--fps must be > 0; got {self.fps}")
+        need(1.0 <= self.fov < 179.0, f"--fov must be in [1, 179) degrees; got {self.fov}")
+        need(-90.0 < self.elevation < 90.0, f"--elevation must be in (-90, 90) degrees; got {self.elevation}")
+        need(0.0 < self.arc <= 360.0, f"--arc must be in (0, 360] degrees; got {self.arc}")
+        need(self.distance >= 0.0, f"--distance must be >= 0 (0 = automatic); got {self.distance}")
+        if self.distance > 0:
+            from rendering.cameras import fit_distance
+            need(self.distance >= fit_distance(self.fov, margin=1.0),
+                 f"--distance {self.distance} is too close: the unit-radius object leaves a {self.fov} degree view "
+                 f"below {fit_distance(self.fov, margin=1.0):.2f}; use 0 for automatic")
+        need(self.max_actions >= 1, f"--max-actions must be >= 1; got {self.max_actions}")
+        need(self.timeout_s > 0, f"--timeout-s must be > 0; got {self.timeout_s}")
+        need(self.concurrency >= 1, f"--concurrency must be >= 1; got {self.concurrency}")
+        need(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0; got {self.cpus_per_worker}")
+        need(self.items_per_part >= 1, f"--items-per-part must be >= 1; got {self.items_per_part}")
+        need(self.count >= 0 and self.limit >= 0, "--count and --limit must be >= 0")
+        need(self.download_retries >= 0, "--download-retries must be >= 0")
+        need(self.threads >= 0, "--threads must be >= 0")
+        for k, v in self.inject_faults.items():
+            need(v in ("hang", "crash"), f"inject_faults[{k}] must be hang or crash; got {v!r}")
+
+    def render_settings(self) -> RenderSettings:
+        return RenderSettings(
+            views=self.views, frames=self.frames, resolution=self.resolution, fps=self.fps, samples=self.samples,
+            engine=self.engine, denoise=self.denoise, denoise_quality=self.denoise_quality,
+            denoise_prefilter=self.denoise_prefilter, threads=self.threads, elevation_deg=self.elevation,
+            distance=self.distance, fov_deg=self.fov, random_azimuth=self.random_azimuth, arc_deg=self.arc,
+            lighting=self.lighting, light_strength=self.light_strength, ambient=self.ambient, depth=self.depth,
+            normals=self.normals, max_actions=self.max_actions, multiview=self.multiview, seed=self.seed)
+
+
+PRESETS = {
+    # The issue's defaults (8 views x 16 frames at 256x256, 16 spp): what a plain run gets.
+    "default": RenderJobConfig,
+    # What `make demo` renders: a couple of minutes on 2 cores.
+    "demo": lambda: RenderJobConfig(source="procedural", count=3, max_actions=2, views=4, frames=8, resolution=128,
+                                    samples=16, items_per_part=2, timeout_s=300.0),
+    # Tests: as small as still means something.
+    "tiny": lambda: RenderJobConfig(source="procedural", count=2, max_actions=2, views=2, frames=2, resolution=32,
+                                    samples=1, denoise=False, items_per_part=2, timeout_s=120.0),
+    # The paper's setting, for a cluster.
+    "paper": lambda: RenderJobConfig(source="objaverse", views=8, frames=16, resolution=256, samples=16,
+                                     items_per_part=8, concurrency=16, cpus_per_worker=2.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+def _local_items(spec: str, limit: int) -> list[dict[str, Any]]:
+    p = Path(spec)
+    if p.suffix == ".parquet":
+        if not p.is_file():
+            raise UserError(f"manifest {p} does not exist; pass an existing Parquet file to --input")
+        import pyarrow.parquet as pq
+        table = pq.read_table(p)
+        if "path" not in table.column_names:
+            raise UserError(f"manifest {p} needs a 'path' column (it has: {', '.join(table.column_names)})")
+        paths = [str(x) for x in table.column("path").to_pylist()]
+        uids = [str(x) for x in table.column("uid").to_pylist()] if "uid" in table.column_names else None
+        base = p.parent
+        paths = [x if os.path.isabs(x) else str(base / x) for x in paths]
+    else:
+        if p.is_dir():
+            paths = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in ASSET_EXTENSIONS)
+        else:
+            paths = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).suffix.lower() in ASSET_EXTENSIONS)
+        uids = None
+        if not paths:
+            raise UserError(f"no .glb/.gltf/.fbx/.obj files at --input {spec!r}; give a directory, a glob "
+                            f"or a Parquet manifest")
+    if uids is None:
+        stems = [Path(x).stem for x in paths]
+        unique = len(set(stems)) == len(stems)
+        uids = [safe_key(s) if unique else safe_key(os.path.relpath(x, os.path.commonpath(paths)))
+                for s, x in zip(stems, paths)]
+    items = [{"item_id": u, "uid": u, "path": os.path.abspath(x)} for u, x in zip(uids, paths)]
+    return items[:limit] if limit else items
+
+
+def list_items(cfg: RenderJobConfig) -> list[dict[str, Any]]:
+    if cfg.source == "procedural":
+        from rendering.procedural import kind_for
+        n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
+        return [{"item_id": f"proc-{cfg.seed + i:06d}", "uid": f"proc-{cfg.seed + i:06d}", "kind": kind_for(i),
+                 "seed": cfg.seed + i} for i in range(n)]
+    if cfg.source == "local":
+        if not cfg.input:
+            raise UserError("--source local needs --input (a directory, a glob or a Parquet manifest)")
+        return _local_items(cfg.input, cfg.limit)
+    uids = None
+    if cfg.input:
+        if not Path(cfg.input).is_file():
+            raise UserError(f"UID list {cfg.input} does not exist; pass a .txt/.json/.parquet file to --input")
+        uids = read_uid_list(cfg.input)
+    try:
+        return list_assets(cfg.base_url, _cache_dir(cfg) / "objaverse", uids=uids, limit=cfg.limit,
+                           retries=cfg.download_retries, timeout=cfg.download_timeout_s)
+    except SourceError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _cache_dir(cfg: RenderJobConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(tempfile.gettempdir()) / "render-asset-cache"
+
+
+# ---------------------------------------------------------------------------------------------- processing
+
+def to_samples(uid: str, result: dict[str, Any]) -> list[Sample]:
+    """Shard samples from a worker result; keys are ``<uid>__<action>``, made unique per asset."""
+    out = []
+    used: set[str] = set()
+    for s in result["samples"]:
+        meta, cams = s["meta"], s["cameras"]
+        files = dict(s["files"])
+        files["cameras.json"] = json_bytes(cams)
+        files["meta.json"] = json_bytes(meta)
+        key = f"{safe_key(uid)}__{safe_key(s['action'])}"
+        # "Take 1" and "Take_1" map to the same safe key; a repeated key would merge two samples.
+        base, n = key, 1
+        while key in used:
+            key, n = f"{base}-{n}", n + 1
+        used.add(key)
+        out.append(Sample(key=key, item_id=uid, files=files, kind="render",
+                          views=meta["views"], frames=meta["frames"], height=meta["height"], width=meta["width"]))
+    return out
+
+
+class RenderProcessor:
+    """Per-actor: fetch an asset, render it in the warm Blender child, hand back samples."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = RenderJobConfig(**cfg)
+        self.settings = self.cfg.render_settings()
+        self.cache = _cache_dir(self.cfg)
+        from rendering.worker import BlenderWorker
+        # Auto threads follow the actor's CPU reservation, so several actors on a node do not oversubscribe it.
+        threads = self.cfg.threads or max(1, int(round(self.cfg.cpus_per_worker)))
+        self.worker = BlenderWorker(threads=threads)
+
+    def _asset_path(self, item: dict[str, Any]) -> str:
+        cfg = self.cfg
+        if cfg.source == "local":
+            return item["path"]
+        if cfg.source == "objaverse":
+            try:
+                return str(ensure_asset(item, cfg.base_url, self.cache / "objaverse", retries=cfg.download_retries,
+                                        timeout=cfg.download_timeout_s))
+            except AssetError as exc:
+                raise ItemError(exc.stage, str(exc)) from None
+        from rendering.procedural import VERSION
+        path = self.cache / "procedural" / f"{item['uid']}-{item['kind']}-a{max(2, cfg.max_actions)}-v{VERSION}.glb"
+        if not path.exists():
+            from rendering.worker import WorkerFailure
+            try:
+                self.worker.call({"op": "procedural", "kind": item["kind"], "seed": item["seed"], "path": str(path),
+                                  "actions": max(2, cfg.max_actions)}, timeout=cfg.timeout_s)
+            except WorkerFailure as exc:
+                raise ItemError("generate", f"{exc.stage}: {exc}") from None
+        return str(path)
+
+    def __call__(self, item: dict[str, Any]) -> list[Sample]:
+        from rendering.worker import WorkerFailure
+        path = self._asset_path(item)
+        request = {"op": "render", "path": path, "uid": item["uid"], "source": self.cfg.source,
+                   "settings": self.settings.to_dict()}
+        fault = self.cfg.inject_faults.get(item["item_id"])
+        if fault:
+            request["fault"] = fault
+        try:
+            result = self.worker.call(request, timeout=self.cfg.timeout_s)
+        except WorkerFailure as exc:
+            raise ItemError(exc.stage, str(exc)) from None
+        samples = to_samples(item["uid"], result)
+        print(f"[render] {item['uid']}: {len(samples)} of {result['actions_total']} actions rendered, "
+              f"{sum(s.views * s.frames for s in samples)} frames in {result['seconds']:.1f}s", flush=True)
+        return samples
+
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
+
+
+_FAKE_PNG: bytes | None = None
+
+
+def _fake_png() -> bytes:
+    global _FAKE_PNG
+    if _FAKE_PNG is None:
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.new("RGBA", (8, 8), (128, 64, 32, 255)).save(buf, format="PNG")
+        _FAKE_PNG = buf.getvalue()
+    return _FAKE_PNG
+
+
+class DryRunProcessor:
+    """Everything but downloads and Blender: 8x8 frames, real cameras.json and meta.json."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = RenderJobConfig(**cfg)
+        self.settings = self.cfg.render_settings()
+
+    def __call__(self, item: dict[str, Any]) -> list[Sample]:
+        from rendering.cameras import CircleRig, cameras_json, fit_distance
+        s = self.settings
+        rig = CircleRig(s.views, s.elevation_deg, s.distance or fit_distance(s.fov_deg), s.fov_deg, 0.0, s.arc_deg)
+        frames = {f"v{v:02d}t{t:02d}.png": _fake_png() for v in range(s.views) for t in range(s.frames)}
+        meta = {"kind": "render", "item_id": item["item_id"], "uid": item["uid"], "source": self.cfg.source,
+                "action": "dry_run", "views": s.views, "frames": s.frames, "height": 8, "width": 8, "fps": s.fps,
+                "frame_indices": list(range(s.frames)), "normalization": {"center": [0, 0, 0], "scale": 1.0},
+                "render": {"engine": "dry-run"}, "dry_run": True}
+        return to_samples(item["uid"], {"samples": [{"action": "dry_run", "files": frames,
+                                                     "cameras": cameras_json(rig, 8, 8), "meta": meta}]})
+
+
+def make_processor(cfg: dict[str, Any]):
+    """Built once per Ray actor (module-level so the partial pickles)."""
+    return DryRunProcessor(cfg) if cfg.get("dry_run") else RenderProcessor(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+def build_spec(cfg: RenderJobConfig) -> JobSpec:
+    if not cfg.dry_run:
+        require("bpy")
+        if cfg.engine == "eevee" and not _has_gpu_hint():
+            print("[render] warning: --engine eevee without a GPU falls back to software GL (~50 s a frame); "
+                  "use --engine cycles on CPU nodes", file=sys.stderr, flush=True)
+    if (cfg.depth or cfg.normals) and cfg.engine == "eevee":
+        raise UserError("--depth/--normals are rendered with Cycles; use --engine cycles or cycles-gpu")
+    items = list_items(cfg)
+    if not items:
+        raise UserError(f"source {cfg.source} listed no assets; check --input/--count/--limit")
+    if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        # A private local Ray has os.cpu_count() CPUs: asking an actor for more would never schedule.
+        cfg = replace(cfg, cpus_per_worker=min(cfg.cpus_per_worker, float(os.cpu_count() or 1)))
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    return JobSpec(name="render", output=Path(cfg.output), items=items,
+                   make_processor=partial(make_processor, values), items_per_part=cfg.items_per_part,
+                   concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_worker, retry_failed=cfg.retry_failed,
+                   ray_address=cfg.ray_address,
+                   extra_summary={"source": cfg.source, "views": cfg.views, "frames": cfg.frames,
+                                  "resolution": cfg.resolution, "engine": cfg.engine, "dry_run": cfg.dry_run})
+
+
+def _has_gpu_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_config(RenderJobConfig, PRESETS, argv, description=__doc__.splitlines()[0],
+                          default_preset="default")
+    spec = build_spec(cfg)  # every listing/option error surfaces here, before Ray starts
+    write_resolved(cfg, cfg.output)
+    summary = run_job(spec)
+    return 0 if summary["items_ok_this_run"] or not summary["items_failed_this_run"] else 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,236 @@
+"""Procedural animated assets for the demo and the tests, exported to GLB through Blender.
+
+Three kinds cover the animation types Objaverse assets carry:
+
+* ``rigid``: a few parts with materials whose object transforms are keyframed;
+* ``skinned``: a segmented tube deformed by an armature (vertex-group skinning);
+* ``shapekey``: a mesh whose shape-key (morph target) weights are keyframed.
+
+Each asset holds several named actions, so it exercises "one sample per action".
+Everything is seeded, so the same (kind, seed) always gives the same GLB.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+KINDS = ("rigid", "skinned", "shapekey")
+# Bumped whenever the generators change, so cached GLBs of an older generator are not reused.
+VERSION = 2
+
+
+def _bpy():
+    import bpy  # imported lazily: only the Blender worker process loads Blender
+    return bpy
+
+
+def _material(name: str, rng: random.Random):
+    bpy = _bpy()
+    mat = bpy.data.materials.new(name)
+    mat.use_nodes = True
+    bsdf = mat.node_tree.nodes.get("Principled BSDF")
+    color = (rng.uniform(0.1, 1), rng.uniform(0.1, 1), rng.uniform(0.1, 1), 1.0)
+    bsdf.inputs["Base Color"].default_value = color
+    bsdf.inputs["Roughness"].default_value = rng.uniform(0.2, 0.8)
+    return mat
+
+
+def _start_action(id_block, name: str):
+    """Give ``id_block`` a fresh action called ``name``; keyframes inserted next go into it."""
+    bpy = _bpy()
+    if id_block.animation_data is None:
+        id_block.animation_data_create()
+    action = bpy.data.actions.new(name)
+    action.use_fake_user = True
+    id_block.animation_data.action = action
+    return action
+
+
+def _stash(id_block) -> None:
+    """Move the active action into its own NLA track so the glTF exporter sees every action."""
+    ad = id_block.animation_data
+    action = ad.action
+    track = ad.nla_tracks.new()
+    track.name = action.name
+    track.strips.new(action.name, int(action.frame_range[0]), action)
+    track.mute = True
+    ad.action = None
+
+
+def _rigid(rng: random.Random, n_actions: int, frames: int) -> None:
+    bpy = _bpy()
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    body = bpy.context.object
+    body.name = "body"
+    body.data.materials.append(_material("body_mat", rng))
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.35, location=(0, 0, 0.8), segments=16, ring_count=8)
+    head = bpy.context.object
+    head.name = "head"
+    head.data.materials.append(_material("head_mat", rng))
+    head.parent = body
+    motions = ["spin", "hop", "sway", "slide"]
+    for a in range(n_actions):
+        name = motions[a % len(motions)] + (f"_{a}" if a >= len(motions) else "")
+        action = _start_action(body, name)
+        # The head moves in the same action (a second slot): one glTF animation over two nodes,
+        # as most multi-part Objaverse animations are.
+        if head.animation_data is None:
+            head.animation_data_create()
+        head.animation_data.action = action
+        amp = rng.uniform(0.5, 1.5)
+        for f in range(0, frames + 1, max(1, frames // 4)):
+            ph = 2 * math.pi * f / frames
+            body.location = (0, 0, 0)
+            body.rotation_euler = (0, 0, 0)
+            if name.startswith("spin"):
+                body.rotation_euler = (0, 0, ph)
+            elif name.startswith("hop"):
+                body.location = (0, 0, amp * abs(math.sin(ph)))
+            elif name.startswith("sway"):
+                body.rotation_euler = (0.4 * math.sin(ph), 0, 0)
+            else:
+                body.location = (amp * math.sin(ph), 0, 0)
+            body.keyframe_insert("location", frame=f + 1)
+            body.keyframe_insert("rotation_euler", frame=f + 1)
+            head.location = (0, 0, 0.8 + 0.15 * math.sin(2 * ph))
+            head.keyframe_insert("location", frame=f + 1)
+        _stash(body)
+        _stash(head)
+
+
+def _skinned(rng: random.Random, n_actions: int, frames: int) -> None:
+    bpy = _bpy()
+    n_bones = 3
+    bpy.ops.mesh.primitive_cylinder_add(vertices=12, radius=0.25, depth=3.0, location=(0, 0, 1.5))
+    tube = bpy.context.object
+    tube.name = "tube"
+    tube.data.materials.append(_material("tube_mat", rng))
+    # Loop cuts so the tube can bend between bones.
+    bpy.ops.object.mode_set(mode="EDIT")
+    bpy.ops.mesh.select_all(action="SELECT")
+    bpy.ops.mesh.subdivide(number_cuts=8)
+    bpy.ops.object.mode_set(mode="OBJECT")
+    bpy.ops.object.transform_apply(location=True, rotation=False, scale=False)
+
+    arm_data = bpy.data.armatures.new("rig")
+    rig = bpy.data.objects.new("rig", arm_data)
+    bpy.context.collection.objects.link(rig)
+    bpy.context.view_layer.objects.active = rig
+    bpy.ops.object.mode_set(mode="EDIT")
+    parent = None
+    for i in range(n_bones):
+        b = arm_data.edit_bones.new(f"bone{i}")
+        b.head = (0, 0, i * 1.0)
+        b.tail = (0, 0, (i + 1) * 1.0)
+        if parent is not None:
+            b.parent = parent
+            b.use_connect = True
+        parent = b
+    bpy.ops.object.mode_set(mode="OBJECT")
+
+    # Linear blend weights along the tube's height.
+    groups = [tube.vertex_groups.new(name=f"bone{i}") for i in range(n_bones)]
+    for v in tube.data.vertices:
+        z = v.co.z
+        for i, g in enumerate(groups):
+            w = max(0.0, 1.0 - abs(z - (i + 0.5)) / 1.0)
+            if w > 0:
+                g.add([v.index], w, "REPLACE")
+    tube.parent = rig
+    mod = tube.modifiers.new("Armature", "ARMATURE")
+    mod.object = rig
+
+    motions = ["wave", "bend", "twist"]
+    for a in range(n_actions):
+        name = motions[a % len(motions)] + (f"_{a}" if a >= len(motions) else "")
+        _start_action(rig, name)
+        amp = rng.uniform(0.3, 0.7)
+        for f in range(0, frames + 1, max(1, frames // 4)):
+            ph = 2 * math.pi * f / frames
+            for i, pb in enumerate(rig.pose.bones):
+                pb.rotation_mode = "XYZ"
+                if name.startswith("wave"):
+                    pb.rotation_euler = (amp * math.sin(ph + i), 0, 0)
+                elif name.startswith("bend"):
+                    pb.rotation_euler = (0, 0, amp * math.sin(ph))
+                else:
+                    pb.rotation_euler = (0, amp * math.sin(ph) * 0.5, amp * math.sin(ph) * 2)
+                pb.keyframe_insert("rotation_euler", frame=f + 1)
+        _stash(rig)
+
+
+def _shapekey(rng: random.Random, n_actions: int, frames: int) -> None:
+    bpy = _bpy()
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=3, radius=1.0)
+    blob = bpy.context.object
+    blob.name = "blob"
+    blob.data.materials.append(_material("blob_mat", rng))
+    blob.shape_key_add(name="Basis")
+    shapes = ["stretch", "squash", "bulge"]
+    for s in shapes:
+        key = blob.shape_key_add(name=s)
+        for i, v in enumerate(blob.data.vertices):
+            x, y, z = v.co
+            if s == "stretch":
+                key.data[i].co = (x * 0.7, y * 0.7, z * 1.8)
+            elif s == "squash":
+                key.data[i].co = (x * 1.5, y * 1.5, z * 0.5)
+            else:
+                k = 1.0 + 0.6 * max(0.0, x)
+                key.data[i].co = (x * k, y * k, z * k)
+    key_block = blob.data.shape_keys
+    for a in range(n_actions):
+        target = shapes[a % len(shapes)]
+        name = f"morph_{target}" + (f"_{a}" if a >= len(shapes) else "")
+        _start_action(key_block, name)
+        for f in range(0, frames + 1, max(1, frames // 4)):
+            ph = 2 * math.pi * f / frames
+            for s in shapes:
+                kb = key_block.key_blocks[s]
+                kb.value = 0.5 - 0.5 * math.cos(ph) if s == target else 0.0
+                kb.keyframe_insert("value", frame=f + 1)
+        _stash(key_block)
+
+
+def build(kind: str, seed: int, n_actions: int = 2, frames: int = 24) -> None:
+    """Build one animated asset into the (empty) current scene."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown procedural kind {kind!r}; choose one of {', '.join(KINDS)}")
+    rng = random.Random(seed)
+    {"rigid": _rigid, "skinned": _skinned, "shapekey": _shapekey}[kind](rng, n_actions, frames)
+    bpy = _bpy()
+    bpy.context.scene.frame_start = 1
+    bpy.context.scene.frame_end = frames + 1
+
+
+def export_glb(kind: str, seed: int, path: str | Path, n_actions: int = 2, frames: int = 24) -> Path:
+    """Build an asset in a fresh scene and export it (every action as its own animation) to ``path``."""
+    bpy = _bpy()
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    build(kind, seed, n_actions, frames)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.glb")
+    bpy.ops.export_scene.gltf(filepath=str(tmp), export_format="GLB", export_animations=True,
+                              export_animation_mode="ACTIONS", export_force_sampling=True,
+                              export_morph=True, export_skins=True, export_apply=False)
+    tmp.replace(path)
+    return path
+
+
+def kind_for(index: int) -> str:
+    """Cycle through the kinds so any N >= 3 assets cover all of them."""
+    return KINDS[index % len(KINDS)]
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Export procedural animated GLBs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--actions", type=int, default=2)
+    a = p.parse_args()
+    for i in range(a.count):
+        print(export_glb(kind_for(i), i, Path(a.out) / f"proc-{i:06d}.glb", a.actions))
