@@ -87,6 +87,24 @@ def test_loss_falls_when_overfitting(ray_local, tmp_path: Path, one_grid: Path) 
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
 
+    # The exported weights (EMA) must carry the training, not sit near the random init.
+    from model.dit import DiTConfig, VideoDiT
+    from training.data import TrainLoader
+    from training.stages import BaseStage
+    ckpt = load_checkpoint(str(tmp_path / "checkpoint_final"))
+    batch, _ = next(iter(TrainLoader("base", cfg.data, 8)))
+
+    def loss_of(net: VideoDiT) -> float:
+        stage = BaseStage(cfg)
+        stage.net = net
+        with torch.no_grad():
+            return float(sum(stage(batch, seed=s)[0] for s in range(8)) / 8)
+    torch.manual_seed(cfg.seed)
+    init = VideoDiT(DiTConfig(**ckpt["model_config"]))
+    trained = VideoDiT(DiTConfig(**ckpt["model_config"]))
+    trained.load_state_dict(ckpt["state_dict"])
+    assert loss_of(trained) < 0.6 * loss_of(init)
+
 
 def test_resume_matches_straight_training(ray_local, train_grids: Path, tmp_path: Path) -> None:
     straight = tiny("base", tmp_path / "straight", [str(train_grids)], total_samples=24)

@@ -62,10 +62,15 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class EMA:
-    """Float32 EMA of the trained parameters (gathered first under ZeRO-3)."""
+    """Float32 EMA of the trained parameters (gathered first under ZeRO-3).
+
+    The decay warms up as (1 + n) / (10 + n): with a fixed 0.999, a run of a few
+    hundred steps would export weights still mostly at their random init.
+    """
 
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float, zero3: bool) -> None:
         self.named, self.decay, self.zero3 = named, decay, zero3
+        self.updates = 0
         with self._gathered():
             self.shadow = {n: p.detach().float().cpu().clone() for n, p in named}
 
@@ -77,9 +82,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         with self._gathered():
             for n, p in self.named:
-                self.shadow[n].mul_(self.decay).add_(p.detach().float().cpu(), alpha=1 - self.decay)
+                self.shadow[n].mul_(decay).add_(p.detach().float().cpu(), alpha=1 - decay)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -130,6 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "data order restarts")
             if ema is not None and (Path(d) / "ema.pt").exists():
                 ema.shadow = torch.load(Path(d) / "ema.pt", map_location="cpu")
+                ema.updates = state["step"]
         if rank == 0:
             say(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)")
 
