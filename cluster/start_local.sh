@@ -37,10 +37,28 @@ export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH
 export RAY_TEMP_DIR=$RAY_TEMP_DIR
 ENV
-# The dashboard's job API comes up a moment after `ray start` returns.
+# The dashboard answers a moment after `ray start` returns, and its job agent later still
+# (seconds on a busy machine): prove the whole submit path with a no-op job before returning.
 for _ in $(seq 1 60); do
   curl -sf -o /dev/null "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" && break
   sleep 1
 done
+RAY_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT" "$(dirname "$RAY_BIN")/python" - <<'PY' || { echo "error: the Ray head started but does not accept jobs; see $RAY_LOCAL_DIR/start.log" >&2; exit 1; }
+import os, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
+deadline = time.time() + 300
+while True:
+    try:
+        job = client.submit_job(entrypoint="true", submission_id=f"fourreal-ready-{os.getpid()}")
+        break
+    except RuntimeError as exc:  # "No available agent to submit job" while the agent starts
+        if time.time() > deadline:
+            raise SystemExit(f"job agent not ready after 300 s: {exc}")
+        time.sleep(1)
+while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    time.sleep(0.5)
+client.delete_job(job)
+PY
 echo "Ray head on 127.0.0.1:$RAY_PORT, dashboard http://127.0.0.1:$RAY_DASHBOARD_PORT"
 echo "submit jobs after:  source $RAY_LOCAL_DIR/env.sh"

@@ -30,7 +30,7 @@ def _env(tmp: Path, dash: int, gcs: int) -> dict[str, str]:
 def test_local_head_runs_a_submitted_job(tmp_path: Path) -> None:
     dash, gcs = free_port(), free_port()
     env = _env(tmp_path, dash, gcs)
-    start = subprocess.run([str(ROOT / "cluster/start_local.sh")], env=env, capture_output=True, text=True, timeout=240)
+    start = subprocess.run([str(ROOT / "cluster/start_local.sh")], env=env, capture_output=True, text=True, timeout=420)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         # Everything a user needs comes from env.sh: address and the token (auth stays on).
