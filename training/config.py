@@ -138,7 +138,8 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                         data=dict(frames=4, views=3, **res_tiny, shuffle_buffer=8),
                         optim=dict(lr=1e-3 if not four else 1e-2, warmup_samples=4)),
         # about a minute per stage on 2 CPU cores: enough for structure, not for quality
-        "demo": _preset(stage, model_preset="tiny", total_samples=2400 if not four else 800, batch_size=8,
+        "demo": _preset(stage, model_preset="tiny" if up else "demo", total_samples=2400 if not four else 800,
+                        batch_size=8,
                         num_workers=2, output=f"outputs/demo/train_{stage}", sample_every=100, log_every=10,
                         # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
                         data=dict(frames=4, views=4, height=32, width=32),
