@@ -138,11 +138,11 @@ def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path
 
 def test_zero3_checkpointing_accumulation_and_base_from_mlflow(ray_local, base_run: TrainConfig, train_grids: Path,
                                                               tmp_path: Path) -> None:
-    """ZeRO-3 (gathered EMA and export), activation checkpointing, gradient accumulation, and a 4D run whose
-    base comes from the base stage's MLflow run."""
+    """ZeRO-3 (gathered EMA and export), bf16 autocast (the GPU precision path, here on CPU), activation
+    checkpointing, gradient accumulation, and a 4D run whose base comes from the base stage's MLflow run."""
     _, rec = _run_record(base_run)
     cfg = tiny("4d", tmp_path, [str(train_grids)], base_checkpoint=f"runs:/{rec.info.run_id}", zero_stage=3,
-               activation_checkpointing=True, grad_accum=2, total_samples=16,
+               activation_checkpointing=True, grad_accum=2, total_samples=16, precision="bf16",
                mlflow_uri=f"sqlite:///{Path(base_run.output).resolve()}/mlflow.db", sync="hard")
     run(cfg)
     four = load_checkpoint(str(tmp_path / "checkpoint_final"))

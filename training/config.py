@@ -76,7 +76,8 @@ class TrainConfig:
     keep_checkpoints: int = doc(2, "Ray Train checkpoints kept")
     max_failures: int = doc(1, "worker failures Ray Train recovers from (restart from the latest checkpoint)")
     system_metrics_every: float = doc(10.0, "seconds between MLflow system metric samples (CPU, memory, GPU)")
-    mlflow_uri: str = doc("", "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the output folder)")
+    mlflow_uri: str = doc("", "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the output "
+                          "folder; 'none' switches tracking off)")
     experiment: str = doc("", "MLflow experiment (default: 4real-<stage>)")
     seed: int = doc(0, "model init and noise seed")
     ray_address: str = doc("", "Ray cluster (default: RAY_ADDRESS, else a private local Ray)")

@@ -15,7 +15,7 @@ from training.config import TrainConfig, presets_for
 
 def run(cfg: TrainConfig) -> dict:
     """Run a resolved config through Ray Train; returns a small summary."""
-    require("ray", "deepspeed", "mlflow", "torch")
+    require("ray", "deepspeed", "torch", *(["mlflow"] if cfg.mlflow_uri.lower() != "none" else []))
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -26,7 +26,7 @@ def run(cfg: TrainConfig) -> dict:
 
     output = Path(cfg.output).resolve()
     cfg = dataclasses.replace(cfg, output=str(output))
-    cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver
+    cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver ("none": off)
     if cfg.stage == "4d":
         # Fail before any worker starts; an MLflow run is fetched once, into the run folder that
         # every worker can read (shared storage on a cluster).
@@ -65,8 +65,9 @@ def run(cfg: TrainConfig) -> dict:
     else:
         print(f"[train {cfg.stage}] paused at {result.checkpoint.path if result.checkpoint else '?'}; "
               "run the same command again to continue")
-    print(f"[train {cfg.stage}] MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000  "
-          f"(experiment '{experiment_name(cfg)}')")
+    if cfg.mlflow_uri.lower() != "none":
+        print(f"[train {cfg.stage}] MLflow: mlflow ui --backend-store-uri {tracking_uri(cfg)} --port 5000  "
+              f"(experiment '{experiment_name(cfg)}')")
     return summary
 
 

@@ -53,7 +53,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # bf16 as autocast inside the engine over fp32 master weights (gradients reduced in bf16).
+        # DeepSpeed's "bf16" mode would cast the weights instead, and its forward turns an outer
+        # torch.autocast off, so fp32 internals (time embeddings, RoPE) would meet bf16 linears.
+        "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16"},
         # torch's AdamW, not DeepSpeed's fused one: nothing to compile on CPU workers.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
@@ -71,8 +74,8 @@ class EMA:
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float, zero3: bool) -> None:
         self.named, self.decay, self.zero3 = named, decay, zero3
         self.updates = 0
-        with self._gathered():
-            self.shadow = {n: p.detach().float().cpu().clone() for n, p in named}
+        with self._gathered():  # on the parameters' device: no host copy per step
+            self.shadow = {n: p.detach().float().clone() for n, p in named}
 
     def _gathered(self):
         if not self.zero3:
@@ -86,7 +89,7 @@ class EMA:
         self.updates += 1
         with self._gathered():
             for n, p in self.named:
-                self.shadow[n].mul_(decay).add_(p.detach().float().cpu(), alpha=1 - decay)
+                self.shadow[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -118,7 +121,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
         model_parameters=trainable, dist_init_required=False)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     ema = EMA(named_trainable, cfg.optim.ema_decay, cfg.zero_stage == 3) if cfg.optim.ema_decay > 0 else None
 
     # ---- resume: the run's own latest checkpoint, else an explicit one
@@ -136,7 +138,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 say(f"[train] checkpoint was written by {state.get('world')} workers, now {world}: "
                     "data order restarts")
             if ema is not None and (Path(d) / "ema.pt").exists():
-                ema.shadow = torch.load(Path(d) / "ema.pt", map_location="cpu")
+                saved = torch.load(Path(d) / "ema.pt", map_location="cpu")
+                ema.shadow = {k: v.to(ema.shadow[k].device) for k, v in saved.items()}
                 ema.updates = state["step"]
         if rank == 0:
             say(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)")
@@ -155,7 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 (Path(d) / "train_state.json").write_text(json.dumps({**state, "world": world}))
                 if ema is not None:
-                    torch.save(ema.shadow, Path(d) / "ema.pt")
+                    torch.save({k: v.cpu() for k, v in ema.shadow.items()}, Path(d) / "ema.pt")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     data_pos = loader.state() if data_state is None else data_state
@@ -170,8 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch = _to(batch, device, torch.float32)
             if preview is None:
                 preview = {k: v[:1].clone() for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
+            loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
@@ -220,8 +222,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _log_samples(stage, engine, preview, cfg: TrainConfig, tracker, step: int) -> None:
     """Every rank samples (ZeRO-3 needs all of them in the forward); rank 0 logs the pictures."""
     stage.eval()
-    with torch.no_grad():
-        out = engine.module.sample(preview, cfg.sample_steps, seed=cfg.seed + step)
+    device_type = next(stage.parameters()).device.type
+    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        out = engine.module.sample(preview, cfg.sample_steps, seed=cfg.seed + step).float()
     stage.train()
     tracker.log_samples(preview, out, step)
 
@@ -241,7 +244,7 @@ def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
             for name, value in ema.shadow.items():
                 key = name[len(prefix):] if name.startswith(prefix) else name
                 if key in payload["state_dict"]:
-                    payload["state_dict"][key] = value.to(payload["state_dict"][key].dtype)
+                    payload["state_dict"][key] = value.to("cpu", payload["state_dict"][key].dtype)
             payload["ema"] = True
     from training.checkpoints import save_checkpoint
     path = save_checkpoint(Path(cfg.output) / "checkpoint_final", payload)

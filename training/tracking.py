@@ -29,6 +29,11 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
+def tracking_enabled(cfg: TrainConfig) -> bool:
+    """``--mlflow-uri none`` switches tracking off (smoke tests, benchmarks, machines without MLflow)."""
+    return cfg.mlflow_uri.lower() != "none"
+
+
 def tracking_uri(cfg: TrainConfig) -> str:
     return cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.output).resolve()}/mlflow.db"
 
@@ -56,8 +61,8 @@ def ensure_experiment_at(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def ensure_experiment(cfg: TrainConfig) -> str:
-    return ensure_experiment_at(tracking_uri(cfg), experiment_name(cfg))
+def ensure_experiment(cfg: TrainConfig) -> str | None:
+    return ensure_experiment_at(tracking_uri(cfg), experiment_name(cfg)) if tracking_enabled(cfg) else None
 
 
 class Tracker:
@@ -65,7 +70,8 @@ class Tracker:
         self.cfg, self.rank, self.run_id = cfg, rank, run_id
         self.t0 = time.time()
         self.mlflow = None
-        if rank != 0:
+        self.active = rank == 0 and tracking_enabled(cfg)  # rank 0 prints status lines either way
+        if not self.active:
             return
         import mlflow
         self.mlflow = mlflow
@@ -83,7 +89,8 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.rank != 0:
             return
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self.active:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         rss = psutil.Process().memory_info().rss / 2 ** 30
         mem = f"gpu {metrics['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in metrics else f"rss {rss:.1f} GB"
         mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
@@ -93,7 +100,7 @@ class Tracker:
 
     def log_samples(self, batch: dict[str, torch.Tensor], out: torch.Tensor, step: int) -> None:
         """Contact sheet (top: data, bottom: sample) and MP4s of rows and columns."""
-        if self.rank != 0:
+        if not self.active:
             return
         truth, gen = to_uint8(batch["x"][0]), to_uint8(out[0])
         if truth.ndim == 4:  # a clip [F, H, W, 3]: show it as a 1 x F grid
@@ -110,11 +117,11 @@ class Tracker:
             self.mlflow.log_artifacts(d, artifact_path="samples")
 
     def log_final_checkpoint(self, folder: Path) -> None:
-        if self.rank == 0:
+        if self.active:
             self.mlflow.log_artifacts(str(folder), artifact_path="final_checkpoint")
 
     def finish(self) -> None:
-        if self.rank == 0:
+        if self.active:
             # MLflow publishes system metrics once per sampling interval (and stops quietly when a
             # poll of the store fails), so a short run can end with none: publish a final sample.
             from mlflow.tracking import fluent
