@@ -6,7 +6,6 @@ workers or the batch size keeps the schedule's meaning.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -161,6 +160,3 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                          optim=dict(lr=1e-4, warmup_samples=100_000)),
     }
 
-
-def with_changes(cfg: TrainConfig, **changes) -> TrainConfig:
-    return dataclasses.replace(cfg, **changes)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pipelines.common.config import from_dict
+from pipelines.common.config import from_dict, to_dict
 from training.config import TrainConfig
 
 # bf16 dense peak per device, for MFU (H100 SXM: 989 TFLOP/s; H200 the same silicon).
@@ -238,7 +238,7 @@ def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
         if rank != 0:
             return
         payload = stage.export()
-        payload["config"] = loop_config_dict(cfg)
+        payload["config"] = to_dict(cfg)
         if ema is not None:
             prefix = "net."
             for name, value in ema.shadow.items():
@@ -252,7 +252,3 @@ def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
     from training.tracking import say
     say(f"[train] final checkpoint: {path}")
 
-
-def loop_config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    from pipelines.common.config import to_dict
-    return to_dict(cfg)
