@@ -12,7 +12,6 @@ and pipelines/common/job.py.
 
 from __future__ import annotations
 
-import glob
 import io
 import os
 import sys
@@ -27,6 +26,7 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python pipe
 
 from pipelines.common.config import ConfigError, doc, parse_config, run_cli, write_resolved
 from pipelines.common.errors import UserError, require
+from pipelines.common.inputs import list_files
 from pipelines.common.job import ItemError, JobSpec, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.objaverse_source import DEFAULT_BASE_URL, AssetError, SourceError, ensure_asset, list_assets, read_uid_list
@@ -146,28 +146,12 @@ PRESETS = {
 # ---------------------------------------------------------------------------------------------- listing
 
 def _local_items(spec: str, limit: int) -> list[dict[str, Any]]:
-    p = Path(spec)
-    if p.suffix == ".parquet":
-        if not p.is_file():
-            raise UserError(f"manifest {p} does not exist; pass an existing Parquet file to --input")
-        import pyarrow.parquet as pq
-        table = pq.read_table(p)
-        if "path" not in table.column_names:
-            raise UserError(f"manifest {p} needs a 'path' column (it has: {', '.join(table.column_names)})")
-        paths = [str(x) for x in table.column("path").to_pylist()]
-        uids = [str(x) for x in table.column("uid").to_pylist()] if "uid" in table.column_names else None
-        base = p.parent
-        paths = [x if os.path.isabs(x) else str(base / x) for x in paths]
+    files = list_files(spec, ASSET_EXTENSIONS, id_column="uid", what=".glb/.gltf/.fbx/.obj files")
+    paths = [f.path for f in files]
+    if all(f.given_id is not None for f in files):
+        uids = [f.given_id for f in files]
     else:
-        if p.is_dir():
-            paths = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in ASSET_EXTENSIONS)
-        else:
-            paths = sorted(f for f in glob.glob(spec, recursive=True) if Path(f).suffix.lower() in ASSET_EXTENSIONS)
-        uids = None
-        if not paths:
-            raise UserError(f"no .glb/.gltf/.fbx/.obj files at --input {spec!r}; give a directory, a glob "
-                            f"or a Parquet manifest")
-    if uids is None:
+        # File stems when they are unique, else paths relative to the common root.
         stems = [Path(x).stem for x in paths]
         unique = len(set(stems)) == len(stems)
         uids = [safe_key(s) if unique else safe_key(os.path.relpath(x, os.path.commonpath(paths)))
