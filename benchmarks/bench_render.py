@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# Square 256x256, not the job's 144x256 default: the workload docs/performance.md recorded, kept comparable.
 VIEWS, FRAMES, RES, SAMPLES = 4, 8, 256, 16
 
 
@@ -55,7 +56,7 @@ def naive_child(glb: str, out: str, mode: str) -> None:
     from rendering.cameras import CircleRig, fit_distance
     from rendering.settings import RenderSettings
 
-    s = RenderSettings(views=VIEWS, frames=FRAMES, resolution=RES, samples=SAMPLES, denoise=True,
+    s = RenderSettings(views=VIEWS, frames=FRAMES, height=RES, width=RES, samples=SAMPLES, denoise=True,
                        denoise_quality="FAST", denoise_prefilter="NONE", multiview=False, persistent_data=False)
 
     def engine() -> None:
@@ -90,7 +91,7 @@ def naive_child(glb: str, out: str, mode: str) -> None:
     S.normalize(*S.world_bbox(frames))
     engine()
     S.setup_lighting(s)
-    cams = S.setup_cameras(CircleRig(VIEWS, s.elevation_deg, fit_distance(s.fov_deg), s.fov_deg), s)
+    cams = S.setup_cameras(CircleRig(VIEWS, s.elevation_deg, fit_distance(s.fov_deg, RES, RES), s.fov_deg), s)
     for v, cam in enumerate(cams):
         for t, frame in enumerate(frames):
             S.set_frame(frame)
@@ -119,7 +120,7 @@ def run_job_path(glb: Path, threads: int) -> dict:
     from rendering.settings import RenderSettings
     from rendering.worker import BlenderWorker
 
-    s = RenderSettings(views=VIEWS, frames=FRAMES, resolution=RES, samples=SAMPLES, denoise=True,
+    s = RenderSettings(views=VIEWS, frames=FRAMES, height=RES, width=RES, samples=SAMPLES, denoise=True,
                        denoise_quality="FAST", denoise_prefilter="NONE", max_actions=1, threads=threads)
     worker = BlenderWorker(threads=threads)
     out: dict = {}
@@ -164,7 +165,7 @@ def run_ray_layouts(assets: Path, out_root: Path, repeats: int = 2) -> dict:
         for label, extra in layouts.items():
             dest = out_root / f"{label.replace(' ', '_')}-{rep}"
             job_main(["--preset", "paper", "--source", "local", "--input", str(assets), "--output", str(dest),
-                      "--views", str(VIEWS), "--frames", str(FRAMES), "--max-actions", "1",
+                      "--views", str(VIEWS), "--frames", str(FRAMES), "--resolution", str(RES), "--max-actions", "1",
                       "--items-per-part", "1"] + extra)
             summary = json.loads((dest / "summary.json").read_text())
             run = {"wall_s": summary["wall_seconds"], "frames": summary["frames_this_run"],

@@ -47,6 +47,9 @@ class DiTConfig:
     """Learned context embeddings: 0 = dynamic video, 1 = freeze-time video."""
     text_dim: int = 0
     """Channels of the pooled text embedding added to the conditioning vector (0 = no text)."""
+    text_dropout: float = 0.1
+    """Training only: chance per sample that the text is replaced by a learned null embedding, so the
+    same model also learns the unconditional velocity that classifier-free guidance needs."""
     pixel_cond_channels: int = 0
     """Extra per-pixel conditioning channels concatenated to every frame (the upsampler's low-res video)."""
     qk_norm: bool = True
@@ -71,8 +74,12 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # The CPU demo: wider than a 4x4 patch's 64 values (+ mask), so the model can represent the
     # per-pixel noise it has to remove; trains in about a minute at 32x32 on 2 cores.
     "demo": DiTConfig(patch_size=4, width=128, depth=4, heads=4, mlp_ratio=2.0),
-    # Single-GPU experiments (~40M parameters).
-    "small": DiTConfig(patch_size=8, width=384, depth=12, heads=6, mlp_ratio=4.5),
+    # The GPU proof run (docs/results.md): 64x64 frames, 16x16 tokens each, ~5M parameters, so the base,
+    # every trained sync variant and the upsampler fit the 25 MB of weights shipped in the repository.
+    "proof": DiTConfig(patch_size=4, width=192, depth=8, heads=3, mlp_ratio=2.5),
+    # Single-GPU experiments (~30M parameters) at the paper's first resolution, 36x64: patch 4 gives the
+    # same 9x16 tokens per frame as the paper preset's patch 8 at 72x128 (36 is not divisible by 8).
+    "small": DiTConfig(patch_size=4, width=384, depth=12, heads=6, mlp_ratio=4.5),
     # The paper's base model: 24 blocks of width 1024, ~600M parameters.
     "paper": DiTConfig(patch_size=8, width=1024, depth=24, heads=8, mlp_ratio=4.5),
 }
@@ -240,6 +247,8 @@ class VideoDiT(nn.Module):
         self.t_embed = TimestepEmbedder(d)
         self.context_embed = nn.Embedding(cfg.num_contexts, d)
         self.text_proj = nn.Linear(cfg.text_dim, d) if cfg.text_dim > 0 else None
+        # What "no text" means to a text model: the unconditional branch of guidance and dropped captions.
+        self.null_text = nn.Parameter(torch.zeros(d)) if cfg.text_dim > 0 else None
         self.blocks = nn.ModuleList(DiTBlock(d, cfg.heads, cfg.mlp_hidden, cfg.qk_norm) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
@@ -305,20 +314,35 @@ class VideoDiT(nn.Module):
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         return self.t_embed(t)
 
-    def time_context_embedding(self, t: torch.Tensor, context: torch.Tensor,
-                               text: torch.Tensor | None = None) -> torch.Tensor:
-        """Conditioning vector c [B, width] = emb(t) + emb(context) [+ proj(pooled text)]."""
+    def time_context_embedding(self, t: torch.Tensor, context: torch.Tensor, text: torch.Tensor | None = None,
+                               text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditioning vector c [B, width] = emb(t) + emb(context) [+ proj(pooled text) or the null text].
+
+        ``text`` is [B, L, D] token embeddings (pooled over the tokens ``text_mask`` [B, L] marks real,
+        so padding never dilutes a short prompt) or [B, D] pooled embeddings.
+        """
         if t.dim() != 1:
             raise ValueError(f"t must be [B] flow times in [0, 1], got shape {tuple(t.shape)}")
         if context.shape != t.shape:
             raise ValueError(f"context must be [B] = {tuple(t.shape)}, got {tuple(context.shape)}")
         c = self.t_embed(t) + self.context_embed(context.long())
-        if text is not None:
-            if self.text_proj is None:
-                raise ValueError("text given but the model has text_dim=0; build it with text_dim > 0")
-            pooled = text.mean(dim=1) if text.dim() == 3 else text  # [B, L, D] token embeddings or [B, D]
-            c = c + self.text_proj(pooled.to(c.dtype))
-        return c
+        if text is None:
+            return c if self.null_text is None else c + self.null_text.to(c.dtype)
+        if self.text_proj is None:
+            raise ValueError("text given but the model has text_dim=0; build it with text_dim > 0")
+        if text.dim() == 3:
+            if text_mask is None:
+                pooled = text.mean(dim=1)
+            else:
+                m = text_mask.to(text.dtype)[..., None]
+                pooled = (text * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            pooled = text
+        emb = self.text_proj(pooled.to(c.dtype))
+        if self.training and self.cfg.text_dropout > 0:
+            drop = torch.rand(t.shape[0], device=t.device) < self.cfg.text_dropout
+            emb = torch.where(drop[:, None], self.null_text.to(emb.dtype).expand_as(emb), emb)
+        return c + emb
 
     def rope(self, frames: int, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_3d(frames, rows, cols, self.cfg.head_dim, self.cfg.rope_theta, device)
@@ -340,13 +364,23 @@ class VideoDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cond: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                pixels: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity [B, F, C, H, W] for noisy frames x at flow time t [B] (context: 0 dynamic, 1 freeze-time)."""
+                pixels: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                extra_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity [B, F, C, H, W] for noisy frames x at flow time t [B] (context: 0 dynamic, 1 freeze-time).
+
+        ``extra_cond`` [B, width] is added to the conditioning vector c: a wrapping model embeds its own
+        scalar inputs with it (the upsampler's noise-augmentation level) and keeps those parameters itself,
+        so the DiT's parameter names, and the checkpoints saved with them, stay the same.
+        """
         B, Fr, _, H, W = x.shape
         tokens = self.embed(x, cond, mask, pixels)
         if t.shape != (B,):
             raise ValueError(f"t must be [B] = ({B},), got {tuple(t.shape)}")
-        c = self.time_context_embedding(t, context, text)
+        c = self.time_context_embedding(t, context, text, text_mask)
+        if extra_cond is not None:
+            if tuple(extra_cond.shape) != tuple(c.shape):
+                raise ValueError(f"extra_cond must be [B, width] = {tuple(c.shape)}, got {tuple(extra_cond.shape)}")
+            c = c + extra_cond.to(c.dtype)
         p = self.cfg.patch_size
         rope = self.rope(Fr, H // p, W // p, x.device)
         h = rearrange(tokens, "b f n d -> b (f n) d")

@@ -15,13 +15,18 @@ streams (``SYNC_VARIANTS``):
 * ``soft`` (Eqs. 9-10): a flow-time-modulated linear layer predicts (dy^v, dy^t) from
   both streams; initialised at zero (each stream is exactly the base model along its
   axis) or at the training-free schedule of Eq. 13;
-* ``hard`` (Eq. 8): x_{l+1} = W^v y^v + W^t y^t with learned per-channel weights
-  modulated by flow time, initialised at 1/2;
+* ``hard`` (Eq. 8): x_{l+1} = W^v y^v + W^t y^t with W^v, W^t full linear maps
+  initialised at I/2 and modulated by flow time, as the paper writes it; soft and
+  hard then differ in mechanism (two streams vs one merged stream), not in what a
+  layer can express per token (``hard_channel`` keeps the cheaper per-channel form);
+* ``hard_channel``: Eq. 8 with per-channel (diagonal) W^v, W^t;
 * ``sequential`` (Eq. 5): view pass then time pass in one stream; its trainable part
   is a copy of each block's attention used by the time pass (the paper's
   "sequential trained" baseline);
 * ``train_free_hard`` (Eq. 12) and ``train_free_soft`` (Eq. 13, w_l = 0.1 + 0.4 l/L):
-  parameter-free averaging.
+  parameter-free averaging;
+* ``train_free_sequential`` (Eq. 5 with the base's own attention): the interleaving
+  most prior work uses, with nothing trained (section 7's training-free baseline).
 
 The base model is frozen; only synchronization parameters train. The output velocity
 is the mean of the final layer applied to each stream with its own context.
@@ -39,7 +44,10 @@ from einops import rearrange
 
 from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, VideoDiT, block_flops
 
-SYNC_VARIANTS = ("soft", "hard", "sequential", "train_free_hard", "train_free_soft")
+SYNC_VARIANTS = ("soft", "hard", "hard_channel", "sequential", "train_free_hard", "train_free_soft",
+                 "train_free_sequential")
+TRAINED_SYNC_VARIANTS = ("soft", "hard", "hard_channel", "sequential")
+"""The variants with synchronization parameters to train (the others run on a base checkpoint as they are)."""
 SOFT_INITS = ("zero", "schedule")
 
 
@@ -87,20 +95,37 @@ class SoftSync(nn.Module):
 
 
 class HardSync(nn.Module):
-    """x = W^v y^v + W^t y^t with per-channel W = w (1 + m(t)), w initialised at 1/2 (Eq. 8)."""
+    """x = (1 + m^v(t)) W^v y^v + (1 + m^t(t)) W^t y^t, one merged stream (Eq. 8).
 
-    def __init__(self, width: int):
+    ``full``: W^v, W^t are width x width linear maps initialised at I/2 (the paper's
+    "linear weights ... with initial values 1/2 I"); otherwise per-channel weights at 1/2.
+    The flow-time modulation m(t) starts at zero, so at init the layer is Eq. 12's average.
+    """
+
+    def __init__(self, width: int, full: bool = True):
         super().__init__()
-        self.w_view = nn.Parameter(torch.full((width,), 0.5))
-        self.w_time = nn.Parameter(torch.full((width,), 0.5))
+        self.full = full
+        if full:
+            self.w_view = nn.Linear(width, width, bias=False)
+            self.w_time = nn.Linear(width, width, bias=False)
+            with torch.no_grad():
+                self.w_view.weight.copy_(torch.eye(width) * 0.5)
+                self.w_time.weight.copy_(torch.eye(width) * 0.5)
+        else:
+            self.w_view = nn.Parameter(torch.full((width,), 0.5))
+            self.w_time = nn.Parameter(torch.full((width,), 0.5))
         self.time_mod = nn.Linear(width, 2 * width)
         nn.init.zeros_(self.time_mod.weight)
         nn.init.zeros_(self.time_mod.bias)
 
     def forward(self, yv: torch.Tensor, yt: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         mv, mt = self.time_mod(F.silu(temb))[:, None].chunk(2, dim=-1)
+        if self.full:
+            merged = (1 + mv) * self.w_view(yv) + (1 + mt) * self.w_time(yt)
+        else:
+            merged = self.w_view * (1 + mv) * yv + self.w_time * (1 + mt) * yt
         # fp32 weights must not promote a bf16 token stream to fp32 (memory, kernel choice).
-        return (self.w_view * (1 + mv) * yv + self.w_time * (1 + mt) * yt).to(yv.dtype)
+        return merged.to(yv.dtype)
 
 
 class FourDModel(nn.Module):
@@ -116,8 +141,8 @@ class FourDModel(nn.Module):
         if cfg.sync == "soft":
             self.soft = nn.ModuleList(
                 SoftSync(d, None if cfg.soft_init == "zero" else schedule_weight(l, depth)) for l in range(depth))
-        elif cfg.sync == "hard":
-            self.hard = nn.ModuleList(HardSync(d) for _ in range(depth))
+        elif cfg.sync in ("hard", "hard_channel"):
+            self.hard = nn.ModuleList(HardSync(d, full=cfg.sync == "hard") for _ in range(depth))
         elif cfg.sync == "sequential":
             self.time_attn = nn.ModuleList(copy.deepcopy(b.attn).requires_grad_(True) for b in base.blocks)
 
@@ -134,11 +159,12 @@ class FourDModel(nn.Module):
 
     def train(self, mode: bool = True) -> "FourDModel":
         super().train(mode)
-        self.base.eval()  # frozen: no dropout-like behaviour changes, and keeps requires_grad off
+        self.base.eval()  # frozen: the base never switches to training behaviour (requires_grad stays off by __init__)
         return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None,
                 return_streams: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Velocity for a noisy grid x [B, V, T, C, H, W]; cond/mask mark the given (clean) frames."""
         base, cfg = self.base, self.cfg
@@ -157,8 +183,9 @@ class FourDModel(nn.Module):
         grid = tokens.view(B, V, T, n, -1)
         d = grid.shape[-1]
 
-        c_view = base.time_context_embedding(t, torch.full_like(t, CONTEXT_FREEZE_TIME, dtype=torch.long), text)
-        c_time = base.time_context_embedding(t, torch.full_like(t, CONTEXT_DYNAMIC, dtype=torch.long), text)
+        c_view = base.time_context_embedding(t, torch.full_like(t, CONTEXT_FREEZE_TIME, dtype=torch.long), text,
+                                            text_mask)
+        c_time = base.time_context_embedding(t, torch.full_like(t, CONTEXT_DYNAMIC, dtype=torch.long), text, text_mask)
         temb = base.time_embedding(t)
         rope_view = base.rope(V, hp, wp, x.device)
         rope_time = base.rope(T, hp, wp, x.device)
@@ -179,14 +206,15 @@ class FourDModel(nn.Module):
 
         xv = xt = grid
         for l, block in enumerate(base.blocks):
-            if cfg.sync == "sequential":  # Eq. 5
-                xv = xt = time_pass(block, view_pass(block, xv), self.time_attn[l])
+            if cfg.sync in ("sequential", "train_free_sequential"):  # Eq. 5
+                attn = self.time_attn[l] if self.time_attn is not None else None
+                xv = xt = time_pass(block, view_pass(block, xv), attn)
                 continue
             yv, yt = view_pass(block, xv), time_pass(block, xt)  # Eq. 4, independent and parallel
             if cfg.sync == "soft":
                 sv, st = self.soft[l](flat(yv), flat(yt), temb)
                 xv, xt = sv.view_as(yv), st.view_as(yt)
-            elif cfg.sync == "hard":
+            elif self.hard is not None:
                 xv = xt = self.hard[l](flat(yv), flat(yt), temb).view_as(yv)
             elif cfg.sync == "train_free_hard":  # Eq. 12
                 xv = xt = 0.5 * (yv + yt)
@@ -210,6 +238,8 @@ class FourDModel(nn.Module):
         sync = 0.0
         if self.cfg.sync == "soft":
             sync = 2.0 * tokens * (2 * bc.width) ** 2
+        elif self.cfg.sync == "hard":  # two width x width maps per token
+            sync = 2.0 * tokens * 2 * bc.width ** 2
         io = 2 * tokens * bc.width * p * p * (bc.in_channels + 1) + 2 * 2 * tokens * bc.width * p * p * bc.in_channels
         return {"frozen_matmul": bc.depth * (lin_v + lin_t) + io, "attention": bc.depth * (att_v + att_t),
                 "sync": bc.depth * sync}

@@ -1,9 +1,9 @@
 """Optional text conditioning: a pretrained text encoder loaded from a local folder.
 
 Text is off by default (``DiTConfig.text_dim = 0``). When a model is built with
-``text_dim = D``, its ``text`` input is [B, L, D] token embeddings (mean-pooled into
-the adaLN conditioning vector) or [B, D] pooled embeddings; ``load_text_encoder``
-turns prompts into such tensors. Nothing is downloaded: the encoder must already be on
+``text_dim = D``, its ``text`` input is [B, L, D] token embeddings (pooled over the
+real tokens into the adaLN conditioning vector) or [B, D] pooled embeddings;
+``load_text_encoder`` turns prompts into such tensors and their padding mask. Nothing is downloaded: the encoder must already be on
 disk, saved with Hugging Face ``save_pretrained`` (the ``transformers`` package is then
 needed, and imported only here).
 """
@@ -15,11 +15,15 @@ from typing import Callable
 
 import torch
 
-TextEncoder = Callable[[list[str]], torch.Tensor]
+TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def load_text_encoder(path: str | Path, device: torch.device | str = "cpu", max_length: int = 77) -> TextEncoder:
-    """prompts -> [B, L, D] embeddings from the encoder saved at ``path``; clear errors for a missing path."""
+    """prompts -> ([B, L, D] embeddings, [B, L] mask of real tokens) from the encoder saved at ``path``.
+
+    The mask goes with the embeddings into ``VideoDiT(..., text=emb, text_mask=mask)``: padded to
+    ``max_length``, a short prompt is mostly padding, which a plain mean would average in.
+    """
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(
@@ -37,8 +41,9 @@ def load_text_encoder(path: str | Path, device: torch.device | str = "cpu", max_
     encoder = encoder.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def encode(prompts: list[str]) -> torch.Tensor:
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         batch = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        return encoder(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state
+        batch = {k: v.to(device) for k, v in batch.items()}
+        return encoder(**batch).last_hidden_state, batch["attention_mask"].bool()
 
     return encode

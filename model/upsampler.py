@@ -5,6 +5,12 @@ frame, bilinearly upsampled x4, as extra input channels; it predicts the rectifi
 flow velocity of the high-res clip. Long inputs (a whole 8x8 grid) are cut into
 clips of ``clip_frames`` frames that attend jointly and are sampled ``batch_clips``
 at a time, so memory stays bounded whatever the number of frames.
+
+Train/test gap (cascaded diffusion, Ho et al. 2021): training pairs come from
+box-filtered ground truth, but at test time the low-res frames are generated and
+carry the 4D model's artefacts. So the condition is noise-augmented, z = (1 - s)
+lowres + s eps, with the level s drawn per training sample and given to the model
+(an embedding added to the DiT's adaLN vector); sampling applies a small fixed level.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import rectified_flow as rf
-from model.dit import DiTConfig, VideoDiT
+from model.dit import DiTConfig, TimestepEmbedder, VideoDiT
 
 
 @dataclass
@@ -43,6 +49,17 @@ class UpsamplerConfig:
     """Default sampling steps of ``upsample``."""
     checkpointing: bool = False
     """Recompute block activations in the backward pass."""
+    aug_max: float = 0.3
+    """Largest noise-augmentation level s of the low-res condition in training (z = (1 - s) lowres + s eps).
+    Training sees clean box-filtered frames, generation sees generated ones; a corrupted condition whose level
+    the model is told teaches it to treat low-res detail as evidence, not as pixels to copy. Kept well below 1 so
+    the condition always carries the layout."""
+    aug_prob: float = 0.5
+    """Chance per training sample that the condition is augmented (level uniform in [0, aug_max]); the rest
+    see the clean condition at level 0, so the model still learns to use a faithful one fully."""
+    sample_aug_level: float = 0.1
+    """Level ``upsample`` applies by default: small, so most of the generated frames' detail survives, but not
+    zero, so their artefacts look like the corruption seen in training. 0 for a model trained without it."""
 
     def dit(self) -> DiTConfig:
         return DiTConfig(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
@@ -54,6 +71,8 @@ class UpsamplerConfig:
 UPSAMPLER_PRESETS: dict[str, UpsamplerConfig] = {
     "tiny": UpsamplerConfig(patch_size=4, width=32, depth=2, heads=2, mlp_ratio=2.0, clip_frames=4, batch_clips=4,
                             steps=2),
+    # The GPU proof run: 64x64 -> 256x256, 4-frame clips of 32x32 tokens, ~1.3M parameters (docs/results.md).
+    "proof": UpsamplerConfig(patch_size=8, width=128, depth=4, heads=2, mlp_ratio=2.5, clip_frames=4, batch_clips=16),
     "small": UpsamplerConfig(patch_size=8, width=384, depth=8, heads=6),
     # 8x8 grid at 288x512: 8 clips of 8 frames x 2304 tokens, ~150 M parameters; fits an 80 GB GPU in bf16.
     "paper": UpsamplerConfig(patch_size=8, width=768, depth=12, heads=6),
@@ -71,58 +90,153 @@ class VideoUpsampler(nn.Module):
 
     def __init__(self, cfg: UpsamplerConfig):
         super().__init__()
-        self.cfg = cfg
+        for name in ("aug_max", "aug_prob", "sample_aug_level"):
+            if not 0.0 <= getattr(cfg, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+        self.cfg = cfg = replace(cfg)  # own copy: loading a pre-augmentation checkpoint changes sample_aug_level
         self.dit = VideoDiT(cfg.dit())
+        # The augmentation level's embedding lives here, not in the DiT, so the DiT's parameter names (and
+        # checkpoints) stay as they are; it reaches the blocks through VideoDiT's extra_cond.
+        self.aug_embed = TimestepEmbedder(cfg.width)
+        for m in self.aug_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Zero output layer: an un-augmented model starts identical to the plain DiT; the gradient still
+        # reaches this layer (it is the product of dL/dc and the first layer's non-zero activations).
+        nn.init.zeros_(self.aug_embed.mlp[-1].weight)
+        self.register_load_state_dict_pre_hook(_fill_missing_aug_embed)
 
     def upsample_input(self, lowres: torch.Tensor) -> torch.Tensor:
         B, Fr, C, h, w = lowres.shape
         up = F.interpolate(lowres.flatten(0, 1), scale_factor=self.scale, mode="bilinear", align_corners=False)
         return up.view(B, Fr, C, h * self.scale, w * self.scale)
 
-    def forward(self, x_hr_noisy: torch.Tensor, t: torch.Tensor, lowres: torch.Tensor) -> torch.Tensor:
-        """Velocity [B, F, C, H, W] of the high-res clip given the low-res clip [B, F, C, H/4, W/4]."""
+    def forward(self, x_hr_noisy: torch.Tensor, t: torch.Tensor, lowres: torch.Tensor,
+                aug_level: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity [B, F, C, H, W] of the high-res clip given the low-res clip [B, F, C, H/4, W/4].
+
+        ``aug_level`` [B] is the noise-augmentation level s that ``lowres`` was already corrupted with by
+        ``corrupt_lowres`` (None: a clean condition, s = 0); the callers corrupt, so that training and
+        sampling share one path and the level the model is told is the one actually applied.
+        """
         B, Fr, C, H, W = x_hr_noisy.shape
         want = (B, Fr, C, H // self.scale, W // self.scale)
         if tuple(lowres.shape) != want or H % self.scale or W % self.scale:
             raise ValueError(f"lowres must be {want} (x4 smaller than x_hr_noisy {tuple(x_hr_noisy.shape)}), "
                              f"got {tuple(lowres.shape)}")
+        if aug_level is None:
+            aug_level = torch.zeros(B, device=x_hr_noisy.device)
+        if tuple(aug_level.shape) != (B,):
+            raise ValueError(f"aug_level must be [B] = ({B},), got {tuple(aug_level.shape)}")
         context = torch.zeros(B, dtype=torch.long, device=x_hr_noisy.device)
-        return self.dit(x_hr_noisy, t, context, pixels=self.upsample_input(lowres))
+        return self.dit(x_hr_noisy, t, context, pixels=self.upsample_input(lowres),
+                        extra_cond=self.aug_embed(aug_level))
 
-    def training_loss(self, hr: torch.Tensor, lowres: torch.Tensor, generator: torch.Generator | None = None):
-        return rf.training_loss(lambda x, t, cond, mask: self(x, t, lowres), hr, None, generator)
+    @staticmethod
+    def corrupt_lowres(lowres: torch.Tensor, level: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = (1 - s) lowres + s eps per sample: the rectified-flow path, so s is the condition's flow time."""
+        return rf.add_noise(lowres, eps, level)
+
+    def sample_aug_levels(self, batch: int, generator: torch.Generator | None = None,
+                          device: torch.device | str | None = None) -> torch.Tensor:
+        """Training levels [batch]: uniform in [0, aug_max] with probability aug_prob, else 0."""
+        # Both draws always happen, so the rest of the step's random stream does not depend on aug_prob.
+        level = torch.rand(batch, generator=generator, device=device) * self.cfg.aug_max
+        on = torch.rand(batch, generator=generator, device=device) < self.cfg.aug_prob
+        return torch.where(on, level, torch.zeros_like(level))
+
+    def training_loss(self, hr: torch.Tensor, lowres: torch.Tensor, generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Velocity-matching loss of hr [B, F, C, H, W] given the clean lowres, which is noise-augmented here.
+
+        Every random draw (levels, condition noise, flow times, noise) comes from ``generator``, so a
+        training step is reproducible from its seed.
+        """
+        level = self.sample_aug_levels(hr.shape[0], generator, hr.device)
+        eps = torch.randn(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
+        cond = self.corrupt_lowres(lowres, level, eps)
+        loss, aux = rf.training_loss(lambda x, t, _cond, _mask: self(x, t, cond, level), hr, None, generator)
+        aux["aug_level_mean"] = level.mean().detach()
+        return loss, aux
 
     @torch.no_grad()
     def upsample(self, lowres: torch.Tensor, steps: int | None = None, method: str = "euler",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample the x4 video [B, F, C, 4h, 4w] for lowres [B, F, C, h, w], clip by clip."""
+                 generator: torch.Generator | None = None, aug_level: float | None = None,
+                 shared_noise: bool = True) -> torch.Tensor:
+        """Sample the x4 video [B, F, C, 4h, 4w] for lowres [B, F, C, h, w], clip by clip.
+
+        ``aug_level`` (None: ``cfg.sample_aug_level``, 0.1 by default) corrupts the condition as training
+        does and tells the model that level: generated low-res frames are not the clean box-filtered frames
+        of training, and a small level puts their artefacts inside what the model learnt to handle.
+
+        ``shared_noise``: every clip of one length starts from the same noise (and the same condition
+        corruption), one draw [1, length, C, H, W] for the whole batch. The 4D pipeline passes the rows of
+        one grid (its views) as the batch; with independent noise per row each view gets its own invented
+        high-frequency detail and neighbouring views flicker against each other, while a shared draw makes
+        views that agree at low resolution agree at high resolution too. False: independent noise per clip
+        (independent samples, e.g. of unrelated videos).
+        """
         if lowres.dim() != 5:
             raise ValueError(f"lowres must be [B, F, C, h, w], got shape {tuple(lowres.shape)}")
+        level = self.cfg.sample_aug_level if aug_level is None else float(aug_level)
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"aug_level must be in [0, 1], got {level}")
         B, Fr, C, h, w = lowres.shape
-        self.dit.check_frames(lowres.new_empty(0, 0, C, h * self.scale, w * self.scale), "upsampled lowres")
+        H, W = h * self.scale, w * self.scale
+        self.dit.check_frames(lowres.new_empty(0, 0, C, H, W), "upsampled lowres")
         steps = steps or self.cfg.steps
         clip = self.cfg.clip_frames
+
+        def draw(n: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Initial noise [n, length, C, H, W] and condition noise [n, length, C, h, w] (None at level 0)."""
+            kw = dict(generator=generator, device=lowres.device, dtype=lowres.dtype)
+            noise = torch.randn((n, length, C, H, W), **kw)
+            return noise, (torch.randn((n, length, C, h, w), **kw) if level > 0 else None)
+
         # (sample, first frame, length) of every clip; clips of one length are batched together.
         clips = [(b, f0, min(clip, Fr - f0)) for b in range(B) for f0 in range(0, Fr, clip)]
-        out = lowres.new_empty(B, Fr, C, h * self.scale, w * self.scale)
+        out = lowres.new_empty(B, Fr, C, H, W)
         for length in sorted({c[2] for c in clips}):
             same = [c for c in clips if c[2] == length]
+            shared = draw(1, length) if shared_noise else None  # once per length: the same for every group
             for i in range(0, len(same), self.cfg.batch_clips):
                 group = same[i:i + self.cfg.batch_clips]
+                n = len(group)
                 lr = torch.stack([lowres[b, f0:f0 + length] for b, f0, _ in group])
-                noise = torch.randn((len(group), length, C, h * self.scale, w * self.scale), generator=generator,
-                                    device=lowres.device, dtype=lowres.dtype)
-                hr = rf.sample(lambda x, t, cond, mask: self(x, t, lr), noise, steps, method)
+                noise, eps = draw(n, length) if shared is None else (
+                    shared[0].expand(n, -1, -1, -1, -1), None if shared[1] is None else shared[1].expand_as(lr))
+                s = torch.full((n,), level, device=lowres.device)
+                cond = lr if eps is None else self.corrupt_lowres(lr, s, eps)
+                hr = rf.sample(lambda x, t, _cond, _mask: self(x, t, cond, s), noise, steps, method)
                 for (b, f0, _), frames in zip(group, hr):
                     out[b, f0:f0 + length] = frames
         return out.clamp(-1, 1)
 
     def flops_per_sample(self, frames: int, height: int, width: int) -> float:
-        """Forward FLOPs for `frames` high-res frames, attention within clips of clip_frames."""
+        """Forward FLOPs for `frames` high-res frames, attention within clips of clip_frames.
+
+        The level embedding is left out, as the DiT leaves out its time embedding: a few MLP rows per clip.
+        """
         clip = self.cfg.clip_frames
         full, rest = divmod(frames, clip)
         total = full * self.dit.flops_per_sample(clip, height, width)
         return total + (self.dit.flops_per_sample(rest, height, width) if rest else 0.0)
 
     def num_parameters(self) -> int:
-        return self.dit.num_parameters()
+        return sum(p.numel() for p in self.parameters())
+
+
+def _fill_missing_aug_embed(module: VideoUpsampler, state_dict: dict, prefix: str, *_) -> None:
+    """Let checkpoints from before noise augmentation load (strictly) into the current module.
+
+    Their model never saw a corrupted condition, so the level embedding gets a zero output layer (it
+    then changes nothing) and sampling defaults to a clean condition.
+    """
+    key = prefix + "aug_embed."
+    if not any(k.startswith(prefix + "dit.") for k in state_dict) or any(k.startswith(key) for k in state_dict):
+        return
+    last = f"mlp.{len(module.aug_embed.mlp) - 1}."
+    for name, value in module.aug_embed.state_dict().items():
+        state_dict[key + name] = torch.zeros_like(value) if name.startswith(last) else value.detach().clone()
+    module.cfg.sample_aug_level = 0.0

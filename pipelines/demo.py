@@ -85,13 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         _submit(env, "generate a 4D grid", ["pipelines/generate_4d.py", "--checkpoint",
                                             str(out / "train_4d" / "checkpoint_final"), "--from-grid",
                                             str(out / "render"), "--out", str(out / "generated")])
+    proof = ROOT / "weights" / "proof"
+    if (proof / "soft.pt.gz").exists():
+        # What a trained model does: the proof run's weights (one H100, docs/results.md) on a held-out grid.
+        _submit(env, "fill a held-out grid with the proof model (trained on a GPU)",
+                ["pipelines/generate_4d.py", "--checkpoint", str(proof / "soft.pt.gz"), "--from-grid",
+                 str(proof / "heldout"), "--steps", "10", "--method", "euler", "--out", str(out / "generated_proof")])
     print(f"\n[demo] all stages done in {time.time() - t0:.0f}s. Results under {out}:")
     print(f"  rendered shards      {out / 'render' / 'shards'}  (index.parquet, failures.parquet)")
     print(f"  pseudo-4D shards     {out / 'pseudo4d' / 'shards'} and clips {out / 'pseudo4d' / 'clips'}")
     print(f"  base checkpoint      {out / 'train_base' / 'checkpoint_final'}")
     print(f"  4D checkpoint        {out / 'train_4d' / 'checkpoint_final'}")
     if (out / "generated").exists():
-        print(f"  generated grid       {out / 'generated' / 'contact_sheet.png'} and MP4s in {out / 'generated'}")
+        print(f"  generated grid       {out / 'generated' / 'contact_sheet.png'} and MP4s in {out / 'generated'}"
+              "  (the demo's own minute-trained model)")
+    if (out / "generated_proof").exists():
+        print(f"  proof-model grid     {out / 'generated_proof' / 'contact_sheet.png'}  (weights/proof: trained on "
+              "one H100, see docs/results.md)")
     print(f"  MLflow UI            .venv/bin/mlflow ui --backend-store-uri {mlflow_uri} --port 5000  "
           "-> http://127.0.0.1:5000 (experiments 4real-base, 4real-4d)")
     print(f"  Ray dashboard        {env['RAY_ADDRESS']}   (stop the head with: make ray-down)")

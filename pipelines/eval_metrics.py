@@ -1,6 +1,9 @@
 """Metrics of a generated 4D grid against ground truth (rendered grids know every cell).
 
 All functions take float tensors in [0, 1] shaped [V, T, 3, H, W] unless noted.
+``METRICS`` is the one registry of reported metrics (per-grid ones and set-level
+ones); every score is over generated cells only, since the given first row and
+column are copied exactly and would flatter every method alike.
 FVD (I3D) and LPIPS need pretrained weights, which load from a local path only;
 without them the metric is reported as unavailable with the reason, never as 0.
 """
@@ -8,7 +11,9 @@ without them the metric is reported as unavailable with the reason, never as 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -44,29 +49,58 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1).reshape(lead)
 
 
-def consistency_error(gen: torch.Tensor, truth: torch.Tensor, axis: int) -> float:
+def consistency_error(gen: torch.Tensor, truth: torch.Tensor, axis: int, given: torch.Tensor | None = None) -> float:
     """Mean absolute difference between the frame-to-frame changes of ``gen`` and ``truth`` along ``axis``.
 
     axis=1 (time, along rows) measures flicker and wrong motion; axis=0 (views, along
     columns) measures multi-view inconsistency. 0 means the changes match the truth exactly.
+    With ``given`` ([V, T], 1 = given cell) only pairs of neighbours with at least one
+    generated cell count: given cells are copied exactly, so a pair of two given cells
+    always scores 0 and would only dilute the error (flattering every method alike).
     """
     dg, dt = torch.diff(gen.double(), dim=axis), torch.diff(truth.double(), dim=axis)
-    return float((dg - dt).abs().mean())
+    err = (dg - dt).abs().flatten(2).mean(-1)  # [pairs along axis, other axis]: mean over C, H, W
+    if given is None:
+        return float(err.mean())
+    g = given.bool()
+    both_given = g.narrow(axis, 0, g.shape[axis] - 1) & g.narrow(axis, 1, g.shape[axis] - 1)
+    counted = ~both_given
+    return float(err[counted].mean()) if counted.any() else float("nan")
 
 
-def grid_report(gen: torch.Tensor, truth: torch.Tensor, given: torch.Tensor) -> dict:
-    """Per-cell PSNR/SSIM, their means over generated cells, and the two consistency errors."""
-    cell_psnr, cell_ssim = psnr(gen, truth), ssim(gen, truth)
-    todo = ~given.bool()
-    finite = torch.where(torch.isinf(cell_psnr), torch.full_like(cell_psnr, 100.0), cell_psnr)
-    return {
-        "psnr_per_cell": cell_psnr.tolist(), "ssim_per_cell": cell_ssim.tolist(),
-        "psnr": float(finite[todo].mean()) if todo.any() else float("nan"),
-        "ssim": float(cell_ssim[todo].mean()) if todo.any() else float("nan"),
-        "temporal_consistency_error": consistency_error(gen, truth, axis=1),
-        "multiview_consistency_error": consistency_error(gen, truth, axis=0),
-        "generated_cells": int(todo.sum()),
-    }
+def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
+    """Mean squared Laplacian per image of [..., 3, H, W] images in [0, 1] -> [...].
+
+    A sharpness measure: PSNR rewards a blurry mean prediction, this does not (blur
+    removes exactly the energy the 4-neighbour Laplacian responds to). 'Valid'
+    filtering, so image borders add nothing.
+    """
+    lead = images.shape[:-3]
+    c, h, w = images.shape[-3:]
+    x = images.reshape(-1, c, h, w).double()
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    lap = F.conv2d(x, k.expand(c, 1, 3, 3).contiguous(), groups=c)
+    return (lap ** 2).flatten(1).mean(1).reshape(lead)
+
+
+def high_frequency_ratio(gen: torch.Tensor, truth: torch.Tensor) -> float:
+    """High-frequency energy of ``gen`` over the ground truth's (1 = as sharp as the truth, < 1 = blurrier)."""
+    ref = float(high_frequency_energy(truth).mean())
+    return float(high_frequency_energy(gen).mean()) / ref if ref > 0 else float("nan")
+
+
+def _finite_psnr(x: torch.Tensor) -> torch.Tensor:
+    """PSNR with exact matches (+inf) counted as 100 dB, so one exact cell cannot make a mean infinite."""
+    return torch.where(torch.isinf(x), torch.full_like(x, 100.0), x)
+
+
+def masked_psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR per image over the pixels where ``mask`` [..., 1, H, W] is true; NaN for an image with none."""
+    m = mask.to(torch.float64).expand_as(a)
+    sq = (a.double() - b.double()) ** 2 * m
+    n = m.flatten(-3).sum(-1)
+    mse = sq.flatten(-3).sum(-1) / n.clamp_min(1)
+    return torch.where(n > 0, 10 * torch.log10(1.0 / mse), torch.full_like(mse, float("nan")))
 
 
 # ---------------------------------------------------------------- weight-based metrics
@@ -128,3 +162,108 @@ def lpips(gen: torch.Tensor, truth: torch.Tensor, weights: str) -> torch.Tensor:
 def nan_safe_mean(values: list[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+# ---------------------------------------------------------------- the metric registry
+
+@dataclass(frozen=True)
+class GridSample:
+    """One evaluated grid: everything a metric may look at."""
+
+    gen: torch.Tensor                        # [V, T, 3, H, W] in [0, 1], the filled grid
+    truth: torch.Tensor                      # [V, T, 3, H, W] in [0, 1], the ground truth
+    given: torch.Tensor                      # [V, T], 1 = given (copied) cell
+    object_mask: torch.Tensor | None = None  # [V, T, 1, H, W] bool, the ground truth's alpha > 0.5 (renders)
+
+    @property
+    def todo(self) -> torch.Tensor:
+        return ~self.given.bool()
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric.
+
+    ``per_grid``: ``fn(GridSample) -> float``, reported as mean, std, min and max over a
+    set's grids; otherwise ``fn(list[GridSample], weights) -> float`` over the whole set
+    (``weights`` maps "i3d"/"lpips" to local weight paths; may raise MissingWeights).
+    """
+
+    fn: Callable[..., float]
+    label: str
+    digits: int
+    per_grid: bool = True
+
+
+def _psnr_generated(s: GridSample) -> float:
+    return float(_finite_psnr(psnr(s.gen, s.truth))[s.todo].mean()) if s.todo.any() else float("nan")
+
+
+def _ssim_generated(s: GridSample) -> float:
+    return float(ssim(s.gen, s.truth)[s.todo].mean()) if s.todo.any() else float("nan")
+
+
+def _psnr_object(s: GridSample) -> float:
+    """PSNR over the object's pixels per generated cell, mean over cells showing the object (n/a without alpha)."""
+    if s.object_mask is None or not s.todo.any():
+        return float("nan")
+    cells = masked_psnr(s.gen[s.todo], s.truth[s.todo], s.object_mask[s.todo])
+    cells = _finite_psnr(cells[~torch.isnan(cells)])
+    return float(cells.mean()) if cells.numel() else float("nan")
+
+
+def _hf_ratio(s: GridSample) -> float:
+    return high_frequency_ratio(s.gen[s.todo], s.truth[s.todo]) if s.todo.any() else float("nan")
+
+
+def _fvd_set(samples: list[GridSample], weights: Mapping[str, str]) -> float:
+    # FVD compares sets of equal-length videos: the rows, and the columns too when they are as long
+    gen, real = [], []
+    for s in samples:
+        V, T = s.gen.shape[:2]
+        gen += [s.gen[v] for v in range(V)] + ([s.gen[:, t] for t in range(T)] if V == T else [])
+        real += [s.truth[v] for v in range(V)] + ([s.truth[:, t] for t in range(T)] if V == T else [])
+    return fvd(torch.stack(gen), torch.stack(real), weights.get("i3d", ""))
+
+
+def _lpips_set(samples: list[GridSample], weights: Mapping[str, str]) -> float:
+    gen = torch.cat([s.gen[s.todo] for s in samples])
+    real = torch.cat([s.truth[s.todo] for s in samples])
+    return float(lpips(gen, real, weights.get("lpips", "")).mean())
+
+
+METRICS: dict[str, Metric] = {
+    "psnr": Metric(_psnr_generated, "PSNR (dB) ↑", 2),
+    "ssim": Metric(_ssim_generated, "SSIM ↑", 4),
+    "psnr_object": Metric(_psnr_object, "object PSNR (dB) ↑", 2),
+    "temporal_consistency_error": Metric(lambda s: consistency_error(s.gen, s.truth, 1, s.given),
+                                         "temporal err ↓", 4),
+    "multiview_consistency_error": Metric(lambda s: consistency_error(s.gen, s.truth, 0, s.given),
+                                          "multi-view err ↓", 4),
+    "hf_energy_ratio": Metric(_hf_ratio, "HF energy / truth (→ 1)", 3),
+    "fvd": Metric(_fvd_set, "FVD ↓", 1, per_grid=False),
+    "lpips": Metric(_lpips_set, "LPIPS ↓", 4, per_grid=False),
+}
+"""Every reported metric, in table order: the per-grid report, the summaries, the markdown table and MLflow
+all iterate this one dict, so a metric added here shows up everywhere."""
+
+
+def grid_report(gen: torch.Tensor, truth: torch.Tensor, given: torch.Tensor,
+                object_mask: torch.Tensor | None = None) -> dict[str, Any]:
+    """Per-cell PSNR/SSIM and every per-grid metric of ``METRICS`` (means over generated cells)."""
+    sample = GridSample(gen, truth, given, object_mask)
+    report: dict[str, Any] = {"psnr_per_cell": psnr(gen, truth).tolist(), "ssim_per_cell": ssim(gen, truth).tolist()}
+    report.update({name: m.fn(sample) for name, m in METRICS.items() if m.per_grid})
+    report["generated_cells"] = int(sample.todo.sum())
+    return report
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """mean, std (sample, n - 1), min and max of the non-NaN values (NaN where undefined)."""
+    vals = [v for v in values if not math.isnan(v)]
+    nan = float("nan")
+    if not vals:
+        return {"mean": nan, "std": nan, "min": nan, "max": nan}
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else nan
+    return {"mean": mean, "std": std, "min": min(vals), "max": max(vals)}

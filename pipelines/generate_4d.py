@@ -31,7 +31,8 @@ from pipelines.common.errors import UserError  # noqa: E402
 @dataclass
 class GenerateConfig:
     checkpoint: str = doc("", "4D checkpoint: a checkpoint_final folder, model.pt, or runs:/<mlflow run id>")
-    sync: str = doc("", "override the checkpoint's sync variant (e.g. train_free_soft on a base checkpoint)")
+    sync: str = doc("", "override the checkpoint's sync variant (e.g. train_free_soft or train_free_sequential "
+                     "on a base checkpoint)")
     upsampler: str = doc("", "optional x4 upsampler checkpoint (folder, model.pt or runs:/<id>)")
     fixed_view: str = doc("", "first row: a video file or a folder of images (time runs, view fixed)")
     freeze_time: str = doc("", "first column: a video file or a folder of images (time frozen, camera moves)")
@@ -85,6 +86,13 @@ def frames_to_tensor(frames: np.ndarray, height: int, width: int) -> torch.Tenso
     return to_tensor(frames, height, width, "white", random.Random(0))
 
 
+def checkpoint_geometry(ckpt: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(views, frames) of the trained window and (height, width) of the frames, from a checkpoint's training config."""
+    train_cfg = ckpt.get("config", {}).get("data", {})
+    return ((int(train_cfg.get("views", 8)), int(train_cfg.get("frames", 8))),
+            (int(train_cfg.get("height", 72)), int(train_cfg.get("width", 128))))
+
+
 class Generator4D:
     """Loads the 4D model (and optional upsampler) once; fills grids of any size."""
 
@@ -98,13 +106,14 @@ class Generator4D:
         ckpt = load_checkpoint(cfg.checkpoint)
         if ckpt["stage"] not in ("4d", "base"):
             raise UserError(f"checkpoint '{cfg.checkpoint}' holds a '{ckpt['stage']}' model; pass a 4D checkpoint "
-                            "(or a base checkpoint with --sync train_free_soft / train_free_hard)")
+                            "(or a base checkpoint with --sync train_free_soft / train_free_hard / "
+                            "train_free_sequential)")
         fourd_cfg = dict(ckpt.get("fourd_config", {"sync": "train_free_soft"}))
         if cfg.sync:
             fourd_cfg["sync"] = cfg.sync
         if ckpt["stage"] == "base" and not fourd_cfg["sync"].startswith("train_free"):
-            raise UserError("a base checkpoint has no synchronization layers; use --sync train_free_soft or "
-                            "train_free_hard, or pass a 4D checkpoint")
+            raise UserError("a base checkpoint has no synchronization layers; use --sync train_free_soft, "
+                            "train_free_hard or train_free_sequential, or pass a 4D checkpoint")
         base = VideoDiT(DiTConfig(**ckpt["model_config"]))
         model = FourDModel(base, FourDConfig(**fourd_cfg))
         state = ckpt["state_dict"]
@@ -122,10 +131,10 @@ class Generator4D:
         self.autocast = self.device.type == "cuda"
         if self.autocast:
             self.model.compile_blocks()
-        train_cfg = ckpt.get("config", {}).get("data", {})
-        self.window = (int(train_cfg.get("views", 8)), int(train_cfg.get("frames", 8)))
-        self.size = (int(train_cfg.get("height", 72)), int(train_cfg.get("width", 128)))
+        self.window, self.size = checkpoint_geometry(ckpt)
         self.sync = fourd_cfg["sync"]
+        # the training items (and the base's) when the checkpoint records them: evaluation refuses to score on them
+        self.data_items: dict[str, Any] | None = ckpt.get("data_items")
         self.upsampler = None
         if cfg.upsampler:
             from model.upsampler import UpsamplerConfig, VideoUpsampler
@@ -161,10 +170,15 @@ class Generator4D:
         filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
         filled = filled[0].clamp(-1, 1)
         if self.upsampler is not None:
-            # every row is a fixed-view video: upsample it as one (clips inside, batched)
+            # Every row is a fixed-view video: the rows go in as one batch [V, T, C, h, w] (clips inside,
+            # batched). Shared noise: all views start from the same draw, so views that agree at low res
+            # also agree in the detail the upsampler invents (independent draws flicker from view to view).
+            # The condition is corrupted at the level the upsampler was trained for (its sample_aug_level).
+            up_gen = torch.Generator(device=self.device).manual_seed(seed)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps,
-                                                 self.cfg.method).float().cpu()
+                filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps, self.cfg.method,
+                                                 generator=up_gen, aug_level=self.upsampler.cfg.sample_aug_level,
+                                                 shared_noise=True).float().cpu()
         return filled, known[0]
 
 
@@ -192,9 +206,15 @@ def write_outputs(grid: torch.Tensor, given: torch.Tensor, out: Path, fps: int, 
         for t in range(frames.shape[1]):
             Image.fromarray(frames[v, t]).save(out / "frames" / f"v{v:02d}t{t:02d}.png")
     sheet = contact_sheet(frames, out / "contact_sheet.png", given=given.numpy().astype(bool))
-    videos = grid_videos(frames, out / "videos", fps=fps)
+    try:
+        videos = grid_videos(frames, out / "videos", fps=fps)
+        bullet = str(videos["bullet_time"][0])
+    except UserError as exc:  # no PyAV (e.g. a GPU node's image): the frames and the sheet are the result
+        print(f"[generate] no MP4s written: {exc}", file=sys.stderr)
+        meta = {**meta, "videos": f"not written: {exc}"}
+        bullet = ""
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return {"contact_sheet": str(sheet), "videos": str(out / "videos"), "bullet_time": str(videos["bullet_time"][0])}
+    return {"contact_sheet": str(sheet), "videos": str(out / "videos"), "bullet_time": bullet}
 
 
 def _first_grid(spec: str) -> tuple[np.ndarray, dict]:

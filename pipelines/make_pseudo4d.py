@@ -122,6 +122,11 @@ PRESETS = {
     # tests: 32x32, 3 views, 4 frames.
     "tiny": lambda: _preset(output="outputs/tiny/pseudo4d", views=3, frames=4, height=32, width=32, fps=12.0,
                             items_per_part=4, procedural=dict(count=3, width=64, height=48, frames=12, fps=24.0)),
+    # The GPU proof run (docs/results.md): 8 x 8 grids at 64x64 from synthetic videos, made on the GPU node
+    # itself (no codec, so no PyAV there); 48-frame sources give each grid its own clip start.
+    "proof": lambda: _preset(output="outputs/proof/pseudo4d", views=8, frames=8, height=64, width=64, fps=8.0,
+                             items_per_part=64, concurrency=8,
+                             procedural=dict(count=3000, width=128, height=96, frames=48, fps=24.0, codec="none")),
     # the paper's grid: 8 x 8 at 256x256 from real videos.
     "full": lambda: _preset(output="outputs/pseudo4d", views=8, frames=8, height=256, width=256, fps=8.0,
                             items_per_part=32, procedural=dict(count=64, width=480, height=270, frames=48)),
@@ -133,7 +138,9 @@ PRESETS = {
 def list_items(cfg: Pseudo4DConfig) -> list[dict[str, Any]]:
     """The job's input items (each with a stable ``item_id``), in a fixed order, at most ``limit``."""
     if cfg.input.strip() == "procedural":
-        items = [{"item_id": f"procedural-{i:05d}", "procedural_seed": cfg.procedural.seed + i}
+        # The id names the video's own seed, so one id is one video whatever --procedural.seed: held-out sets
+        # made with other seeds never share an id (or content) with training sets.
+        items = [{"item_id": f"procedural-{cfg.procedural.seed + i:06d}", "procedural_seed": cfg.procedural.seed + i}
                  for i in range(cfg.procedural.count)]
         if not items:
             raise UserError("procedural input with procedural.count=0 makes no videos; set --procedural.count")

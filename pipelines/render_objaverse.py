@@ -30,7 +30,8 @@ from pipelines.common.inputs import list_files
 from pipelines.common.job import ItemError, JobSpec, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.objaverse_source import DEFAULT_BASE_URL, AssetError, SourceError, ensure_asset, list_assets, read_uid_list
-from rendering.settings import DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING, RenderSettings
+from rendering.settings import (DEFAULT_ARC_DEG, DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING,
+                                RenderSettings)
 
 ASSET_EXTENSIONS = (".glb", ".gltf", ".fbx", ".obj")
 
@@ -51,7 +52,9 @@ class RenderJobConfig:
     download_timeout_s: float = doc(60.0, "objaverse: socket timeout per download attempt")
     views: int = doc(8, "cameras on the circle (V)")
     frames: int = doc(16, "frames sampled from each action (T)")
-    resolution: int = doc(256, "square image size in pixels")
+    height: int = doc(144, "image height in pixels (default: the training frame's 9:16 aspect, 72x128 x2)")
+    width: int = doc(256, "image width in pixels")
+    resolution: int = doc(0, "shortcut for a square image: sets --height and --width to N (0 = use them)")
     fps: float = doc(8.0, "target fps of the sampled frames (squeezed to fit shorter actions)")
     samples: int = doc(16, "render samples per pixel")
     engine: str = doc("cycles", "cycles (CPU) | cycles-gpu | eevee (needs a GPU; software GL is ~50 s/frame)")
@@ -61,9 +64,11 @@ class RenderJobConfig:
     threads: int = doc(0, "render threads per Blender (0 = all cores of the actor)")
     elevation: float = doc(20.0, "camera elevation in degrees")
     distance: float = doc(0.0, "camera distance in normalized units (0 = smallest that keeps the object in frame)")
-    fov: float = doc(40.0, "camera field of view in degrees")
-    random_azimuth: bool = doc(False, "random (per-uid, reproducible) start azimuth")
-    arc: float = doc(360.0, "arc spanned by the cameras in degrees (< 360: both ends included)")
+    fov: float = doc(40.0, "vertical camera field of view in degrees (the horizontal one follows the aspect)")
+    random_azimuth: bool = doc(True, "random (per-uid, reproducible) start azimuth, so a partial arc does not "
+                                     "always see the same side of every asset")
+    arc: float = doc(DEFAULT_ARC_DEG, "arc spanned by the cameras in degrees (< 360: both ends included); the default "
+                                      "keeps the per-view image step inside the pseudo-4D data's (docs/rendering.md)")
     lighting: str = doc("studio", "studio (3 suns + ambient) | sun | ambient")
     light_strength: float = doc(1.0, "multiplier on the lights")
     ambient: float = doc(0.3, "world (ambient) light strength")
@@ -82,6 +87,13 @@ class RenderJobConfig:
     inject_faults: dict = doc(text="testing only: {item_id: hang|crash} makes that asset's Blender hang or die",
                               factory=dict)
 
+    def __post_init__(self) -> None:
+        # --resolution N is folded into height and width here (and reset), so everything downstream,
+        # the resolved config.yaml included, sees one size; given with --height/--width, it wins.
+        if self.resolution > 0:
+            self.height = self.width = self.resolution
+            self.resolution = 0
+
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -95,7 +107,9 @@ class RenderJobConfig:
         need(self.lighting in LIGHTING, f"--lighting must be one of {', '.join(LIGHTING)}; got {self.lighting!r}")
         need(1 <= self.views <= 99, f"--views must be 1..99 (two-digit member names); got {self.views}")
         need(1 <= self.frames <= 99, f"--frames must be 1..99 (two-digit member names); got {self.frames}")
-        need(8 <= self.resolution <= 8192, f"--resolution must be 8..8192 pixels; got {self.resolution}")
+        need(8 <= self.height <= 8192 and 8 <= self.width <= 8192,
+             f"--height and --width must be 8..8192 pixels; got {self.height}x{self.width}")
+        need(self.resolution >= 0, f"--resolution must be > 0 (a square N x N) or 0; got {self.resolution}")
         need(self.samples >= 1, f"--samples must be >= 1; got {self.samples}")
         need(self.fps > 0, f"--fps must be > 0; got {self.fps}")
         need(1.0 <= self.fov < 179.0, f"--fov must be in [1, 179) degrees; got {self.fov}")
@@ -104,9 +118,10 @@ class RenderJobConfig:
         need(self.distance >= 0.0, f"--distance must be >= 0 (0 = automatic); got {self.distance}")
         if self.distance > 0:
             from rendering.cameras import fit_distance
-            need(self.distance >= fit_distance(self.fov, margin=1.0),
-                 f"--distance {self.distance} is too close: the unit-radius object leaves a {self.fov} degree view "
-                 f"below {fit_distance(self.fov, margin=1.0):.2f}; use 0 for automatic")
+            closest = fit_distance(self.fov, self.width, self.height, margin=1.0)
+            need(self.distance >= closest,
+                 f"--distance {self.distance} is too close: the unit-radius object leaves a {self.fov} degree "
+                 f"(vertical) view of a {self.width}x{self.height} frame below {closest:.2f}; use 0 for automatic")
         need(self.max_actions >= 1, f"--max-actions must be >= 1; got {self.max_actions}")
         need(self.timeout_s > 0, f"--timeout-s must be > 0; got {self.timeout_s}")
         need(self.concurrency >= 1, f"--concurrency must be >= 1; got {self.concurrency}")
@@ -120,7 +135,8 @@ class RenderJobConfig:
 
     def render_settings(self) -> RenderSettings:
         return RenderSettings(
-            views=self.views, frames=self.frames, resolution=self.resolution, fps=self.fps, samples=self.samples,
+            views=self.views, frames=self.frames, height=self.height, width=self.width, fps=self.fps,
+            samples=self.samples,
             engine=self.engine, denoise=self.denoise, denoise_quality=self.denoise_quality,
             denoise_prefilter=self.denoise_prefilter, threads=self.threads, elevation_deg=self.elevation,
             distance=self.distance, fov_deg=self.fov, random_azimuth=self.random_azimuth, arc_deg=self.arc,
@@ -129,16 +145,23 @@ class RenderJobConfig:
 
 
 PRESETS = {
-    # The defaults (8 views x 16 frames at 256x256, 16 spp): what a plain run gets.
+    # What a plain run gets: 8 views x 16 frames at 144x256 (9:16), 16 spp, the measured 60-degree arc.
     "default": RenderJobConfig,
-    # What `make demo` renders: a couple of minutes on 2 cores.
-    "demo": lambda: RenderJobConfig(source="procedural", count=3, max_actions=2, views=4, frames=8, resolution=128,
-                                    samples=16, items_per_part=2, timeout_s=300.0),
-    # Tests: as small as still means something.
-    "tiny": lambda: RenderJobConfig(source="procedural", count=2, max_actions=2, views=2, frames=2, resolution=32,
-                                    samples=1, denoise=False, items_per_part=2, timeout_s=120.0),
-    # The paper's setting, for a cluster.
-    "paper": lambda: RenderJobConfig(source="objaverse", views=8, frames=16, resolution=256, samples=16,
+    # What `make demo` renders: a couple of minutes on 2 cores, at the base model's own 72x128.
+    "demo": lambda: RenderJobConfig(source="procedural", count=3, max_actions=2, views=4, frames=8, height=72,
+                                    width=128, samples=16, items_per_part=2, timeout_s=300.0),
+    # Tests: as small as still means something, still 9:16 so every test renders a non-square frame.
+    "tiny": lambda: RenderJobConfig(source="procedural", count=2, max_actions=2, views=2, frames=2, height=18,
+                                    width=32, samples=1, denoise=False, items_per_part=2, timeout_s=120.0),
+    # The GPU proof run (docs/results.md): procedural assets at the proof model's own 64x64, 8 views x 8 frames
+    # (its 4D window); 8 frames rather than 16 so the shards travel to the GPU machine (64 MiB a call).
+    "proof": lambda: RenderJobConfig(source="procedural", count=56, max_actions=2, views=8, frames=8, height=64,
+                                     width=64, samples=16, items_per_part=8, timeout_s=600.0),
+    # The paper's setting, for a cluster. 144x256 rather than 288x512: the paper uses renders only to fine-tune
+    # the 4D model's sync layers, which run at the base model's 72x128 (4.1); 2x that is anti-aliasing for the
+    # loader's area resize, while 288x512 would cost 4x the path tracing for pixels averaged away. (Renders for
+    # the x4 upsampler would need --height 288 --width 512.)
+    "paper": lambda: RenderJobConfig(source="objaverse", views=8, frames=16, height=144, width=256, samples=16,
                                      items_per_part=8, concurrency=16, cpus_per_worker=2.0),
 }
 
@@ -164,8 +187,10 @@ def list_items(cfg: RenderJobConfig) -> list[dict[str, Any]]:
     if cfg.source == "procedural":
         from rendering.procedural import kind_for
         n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
-        return [{"item_id": f"proc-{cfg.seed + i:06d}", "uid": f"proc-{cfg.seed + i:06d}", "kind": kind_for(i),
-                 "seed": cfg.seed + i} for i in range(n)]
+        # The id names the asset's own seed and the kind derives from that seed, so proc-000007 is the same
+        # asset whatever --seed started the list (held-out sets are rendered with other seeds).
+        return [{"item_id": f"proc-{cfg.seed + i:06d}", "uid": f"proc-{cfg.seed + i:06d}",
+                 "kind": kind_for(cfg.seed + i), "seed": cfg.seed + i} for i in range(n)]
     if cfg.source == "local":
         if not cfg.input:
             raise UserError("--source local needs --input (a directory, a glob or a Parquet manifest)")
@@ -285,9 +310,11 @@ class DryRunProcessor:
         self.settings = self.cfg.render_settings()
 
     def __call__(self, item: dict[str, Any]) -> list[Sample]:
-        from rendering.cameras import CircleRig, cameras_json, fit_distance
+        from rendering.cameras import CircleRig, cameras_json, fit_distance, start_azimuth
         s = self.settings
-        rig = CircleRig(s.views, s.elevation_deg, s.distance or fit_distance(s.fov_deg), s.fov_deg, 0.0, s.arc_deg)
+        # Cameras of the 8x8 stand-in frames, so cameras.json, meta and the PNGs agree.
+        rig = CircleRig(s.views, s.elevation_deg, s.distance or fit_distance(s.fov_deg, 8, 8), s.fov_deg,
+                        start_azimuth(item["uid"], s.seed, s.random_azimuth), s.arc_deg)
         frames = {f"v{v:02d}t{t:02d}.png": _fake_png() for v in range(s.views) for t in range(s.frames)}
         meta = {"kind": "render", "item_id": item["item_id"], "uid": item["uid"], "source": self.cfg.source,
                 "action": "dry_run", "views": s.views, "frames": s.frames, "height": 8, "width": 8, "fps": s.fps,
@@ -324,7 +351,8 @@ def build_spec(cfg: RenderJobConfig) -> JobSpec:
                    concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_worker, retry_failed=cfg.retry_failed,
                    ray_address=cfg.ray_address,
                    extra_summary={"source": cfg.source, "views": cfg.views, "frames": cfg.frames,
-                                  "resolution": cfg.resolution, "engine": cfg.engine, "dry_run": cfg.dry_run})
+                                  "height": cfg.height, "width": cfg.width, "arc": cfg.arc, "engine": cfg.engine,
+                                  "dry_run": cfg.dry_run})
 
 
 def _has_gpu_hint() -> bool:

@@ -19,10 +19,26 @@ from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
-import av
 import numpy as np
 
 from pipelines.common.job import ItemError
+
+
+class _LazyAV:
+    """PyAV, imported on first use: procedural videos with ``procedural.codec=none`` never touch a codec, so
+    the pseudo-4D job runs where PyAV (tens of MB of FFmpeg) is not installed, e.g. a GPU node's image."""
+
+    def __getattr__(self, name: str):
+        try:
+            import av as module
+        except ImportError as exc:
+            from pipelines.common.errors import UserError
+            raise UserError("reading or writing video needs PyAV ('pip install av'); procedural input with "
+                            "--procedural.codec none needs no codec") from exc
+        return getattr(module, name)
+
+
+av = _LazyAV()
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 

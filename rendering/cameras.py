@@ -2,12 +2,18 @@
 
 Pure numpy, so the math is testable without Blender. World space is Blender's
 (Z up). The object is normalized to fit the unit sphere at the origin over all
-sampled frames, so a camera at ``distance >= 1 / sin(fov / 2)`` keeps it in frame
-whatever the animation does.
+sampled frames, so a camera at ``distance >= 1 / sin(narrower fov / 2)`` keeps it
+in frame whatever the animation does.
+
+``fov_deg`` is the *vertical* field of view (Blender ``sensor_fit = "VERTICAL"``):
+the frame's height spans it whatever the aspect ratio, and the horizontal one
+follows from ``width / height``. For the landscape frames the model trains on
+(9:16) the vertical one is the narrower, so it is the one that bounds the object.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -19,7 +25,7 @@ BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 @dataclass(frozen=True)
 class CircleRig:
-    """Where the V cameras sit: a circle at ``elevation`` around the origin."""
+    """Where the V cameras sit: a circle at ``elevation`` around the origin; ``fov_deg`` is vertical."""
 
     views: int
     elevation_deg: float
@@ -39,9 +45,30 @@ class CircleRig:
         return [self.start_azimuth_deg + i * step for i in range(self.views)]
 
 
-def fit_distance(fov_deg: float, radius: float = 1.0, margin: float = 1.05) -> float:
-    """Smallest distance at which a sphere of ``radius`` at the origin stays inside a cone of ``fov_deg``."""
-    return margin * radius / math.sin(math.radians(fov_deg) / 2.0)
+def start_azimuth(uid: str, seed: int, random: bool) -> float:
+    """A random but reproducible start azimuth per asset (same uid and seed, same cameras); 0 unless ``random``."""
+    if not random:
+        return 0.0
+    digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") / 2**32 * 360.0
+
+
+def fields_of_view(fov_deg: float, width: int, height: int) -> tuple[float, float]:
+    """(horizontal, vertical) field of view in degrees of a ``width`` x ``height`` frame, vertical = ``fov_deg``."""
+    half_y = math.radians(fov_deg) / 2.0
+    half_x = math.atan(math.tan(half_y) * width / height)
+    return math.degrees(2.0 * half_x), fov_deg
+
+
+def fit_distance(fov_deg: float, width: int, height: int, radius: float = 1.0, margin: float = 1.05) -> float:
+    """Smallest distance at which a sphere of ``radius`` at the origin stays inside the frame (times ``margin``).
+
+    A sphere on the optical axis touches the frustum's side planes first where the
+    half-angle is smallest, so the narrower of the two fields of view decides
+    (the frame's corners reach further out, never less).
+    """
+    narrow = min(fields_of_view(fov_deg, width, height))
+    return margin * radius / math.sin(math.radians(narrow) / 2.0)
 
 
 def look_at_c2w(position: np.ndarray, target: np.ndarray = np.zeros(3)) -> np.ndarray:
@@ -80,8 +107,8 @@ def opencv_w2c(c2w_blender: np.ndarray) -> np.ndarray:
 
 
 def intrinsics(fov_deg: float, width: int, height: int) -> np.ndarray:
-    """Pinhole K in pixels; ``fov_deg`` spans the larger image side (Blender's AUTO sensor fit)."""
-    f = (max(width, height) / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    """Pinhole K in pixels; ``fov_deg`` spans the image height (Blender's VERTICAL sensor fit), square pixels."""
+    f = (height / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
 
 
@@ -99,4 +126,4 @@ def cameras_json(rig: CircleRig, width: int, height: int) -> dict:
             "K": [K.tolist() for _ in range(rig.views)],
             "w2c": [opencv_w2c(c).tolist() for c in blender_c2w(rig)],
             "azimuth_deg": rig.azimuths_deg(), "elevation_deg": rig.elevation_deg, "distance": rig.distance,
-            "fov_deg": rig.fov_deg}
+            "fov_deg": rig.fov_deg, "fov_x_deg": fields_of_view(rig.fov_deg, width, height)[0]}

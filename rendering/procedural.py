@@ -220,9 +220,14 @@ def export_glb(kind: str, seed: int, path: str | Path, n_actions: int = 2, frame
     return path
 
 
-def kind_for(index: int) -> str:
-    """Cycle through the kinds so any N >= 3 assets cover all of them."""
-    return KINDS[index % len(KINDS)]
+def kind_for(seed: int) -> str:
+    """The kind of the procedural asset built from ``seed``.
+
+    A function of the seed alone, so an asset id (which names the seed) means one
+    asset under any job --seed; consecutive seeds cycle through the kinds, so any
+    3 in a row cover all of them.
+    """
+    return KINDS[seed % len(KINDS)]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Ray actor turns into shard samples.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -16,16 +15,8 @@ from typing import Any
 import bpy
 
 from rendering import scene as S
-from rendering.cameras import CircleRig, cameras_json, fit_distance
+from rendering.cameras import CircleRig, cameras_json, fit_distance, start_azimuth
 from rendering.settings import RenderSettings
-
-
-def start_azimuth(uid: str, s: RenderSettings) -> float:
-    """A random but reproducible start azimuth per asset (same uid and seed, same cameras)."""
-    if not s.random_azimuth:
-        return 0.0
-    digest = hashlib.sha256(f"{s.seed}:{uid}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") / 2**32 * 360.0
 
 
 def _render_grid(frames: list[float], views: int, s: RenderSettings, cams: list, tmp: str,
@@ -73,11 +64,11 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
     scene_fps = scene.render.fps / scene.render.fps_base
     S.configure_engine(s)
     S.setup_lighting(s)
-    distance = s.distance if s.distance > 0 else fit_distance(s.fov_deg)
+    distance = s.distance if s.distance > 0 else fit_distance(s.fov_deg, s.width, s.height)
     rig = CircleRig(views=s.views, elevation_deg=s.elevation_deg, distance=distance, fov_deg=s.fov_deg,
-                    start_azimuth_deg=start_azimuth(uid, s), arc_deg=s.arc_deg)
+                    start_azimuth_deg=start_azimuth(uid, s.seed, s.random_azimuth), arc_deg=s.arc_deg)
     cams = S.setup_cameras(rig, s)
-    cameras = cameras_json(rig, s.resolution, s.resolution)
+    cameras = cameras_json(rig, s.width, s.height)
     samples = []
     tmp = tempfile.mkdtemp(prefix="render-", dir=os.environ.get("RENDER_SCRATCH") or None)
     try:
@@ -100,7 +91,7 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
                     files.update(_render_grid(frames, s.views, s, cams, tmp, "normal.png"))
                 extra["normal_space"] = "world"
             meta = {"kind": "render", "item_id": uid, "uid": uid, "source": source, "action": action.name,
-                    "views": s.views, "frames": s.frames, "height": s.resolution, "width": s.resolution,
+                    "views": s.views, "frames": s.frames, "height": s.height, "width": s.width,
                     "fps": s.fps, "scene_fps": scene_fps, "frame_indices": frames,
                     "action_range": [start, end], "animated": animated, "normalization": norm,
                     "render": {"engine": s.engine, "samples": s.samples, "denoise": s.denoise,

@@ -253,7 +253,9 @@ def setup_cameras(rig: CircleRig, s: RenderSettings) -> list:
     cams = []
     for v, c2w in enumerate(blender_c2w(rig)):
         data = bpy.data.cameras.new(f"cam_v{v:02d}")
-        data.sensor_fit = "AUTO"
+        # VERTICAL: ``angle`` is the frame height's field of view whatever the aspect ratio, which is what
+        # cameras.intrinsics assumes (AUTO would give it to the larger side, the width of a landscape frame).
+        data.sensor_fit = "VERTICAL"
         data.angle = math.radians(rig.fov_deg)
         data.clip_start = max(0.01, rig.distance - 2.0)
         data.clip_end = rig.distance + 2.0
@@ -280,7 +282,8 @@ def setup_cameras(rig: CircleRig, s: RenderSettings) -> list:
 def configure_engine(s: RenderSettings) -> None:
     scene = bpy.context.scene
     r = scene.render
-    r.resolution_x = r.resolution_y = s.resolution
+    r.resolution_x, r.resolution_y = s.width, s.height
+    r.pixel_aspect_x = r.pixel_aspect_y = 1.0  # square pixels: K has fx == fy
     r.resolution_percentage = 100
     r.film_transparent = True
     r.use_persistent_data = s.persistent_data

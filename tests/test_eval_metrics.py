@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.eval_metrics import (MissingWeights, consistency_error, frechet_distance, fvd, grid_report, lpips,
-                                    psnr, ssim)
+from pipelines.eval_metrics import (METRICS, MissingWeights, consistency_error, frechet_distance, fvd, grid_report,
+                                    high_frequency_energy, high_frequency_ratio, lpips, psnr, spread, ssim)
 
 
 def test_psnr_matches_hand_computation() -> None:
@@ -38,6 +38,67 @@ def test_consistency_errors_see_flicker_and_view_jumps() -> None:
     gen[:, 1] += 0.3  # one time step flickers in every view
     assert consistency_error(gen, truth, axis=1) == pytest.approx(0.3)  # |+0.3| and |-0.3| over 2 diffs
     assert consistency_error(gen, truth, axis=0) == pytest.approx(0.0)
+
+
+def test_consistency_counts_only_pairs_with_a_generated_cell() -> None:
+    # 2 views x 3 times, first row and column given (copied exactly); one generated cell is off by 0.3.
+    truth = torch.zeros(2, 3, 3, 4, 4)
+    gen = truth.clone()
+    gen[1, 1] += 0.3
+    given = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # time pairs with a generated cell: (1,0)-(1,1) and (1,1)-(1,2), both off by 0.3; the two pairs of given
+    # cells in row 0 score 0 by construction and are not counted (the whole grid would average 0.15).
+    assert consistency_error(gen, truth, axis=1, given=given) == pytest.approx(0.3)
+    assert consistency_error(gen, truth, axis=1) == pytest.approx(0.15)
+    # view pairs: (0,1)-(1,1) off by 0.3, (0,2)-(1,2) exact; the given pair (0,0)-(1,0) is not counted
+    assert consistency_error(gen, truth, axis=0, given=given) == pytest.approx(0.15)
+    rep = grid_report(gen, truth, given)
+    assert rep["temporal_consistency_error"] == pytest.approx(0.3)
+    assert rep["multiview_consistency_error"] == pytest.approx(0.15)
+
+
+def test_high_frequency_energy_of_stripes_and_blur() -> None:
+    stripes = torch.zeros(1, 3, 8, 8)
+    stripes[..., ::2] = 1.0  # the Laplacian of alternating columns is +-2 everywhere: energy 4
+    assert high_frequency_energy(stripes).item() == pytest.approx(4.0)
+    assert high_frequency_energy(torch.full((2, 3, 8, 8), 0.7)).tolist() == pytest.approx([0.0, 0.0])
+    torch.manual_seed(0)
+    sharp = torch.rand(4, 3, 32, 32)
+    blurred = torch.nn.functional.avg_pool2d(sharp, 3, stride=1, padding=1, count_include_pad=False)
+    assert high_frequency_energy(blurred).shape == (4,)
+    ratio = high_frequency_ratio(blurred, sharp)
+    assert ratio < 0.2  # a 3x3 box blur of white noise keeps little energy above half Nyquist
+    assert high_frequency_ratio(sharp, sharp) == pytest.approx(1.0)
+    assert psnr(blurred, sharp).mean() > psnr(torch.rand(4, 3, 32, 32), sharp).mean()  # why PSNR is not enough
+
+
+def test_object_psnr_counts_only_object_pixels() -> None:
+    truth = torch.full((2, 2, 3, 8, 8), 0.5)
+    gen = truth.clone()
+    objects = torch.zeros(2, 2, 1, 8, 8, dtype=torch.bool)
+    objects[..., 2:6, 2:6] = True
+    gen[1, 1] += torch.where(objects[1, 1], 0.1, 0.3)  # 0.1 off on the object, 0.3 off on the background
+    given = torch.tensor([[1, 1], [1, 0]])
+    rep = grid_report(gen, truth, given, objects)
+    assert rep["psnr_object"] == pytest.approx(20.0)  # mse 0.01 over the object
+    assert rep["psnr"] < 13.0  # the background error dominates the whole-cell PSNR
+    assert math.isnan(grid_report(gen, truth, given)["psnr_object"])  # no alpha: n/a, never a number
+
+
+def test_registry_drives_the_grid_report() -> None:
+    truth = torch.rand(2, 3, 3, 8, 8)
+    rep = grid_report(truth.clone(), truth, torch.tensor([[1, 1, 1], [1, 0, 0]]))
+    per_grid = {k for k, m in METRICS.items() if m.per_grid}
+    assert {"psnr", "ssim", "psnr_object", "temporal_consistency_error", "multiview_consistency_error",
+            "hf_energy_ratio"} == per_grid
+    assert per_grid <= set(rep) and {"fvd", "lpips"} <= set(METRICS) - per_grid
+    assert rep["hf_energy_ratio"] == pytest.approx(1.0) and rep["psnr"] == pytest.approx(100.0)
+
+
+def test_spread_of_per_grid_values() -> None:
+    s = spread([20.0, 22.0, float("nan"), 24.0])
+    assert (s["mean"], s["min"], s["max"]) == (22.0, 20.0, 24.0) and s["std"] == pytest.approx(2.0)
+    assert math.isnan(spread([21.0])["std"]) and math.isnan(spread([float("nan")])["mean"])
 
 
 def test_grid_report_averages_only_generated_cells() -> None:

@@ -125,16 +125,31 @@ def test_batch_generation_on_ray_data(ray_local, fourd_run, train_grids: Path, t
 
 
 def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    import torch
+
     from pipelines.evaluate_4d import EvalConfig, evaluate
-    cfg = EvalConfig(grids=str(train_grids), checkpoints=[f"soft={_ckpt(fourd_run)}"], max_grids=2, steps=1,
+    from shardgen import make_grid_shards
+    # held-out renders: other items than the pseudo-4D training grids, RGBA so object PSNR applies
+    heldout = make_grid_shards(tmp_path / "heldout", n=2, views=4, frames=6, size=32, rgba=True)
+    cfg = EvalConfig(grids=[f"render={heldout}"], checkpoints=[f"soft={_ckpt(fourd_run)}"], max_grids=2, steps=1,
                      method="euler", out=str(tmp_path / "eval"))
     res = evaluate(cfg)
-    assert set(res["results"]) == {"soft", "train_free_hard", "train_free_soft"}
-    soft = res["results"]["soft"]
+    rows = res["results"]["render"]
+    assert set(rows) == {"soft", "train_free_hard", "train_free_soft", "train_free_sequential", "copy_first_row",
+                         "copy_first_column"}
+    soft = rows["soft"]
     assert soft["grids"] == 2 and np.isfinite(soft["psnr"]) and 0 < soft["ssim"] <= 1
+    assert np.isfinite(soft["psnr_object"]) and soft["psnr_min"] <= soft["psnr"] <= soft["psnr_max"]
     assert np.isnan(soft["fvd"]) and "FVD not computed: no weights given" in res["notes"]["fvd"]
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "| soft | 2 |" in report and "| train_free_soft |" in report and "n/a" in report
+    assert "| soft | 2 |" in report and "| train_free_soft |" in report and "n/a" in report and " ± " in report
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlflow.db'}")
     (rec,) = client.search_runs([client.get_experiment_by_name("4real-eval").experiment_id])
-    assert "soft/psnr" in rec.data.metrics and "train_free_hard/ssim" in rec.data.metrics
+    assert "render/soft/psnr" in rec.data.metrics and "render/train_free_hard/ssim" in rec.data.metrics
+    # Training records its items in the checkpoint, so scoring on the training grids is refused.
+    ckpt = torch.load(Path(_ckpt(fourd_run)) / "model.pt", map_location="cpu", weights_only=False)
+    assert ckpt["data_items"]["items"]
+    with pytest.raises(UserError, match="variant 'soft' was trained on item 'procedural-"):
+        evaluate(dataclasses.replace(cfg, grids=[str(train_grids)], out=str(tmp_path / "eval_train")))

@@ -109,3 +109,25 @@ def test_flop_formula_matches_torch_flop_counter():
         model(x, torch.rand(2), torch.zeros(2, dtype=torch.long))
     counted = counter.get_total_flops() / 2
     assert counted == pytest.approx(model.flops_per_sample(4, 16, 24), rel=0.03)
+
+
+def test_text_is_pooled_over_real_tokens_and_dropped_to_a_null_embedding():
+    from model.dit import dit_config
+    torch.manual_seed(0)
+    model = VideoDiT(dit_config("tiny", text_dim=8, text_dropout=0.0)).eval()
+    with torch.no_grad():
+        model.null_text.normal_()
+    t, ctx = torch.rand(2), torch.zeros(2, dtype=torch.long)
+    text = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    padded = text.clone()
+    padded[0, 2:] = 100.0  # padding content must not matter once masked
+    c1 = model.time_context_embedding(t, ctx, text, mask)
+    c2 = model.time_context_embedding(t, ctx, padded, mask)
+    torch.testing.assert_close(c1, c2)
+    assert not torch.allclose(c1, model.time_context_embedding(t, ctx, padded))  # unmasked mean is diluted
+    # no text = the learned null embedding, which dropout also uses in training
+    null = model.time_context_embedding(t, ctx, None)
+    model.cfg.text_dropout = 1.0
+    model.train()
+    torch.testing.assert_close(model.time_context_embedding(t, ctx, text, mask), null)

@@ -49,18 +49,46 @@ def test_soft_sync_zero_init_is_the_base_model_along_each_axis():
     torch.testing.assert_close(model(x, t, cond, mask), 0.5 * (out_view + out_time))
 
 
-def test_hard_sync_at_init_is_the_average_of_the_streams():
-    sync = HardSync(32)
-    randomize_(sync.time_mod)  # the time modulation must not matter either: its init is exactly zero
-    torch.nn.init.zeros_(sync.time_mod.weight)
-    torch.nn.init.zeros_(sync.time_mod.bias)
+@pytest.mark.parametrize("full", [True, False])
+def test_hard_sync_at_init_is_the_average_of_the_streams(full):
+    sync = HardSync(32, full=full)
     yv, yt = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     torch.testing.assert_close(sync(yv, yt, torch.randn(2, 32)), 0.5 * (yv + yt))
     # The whole model: learned hard sync at init equals the training-free average of Eq. 12.
     base = tiny_dit()
     x, t, cond, mask = grid_inputs()
-    hard = FourDModel(base, FourDConfig(sync="hard"))(x, t, cond, mask)
+    variant = "hard" if full else "hard_channel"
+    hard = FourDModel(base, FourDConfig(sync=variant))(x, t, cond, mask)
     torch.testing.assert_close(hard, FourDModel(base, FourDConfig(sync="train_free_hard"))(x, t, cond, mask))
+
+
+def test_hard_sync_is_a_full_linear_map_modulated_by_flow_time():
+    """Eq. 8's W^v, W^t are linear maps over channels (I/2 at init), not per-channel scales."""
+    sync = HardSync(16, full=True)
+    assert sync.w_view.weight.shape == (16, 16)
+    torch.testing.assert_close(sync.w_view.weight, torch.eye(16) * 0.5)
+    yv, yt, temb = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(2, 16)
+    sync(yv, yt, temb).pow(2).sum().backward()
+    off_diagonal = sync.w_view.weight.grad - torch.diag(torch.diagonal(sync.w_view.weight.grad))
+    assert off_diagonal.abs().sum() > 0  # channels mix: a per-channel weight would have no such gradient
+    assert sync.time_mod.weight.grad.abs().sum() > 0  # the flow-time modulation is trained too
+    with torch.no_grad():  # and it acts: a non-zero modulation changes the output with the flow time
+        sync.time_mod.weight.normal_()
+    assert not torch.allclose(sync(yv, yt, temb), sync(yv, yt, -temb))
+    channel = HardSync(16, full=False)
+    assert sum(p.numel() for p in channel.parameters()) < sum(p.numel() for p in sync.parameters())
+
+
+def test_train_free_sequential_is_the_sequential_variant_before_training():
+    base = tiny_dit()
+    x, t, cond, mask = grid_inputs()
+    seq = FourDModel(base, FourDConfig(sync="sequential"))
+    free = FourDModel(base, FourDConfig(sync="train_free_sequential"))
+    assert not free.sync_parameters() and seq.sync_parameters()
+    torch.testing.assert_close(seq(x, t, cond, mask), free(x, t, cond, mask))
+    with torch.no_grad():  # once the copied attention moves, the trained variant differs
+        seq.time_attn[0].proj.weight.add_(0.1)
+    assert not torch.allclose(seq(x, t, cond, mask), free(x, t, cond, mask))
 
 
 def test_soft_schedule_init_is_the_training_free_soft_sync():

@@ -1,9 +1,12 @@
-"""x4 video upsampler: shapes, conditioning on the low-res video, clip-wise sampling."""
+"""x4 video upsampler: shapes, conditioning on the low-res video, noise augmentation, shared noise, FLOPs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from model import UPSAMPLER_PRESETS, VideoUpsampler, upsampler_config
 from tests.model_helpers import randomize_
@@ -12,6 +15,10 @@ from tests.model_helpers import randomize_
 def tiny_upsampler(**overrides) -> VideoUpsampler:
     torch.manual_seed(0)
     return randomize_(VideoUpsampler(upsampler_config("tiny", **overrides)))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def test_forward_shape_and_lowres_conditioning():
@@ -24,23 +31,139 @@ def test_forward_shape_and_lowres_conditioning():
     assert not torch.allclose(out, model(x, t, lowres + 0.5))
     with pytest.raises(ValueError, match="x4 smaller"):
         model(x, t, torch.rand(2, 3, 3, 4, 6))
+    with pytest.raises(ValueError, match="aug_level must be"):
+        model(x, t, lowres, aug_level=torch.zeros(3))
 
 
 def test_upsample_samples_clip_by_clip():
     model = tiny_upsampler()
     lowres = torch.rand(2, 6, 3, 2, 3) * 2 - 1  # 6 frames, clips of 4: one clip of 4 and one of 2 per video
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    hr = model.upsample(lowres, steps=2, generator=g())
+    hr = model.upsample(lowres, steps=2, generator=gen())
     assert hr.shape == (2, 6, 3, 8, 12)
     assert hr.abs().max() <= 1 and torch.isfinite(hr).all()
-    torch.testing.assert_close(model.upsample(lowres, steps=2, generator=g()), hr)
+    torch.testing.assert_close(model.upsample(lowres, steps=2, generator=gen()), hr)
 
 
-def test_training_loss_backpropagates():
+def test_augmentation_level_is_a_model_input():
+    x, t = torch.randn(2, 3, 3, 8, 12), torch.rand(2)
+    lowres = torch.rand(2, 3, 3, 2, 3) * 2 - 1
+    zero, high = torch.zeros(2), torch.full((2,), 0.3)
+    # A trained (here: random) level embedding: the same condition pixels, another level, another velocity.
     model = tiny_upsampler()
-    loss, _ = model.training_loss(torch.randn(1, 2, 3, 8, 12), torch.randn(1, 2, 3, 2, 3))
+    assert not torch.allclose(model(x, t, lowres, zero), model(x, t, lowres, high))
+
+    # Freshly initialised embedding (DiT randomised so the output is not zero): the level alone changes
+    # nothing, the model equals the plain DiT on the same condition, and only the corrupted pixels matter.
+    fresh = VideoUpsampler(upsampler_config("tiny"))
+    randomize_(fresh.dit)
+    ctx = torch.zeros(2, dtype=torch.long)
+    plain = fresh.dit(x, t, ctx, pixels=fresh.upsample_input(lowres))
+    torch.testing.assert_close(fresh(x, t, lowres, zero), plain, rtol=0, atol=0)
+    torch.testing.assert_close(fresh(x, t, lowres, high), plain, rtol=0, atol=0)
+    corrupted = fresh.corrupt_lowres(lowres, high, torch.randn(lowres.shape, generator=gen()))
+    assert not torch.allclose(fresh(x, t, corrupted, high), plain)
+    # ...which upsample applies: level 0 and level 0.3 sample differently even with a zero embedding.
+    clean = fresh.upsample(lowres, steps=2, generator=gen(), aug_level=0.0)
+    assert not torch.allclose(fresh.upsample(lowres, steps=2, generator=gen(), aug_level=0.3), clean)
+    # The default level comes from the config and is not zero.
+    assert fresh.cfg.sample_aug_level > 0
+    torch.testing.assert_close(fresh.upsample(lowres, steps=2, generator=gen()),
+                               fresh.upsample(lowres, steps=2, generator=gen(), aug_level=fresh.cfg.sample_aug_level))
+    with pytest.raises(ValueError, match="aug_level must be in"):
+        fresh.upsample(lowres, aug_level=1.5)
+
+
+def test_checkpoint_without_level_embedding_loads_and_samples_clean():
+    model = tiny_upsampler()
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("aug_embed.")}
+    loaded = VideoUpsampler(upsampler_config("tiny"))
+    randomize_(loaded.aug_embed)  # whatever it holds, a pre-augmentation checkpoint must zero its output
+    loaded.load_state_dict(old)  # strict
+    assert loaded.cfg.sample_aug_level == 0.0 and model.cfg.sample_aug_level > 0  # the config is a copy
+    x, t, lowres = torch.randn(1, 2, 3, 8, 12), torch.rand(1), torch.rand(1, 2, 3, 2, 3)
+    ctx = torch.zeros(1, dtype=torch.long)
+    torch.testing.assert_close(loaded(x, t, lowres, torch.full((1,), 0.2)),
+                               model.dit(x, t, ctx, pixels=model.upsample_input(lowres)))
+
+
+def test_shared_noise_makes_identical_rows_identical():
+    model = tiny_upsampler()
+    # 5 identical rows of 6 frames: the 4-frame clips fill more than one batch of 4 (batch_clips), so the
+    # shared draw must also hold across batches, not only within one.
+    lowres = (torch.rand(1, 6, 3, 2, 3) * 2 - 1).expand(5, -1, -1, -1, -1).contiguous()
+    shared = model.upsample(lowres, steps=2, generator=gen(), aug_level=0.2)
+    for row in shared[1:]:
+        torch.testing.assert_close(row, shared[0])
+    independent = model.upsample(lowres, steps=2, generator=gen(), aug_level=0.2, shared_noise=False)
+    assert not torch.allclose(independent[1], independent[0])
+    # Different rows still get different outputs under shared noise (the noise is shared, not the result).
+    other = lowres.clone()
+    other[1] = -other[1]
+    assert not torch.allclose(model.upsample(other, steps=2, generator=gen())[1], shared[1])
+
+
+def test_training_loss_is_seeded_and_augments_the_condition():
+    hr = torch.rand(2, 4, 3, 8, 12) * 2 - 1
+    lowres = F.avg_pool2d(hr.flatten(0, 1), 4).view(2, 4, 3, 2, 3)
+    model = tiny_upsampler()
+    loss, aux = model.training_loss(hr, lowres, gen(3))
+    again, _ = model.training_loss(hr, lowres, gen(3))
+    assert torch.equal(loss, again)
+    assert not torch.equal(loss, model.training_loss(hr, lowres, gen(4))[0])
+
+    never, aux_never = tiny_upsampler(aug_prob=0.0).training_loss(hr, lowres, gen(3))
+    always, aux_always = tiny_upsampler(aug_prob=1.0).training_loss(hr, lowres, gen(3))
+    assert aux_never["aug_level_mean"] == 0
+    assert 0 < aux_always["aug_level_mean"] <= model.cfg.aug_max
+    # Same weights, same flow times and noise (the level draws happen either way): only the condition differs.
+    assert not torch.allclose(never, always)
+    torch.testing.assert_close(aux_never["t_mean"], aux_always["t_mean"])
+
+    # With a zero level embedding the level cannot tell the two apart: the condition pixels themselves are
+    # corrupted in training, not only the level reported to the model.
+    losses = []
+    for prob in (0.0, 1.0):
+        fresh = VideoUpsampler(upsampler_config("tiny", aug_prob=prob))
+        randomize_(fresh.dit)
+        losses.append(fresh.training_loss(hr, lowres, gen(3))[0])
+    assert not torch.allclose(losses[0], losses[1])
+
+
+def test_training_loss_gives_every_parameter_a_gradient():
+    model = tiny_upsampler(aug_prob=1.0)
+    loss, _ = model.training_loss(torch.randn(2, 2, 3, 8, 12), torch.randn(2, 2, 3, 2, 3), gen())
     loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    names = [name for name, _ in model.named_parameters()]
+    assert any(name.startswith("aug_embed.") for name in names)
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+def test_zero_initialised_level_embedding_still_learns():
+    # adaLN-Zero style output layer: zero at init, yet it gets a gradient as soon as the DiT uses c.
+    model = VideoUpsampler(upsampler_config("tiny", aug_prob=1.0))
+    randomize_(model.dit)
+    out_layer = model.aug_embed.mlp[-1]
+    assert not out_layer.weight.any() and not out_layer.bias.any()
+    loss, _ = model.training_loss(torch.randn(2, 2, 3, 8, 12), torch.randn(2, 2, 3, 2, 3), gen())
+    loss.backward()
+    assert out_layer.weight.grad.abs().sum() > 0 and out_layer.bias.grad.abs().sum() > 0
+
+
+def test_flop_formula_matches_torch_flop_counter():
+    model = VideoUpsampler(upsampler_config("tiny", width=64, heads=4, depth=3))
+    x, lowres = torch.randn(2, 4, 3, 16, 24), torch.randn(2, 4, 3, 4, 6)
+    # The math backend runs attention as plain matmuls, which the counter sees on CPU.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, torch.rand(2), lowres, torch.rand(2))
+    assert counter.get_total_flops() / 2 == pytest.approx(model.flops_per_sample(4, 16, 24), rel=0.03)
+
+    # Sampling attends within clips: 6 frames are a clip of 4 and a clip of 2, far fewer attention FLOPs
+    # than one 6-frame clip; one Euler step is one forward pass per clip.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.upsample(torch.rand(1, 6, 3, 4, 6) * 2 - 1, steps=1, method="euler", generator=gen())
+    assert counter.get_total_flops() == pytest.approx(model.flops_per_sample(6, 16, 24), rel=0.03)
+    assert model.flops_per_sample(6, 16, 24) < model.dit.flops_per_sample(6, 16, 24)
 
 
 def test_paper_preset_targets_288x512_grids():
@@ -48,5 +171,7 @@ def test_paper_preset_targets_288x512_grids():
         model = VideoUpsampler(UPSAMPLER_PRESETS["paper"])
     assert model.scale == 4 and model.cfg.clip_frames == 8
     assert 100e6 < model.num_parameters() < 250e6
-    # An 8x8 grid at 288x512: 64 frames in 8 clips of 8.
-    assert model.flops_per_sample(64, 288, 512) == pytest.approx(8 * model.flops_per_sample(8, 288, 512))
+    cfg = model.cfg
+    assert 0 < cfg.sample_aug_level <= cfg.aug_max < 1 and 0 < cfg.aug_prob < 1
+    with pytest.raises(ValueError, match="aug_max must be in"):
+        VideoUpsampler(upsampler_config("tiny", aug_max=1.5))

@@ -209,7 +209,11 @@ def test_procedural_items_with_and_without_the_codec_round_trip(codec):
     cfg = PRESETS["tiny"]()
     cfg.procedural.codec = codec
     items = list_items(cfg)
-    assert [i["item_id"] for i in items] == ["procedural-00000", "procedural-00001", "procedural-00002"]
+    assert [i["item_id"] for i in items] == ["procedural-000000", "procedural-000001", "procedural-000002"]
+    # an id names one video: another job seed gives the same video (seed 1) the same id, and new ones new ids
+    cfg.procedural.seed = 1
+    assert [i["item_id"] for i in list_items(cfg)] == ["procedural-000001", "procedural-000002", "procedural-000003"]
+    cfg.procedural.seed = 0
     grid = Pseudo4DProcessor(cfg)(items[0])[0]
     meta = json.loads(grid.files["meta.json"])
     assert meta["source"] == "procedural:0" and meta["source_size"] == [64, 48] and meta["motion"] > 1.0

@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.common.config import ConfigError
+from pipelines.common.config import ConfigError, parse_config
 from pipelines.common.errors import UserError
 from pipelines.common.shards import iter_tar_samples
-from pipelines.render_objaverse import main
+from pipelines.render_objaverse import PRESETS, RenderJobConfig, list_items, main
 from rendering.cameras import project
+from rendering.procedural import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,56 @@ def test_procedural_job_multi_action_skinned_shapekey(ray_local, tmp_path):
         ys, xs = np.mgrid[0:40, 0:40]
         centroid = np.array([(xs * alpha).sum(), (ys * alpha).sum()]) / alpha.sum() + 0.5
         np.testing.assert_allclose(centroid, expected, atol=1.0)
+
+
+def test_non_square_render_matches_its_cameras(ray_local, tmp_path):
+    """A 9:16 frame: PNGs, meta, cameras.json and the index agree on 36x64, and K/w2c put the object where it is."""
+    out = tmp_path / "out"
+    main(["--preset", "tiny", "--output", str(out), "--seed", "2", "--count", "1", "--max-actions", "1",
+          "--views", "3", "--height", "36", "--width", "64", "--cache-dir", str(tmp_path / "cache")])
+    (key, files), = _samples(out).items()
+    assert key == "proc-000002__morph_squash"  # seed 2 is the shape-key blob: symmetric, centred by normalization
+    meta, cams = json.loads(files["meta.json"]), json.loads(files["cameras.json"])
+    assert (meta["height"], meta["width"]) == (cams["height"], cams["width"]) == (36, 64)
+    (row,) = pq.read_table(out / "index.parquet").to_pylist()
+    assert (row["height"], row["width"]) == (36, 64)
+    assert len(set(cams["azimuth_deg"])) == 3 and cams["azimuth_deg"][-1] - cams["azimuth_deg"][0] == \
+        pytest.approx(meta["render"]["arc_deg"])
+    ys, xs = np.mgrid[0:36, 0:64]
+    for v in range(3):
+        for t in range(2):
+            img = _rgba(files[f"v{v:02d}t{t:02d}.png"])
+            assert img.shape == (36, 64, 4)
+            alpha = img[..., 3].astype(float)
+            border = np.concatenate([alpha[0], alpha[-1], alpha[:, 0], alpha[:, -1]])
+            assert alpha.max() > 0 and border.max() == 0, f"v{v}t{t} is empty or cut by the frame"
+        # The origin projects onto the blob's centroid: K is the non-square frame's, fx == fy.
+        expected = project(np.array(cams["K"][v]), np.array(cams["w2c"][v]), np.zeros((1, 3)))[0]
+        alpha = _rgba(files[f"v{v:02d}t01.png"])[..., 3].astype(float)
+        centroid = np.array([(xs * alpha).sum(), (ys * alpha).sum()]) / alpha.sum() + 0.5
+        np.testing.assert_allclose(centroid, expected, atol=1.0)
+
+
+def test_size_options_and_resolution_shortcut():
+    assert (RenderJobConfig().height, RenderJobConfig().width) == (144, 256)
+    assert (PRESETS["paper"]().height, PRESETS["paper"]().width) == (144, 256)
+    cfg, _ = parse_config(RenderJobConfig, PRESETS, ["--preset", "tiny", "--resolution", "40"])
+    assert (cfg.height, cfg.width, cfg.resolution) == (40, 40, 0)
+    settings = cfg.render_settings()
+    assert (settings.height, settings.width) == (40, 40)
+    cfg, _ = parse_config(RenderJobConfig, PRESETS, ["--preset", "tiny", "--height", "90", "--width", "160"])
+    assert (cfg.height, cfg.width) == (90, 160)
+
+
+def test_procedural_ids_name_one_asset_across_seeds():
+    first = {i["item_id"]: i for i in list_items(RenderJobConfig(source="procedural", count=6, seed=0))}
+    later = {i["item_id"]: i for i in list_items(RenderJobConfig(source="procedural", count=6, seed=4))}
+    shared = sorted(first.keys() & later.keys())
+    assert shared == ["proc-000004", "proc-000005"]
+    for item_id in shared:
+        assert first[item_id] == later[item_id]  # same seed, same kind: the same asset
+    # Any run of 3 consecutive seeds still covers every kind.
+    assert {i["kind"] for i in list(later.values())[:3]} == set(KINDS)
 
 
 def test_shards_read_with_webdataset_and_ray(ray_local, tmp_path):
@@ -183,6 +234,9 @@ def test_resume_after_interrupted_part(ray_local, tmp_path):
     (["--source", "local", "--input", "/nonexistent/dir"], "no .glb"),
     (["--source", "objaverse", "--input", "/nonexistent/uids.txt"], "does not exist"),
     (["--distance", "0.5"], "too close"),
+    # Far enough for the 40-degree vertical view, not for the narrower horizontal one of a portrait frame.
+    (["--height", "32", "--width", "18", "--distance", "3.5"], "too close"),
+    (["--height", "4"], "--height"),
     (["--denoise-quality", "ULTRA"], "--denoise-quality"),
     (["--set", "inject_faults={a: explode}"], "hang or crash"),
 ])

@@ -37,9 +37,49 @@ def test_fill_grid_generates_each_cell_once(V: int, T: int, window: tuple[int, i
     assert torch.equal(out[0][given], grid[0][given])  # bit-exact
     assert (out[0][~given] == 7.0).all()
     assert count[given].sum() == 0 and (count[~given] == 1).all()
-    for m in seen_masks:  # every window conditions on a full first row and column, as in training
-        assert m[:, 0, :].all() and m[:, :, 0].all()
+    for m in seen_masks:  # every window conditions on exactly its first row and column, as in training
+        assert torch.equal(m, _l_shape(m))
     assert len(seen_masks) <= len(plan_windows(V, T, *[min(w, n) for w, n in zip(window, (V, T))], *overlap))
+
+
+def _l_shape(like: torch.Tensor) -> torch.Tensor:
+    m = torch.zeros_like(like)
+    m[:, 0, :] = 1
+    m[:, :, 0] = 1
+    return m
+
+
+@pytest.mark.parametrize("V,T,window,overlap", [(8, 11, (8, 8), (1, 1)), (11, 8, (8, 8), (1, 1)),
+                                                (11, 11, (8, 8), (1, 1)), (9, 17, (8, 8), (1, 1)),
+                                                (10, 12, (4, 5), (2, 2))])
+def test_every_window_sees_the_trained_l_shape(V: int, T: int, window: tuple[int, int],
+                                               overlap: tuple[int, int]) -> None:
+    """The flush last window overlaps more than asked: its extra known cells are masked out, never rewritten."""
+    torch.manual_seed(0)
+    grid = torch.randn(1, V, T, 3, 2, 2)
+    known = torch.zeros(1, V, T)
+    known[:, 0, :] = 1
+    known[:, :, 0] = 1
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def generate(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls.append((x.clone(), mask.clone()))
+        return torch.full_like(x, float(len(calls)))  # each window writes its own number
+
+    out, count = fill_grid(grid, known, window, generate, overlap)
+    assert len(calls) > 1
+    for x, mask in calls:
+        assert torch.equal(mask, _l_shape(mask))
+        assert (x[mask == 0] == 0).all()  # unknown-for-conditioning cells carry no stale values
+    given = known[0].bool()
+    assert torch.equal(out[0][given], grid[0][given]) and count[given].sum() == 0 and (count[~given] == 1).all()
+    # a cell keeps the number of the first window that covered it: later windows never rewrite it
+    wv, wt = min(window[0], V), min(window[1], T)
+    first = torch.zeros(V, T)
+    for i, (v0, t0) in enumerate(plan_windows(V, T, wv, wt, *overlap)):
+        region = first[v0:v0 + wv, t0:t0 + wt]
+        region[region == 0] = i + 1
+    assert torch.equal(out[0, :, :, 0, 0, 0][~given], first[~given])
 
 
 def test_missing_first_column_is_refused() -> None:

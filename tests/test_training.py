@@ -151,3 +151,23 @@ def test_zero3_checkpointing_accumulation_and_base_from_mlflow(ray_local, base_r
     assert all(torch.equal(four["state_dict"][f"base.{k}"], v) for k, v in base["state_dict"].items())
     hard = {k: v for k, v in four["state_dict"].items() if not k.startswith("base.")}
     assert hard and all(v.numel() > 0 for v in hard.values())  # gathered from ZeRO-3 partitions, not empty
+
+
+def test_second_phase_starts_from_4d_weights_not_its_data_position(ray_local, fourd_run: TrainConfig,
+                                                                   train_grids: Path, tmp_path: Path) -> None:
+    """Section 4.1's recipe: pseudo-4D, then a fine-tune from that 4D checkpoint (weights only)."""
+    from pipelines.common.errors import UserError
+    phase1 = str(Path(fourd_run.output) / "checkpoint_final")
+    with pytest.raises(UserError, match="trained with sync 'soft', this run trains 'hard'"):
+        run(tiny("4d", tmp_path / "wrong", [str(train_grids)], init_from=phase1, sync="hard"))
+    # lr 0: the exported sync weights must be exactly phase 1's, so they were taken over
+    cfg = tiny("4d", tmp_path / "p2", [str(train_grids)], init_from=phase1, total_samples=8,
+               **{"optim.lr": 0.0})
+    summary = run(cfg)
+    first = load_checkpoint(phase1)
+    second = load_checkpoint(str(Path(cfg.output) / "checkpoint_final"))
+    for k, v in first["state_dict"].items():
+        assert torch.equal(second["state_dict"][k], v), k
+    assert summary["metrics"]["samples_seen"] == cfg.total_samples  # its own schedule from step 0
+    items = set(second["data_items"]["items"])
+    assert items and items >= set(first["data_items"]["items"])

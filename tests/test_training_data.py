@@ -78,3 +78,73 @@ def test_mixing_follows_the_weights(tmp_path: Path) -> None:
 def test_missing_shards_are_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no shards found"):
         resolve_shards(str(tmp_path / "nothing"))
+
+
+def _contexts(loader: TrainLoader, n: int) -> tuple[list[int], dict]:
+    it = iter(loader)
+    ctx, state = [], {}
+    for _ in range(n):
+        batch, state = next(it)
+        ctx += batch["context"].tolist()
+    return ctx, state
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
+def test_base_stage_draws_contexts_in_the_configured_proportion(tmp_path: Path, fraction: float) -> None:
+    renders = make_grid_shards(tmp_path / "r", n=4, views=4, frames=8, size=8)
+    pseudo = make_grid_shards(tmp_path / "p", n=4, views=4, frames=4, size=8)
+    cfg = _cfg(renders, grids=[str(renders), str(pseudo)], freeze_time_fraction=fraction)
+    loader = TrainLoader("base", cfg, 4)
+    ctx, state = _contexts(loader, 60)
+    share = sum(ctx) / len(ctx)
+    assert abs(share - fraction) < 0.08, share
+    # what the loader reports is what it produced, per context and per source
+    counts = state["counts"]
+    assert counts.get("context_freeze-time", 0) == sum(ctx) and counts.get("context_dynamic", 0) == len(ctx) - sum(ctx)
+    assert counts.get("source0", 0) + counts.get("source1", 0) == len(ctx)
+    assert counts.get("source0", 0) > 0 and counts.get("source1", 0) > 0  # no source skipped
+
+
+def test_first_frame_only_masks_appear_at_the_configured_rate(shards: Path) -> None:
+    loader = TrainLoader("base", _cfg(shards, first_frame_only_prob=0.4), 8)
+    it = iter(loader)
+    masks = torch.cat([next(it)[0]["mask"] for _ in range(25)])
+    only_first = (masks[:, 0] == 1) & (masks[:, 1:].sum(1) == 0)
+    assert abs(only_first.float().mean().item() - 0.4) < 0.1
+
+
+def test_a_source_without_columns_long_enough_stops_the_base_stage_at_start(tmp_path: Path) -> None:
+    from training.data import check_sources
+    wide = make_grid_shards(tmp_path / "wide", n=2, views=2, frames=8, size=8)  # rows of 8, columns of 2
+    with pytest.raises(UserError, match="no data source gives freeze-time clips of 4 frames"):
+        check_sources("base", _cfg(wide, grids=[str(wide)], frames=4))
+    check_sources("base", _cfg(wide, grids=[str(wide)], frames=4, freeze_time_fraction=0.0))  # asked for: fine
+    small = make_grid_shards(tmp_path / "small", n=2, views=2, frames=2, size=8)
+    with pytest.raises(UserError, match=f"data source '{small}' gives no 4-frame clip"):
+        check_sources("base", _cfg(wide, grids=[str(wide), str(small)], frames=4, freeze_time_fraction=0.0))
+    with pytest.raises(UserError, match=f"data source '{small}' has no grid of at least 3 views x 4 frames"):
+        check_sources("4d", _cfg(wide, grids=[str(small)], frames=4, views=3))
+
+
+def test_loader_processes_split_the_data_and_resume_exactly(shards: Path) -> None:
+    """data.loader_processes: disjoint slices, a fixed batch order, and a state that resumes it exactly."""
+    from training.data import ProcessLoader, make_loader
+    cfg = _cfg(shards, loader_processes=2, shuffle_buffer=2)
+    straight = make_loader("4d", cfg, 2, rank=0, world=1)
+    assert isinstance(straight, ProcessLoader)
+    it = iter(straight)
+    batches, states = [], []
+    for _ in range(6):
+        b, st = next(it)
+        batches.append(b["x"])
+        states.append(st)
+    straight.close()
+    assert states[-1]["next"] == 0 and len(states[-1]["sub"]) == 2
+    assert sum(v for k, v in states[-1]["counts"].items() if k.startswith("source")) == 12
+    resumed = make_loader("4d", cfg, 2, rank=0, world=1, state=states[2])
+    rit = iter(resumed)
+    for ref in batches[3:]:
+        assert torch.equal(next(rit)[0]["x"], ref)
+    resumed.close()
+    with pytest.raises(UserError, match="saved with 2 loader processes"):
+        make_loader("4d", _cfg(shards), 2, state=states[2])

@@ -50,14 +50,89 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dst: str | Pa
 def load_checkpoint(spec: str) -> dict[str, Any]:
     path = resolve_checkpoint(spec)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if path.suffix == ".gz":  # shipped weights (slim_export): bf16 compresses by about a fifth
+            import gzip
+            import io
+            ckpt = torch.load(io.BytesIO(gzip.decompress(path.read_bytes())), map_location="cpu", weights_only=False)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); re-export it from its "
                         "training run") from None
     for key in ("stage", "model_config", "state_dict"):
         if key not in ckpt:
             raise UserError(f"checkpoint {path} lacks '{key}'; it was not written by this project's training")
+    if ckpt.get("base_ref"):
+        # A slim 4D checkpoint (see slim_fourd) stores its sync layers only and names the base it was
+        # trained on, beside it: the base is shared by every variant instead of copied into each.
+        base_path = path.parent / ckpt["base_ref"]
+        base = load_checkpoint(str(base_path))
+        if base["stage"] != "base" or base.get("digest") != ckpt.get("base_digest"):
+            raise UserError(f"checkpoint {path} needs its base {base_path}, which is missing or another base "
+                            "(digest differs); keep the files of one export together")
+        ckpt["state_dict"] = {**{f"base.{k}": v for k, v in base["state_dict"].items()}, **ckpt["state_dict"]}
+        ckpt["model_config"] = base["model_config"]
     return ckpt
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes and bytes of a state dict (identifies a set of weights)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def slim_export(checkpoints: dict[str, str], out: str | Path, base: str, dtype: torch.dtype = torch.bfloat16,
+                compress: bool = True) -> dict:
+    """Write shippable copies of one base and the checkpoints trained on it into ``out`` (bf16 by default).
+
+    ``checkpoints`` maps a name to a checkpoint spec. The base is written once as ``base.pt[.gz]``; each 4D
+    checkpoint keeps only its sync layers plus ``base_ref``/``base_digest`` (load_checkpoint puts the base
+    back); other stages (the upsampler) are written whole. ``compress`` gzips each file (load_checkpoint
+    reads both). Returns {name: file size in bytes}.
+    """
+    ext = ".pt.gz" if compress else ".pt"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def cast(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+    base_ckpt = load_checkpoint(base)
+    base_ckpt["state_dict"] = cast(base_ckpt["state_dict"])
+    base_ckpt["digest"] = state_digest(base_ckpt["state_dict"])
+    sizes = {"base": save_checkpoint_file(out / f"base{ext}", base_ckpt)}
+    for name, spec in checkpoints.items():
+        ckpt = load_checkpoint(spec)
+        sd = cast(ckpt["state_dict"])
+        if ckpt["stage"] == "4d":
+            frozen = {k[len("base."):]: v for k, v in sd.items() if k.startswith("base.")}
+            if state_digest(frozen) != base_ckpt["digest"]:
+                raise UserError(f"checkpoint '{spec}' ({name}) was not trained on the base '{base}'")
+            sd = {k: v for k, v in sd.items() if not k.startswith("base.")}
+            ckpt.update(base_ref=f"base{ext}", base_digest=base_ckpt["digest"])
+        ckpt["state_dict"] = sd
+        sizes[name] = save_checkpoint_file(out / f"{name}{ext}", ckpt)
+    return sizes
+
+
+def save_checkpoint_file(path: Path, payload: dict[str, Any]) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".gz":
+        import gzip
+        import io
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        tmp.write_bytes(gzip.compress(buf.getvalue(), compresslevel=9, mtime=0))
+    else:
+        torch.save(payload, tmp)
+    tmp.replace(path)
+    return path.stat().st_size
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

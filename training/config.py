@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from model.fourd import SOFT_INITS, SYNC_VARIANTS, TRAINED_SYNC_VARIANTS
 from pipelines.common.config import ConfigError, doc
 
 STAGES = ("base", "upsampler", "4d")
@@ -26,10 +27,21 @@ class DataConfig:
     frames: int = doc(8, "frames per clip (base/upsampler) and time steps T of a grid window (4d)")
     views: int = doc(4, "views V of a grid window (4d)")
     background: str = doc("white", "background for RGBA renders: white, black, gray or random")
+    freeze_time_fraction: float = doc(0.5, "base stage: share of clips that are freeze-time videos (grid columns, "
+                                      "context 1); the rest are dynamic (rows, context 0). The 4D model's view "
+                                      "stream runs the base in the freeze-time context, so it must be trained")
     mask_prob: float = doc(0.5, "base stage: chance that a clip gets a random set of given (clean) frames")
+    first_frame_only_prob: float = doc(0.15, "base stage: chance that only frame 0 is given: the pattern every "
+                                       "row and column of a 4D grid but the first presents to the base")
     max_given: float = doc(0.5, "base stage: most frames given clean, as a fraction of the clip")
     shuffle_buffer: int = doc(64, "samples held for shuffling within a worker's shard stream")
     prefetch: int = doc(4, "batches decoded ahead in a background thread")
+    loader_processes: int = doc(0, "processes decoding batches, each reading its own slice of the shards (0 = in "
+                                "the training process); one process decodes ~200 64x64 base clips/s, so a GPU "
+                                "training a small model needs several (docs/performance.md)")
+    decode_threads: int = doc(1, "threads decoding the examples of a batch in each loader; batches do not depend "
+                              "on it. Measured: no gain at 64x64 (Python work between the decodes holds the GIL); "
+                              "it may help with large frames, where PNG decoding dominates")
     seed: int = doc(0, "data order seed (shard order, shuffling, masks)")
 
 
@@ -50,10 +62,14 @@ class TrainConfig:
     stage: str = doc("base", "which model to train: base, upsampler or 4d")
     output: str = doc("outputs/train", "run folder: Ray Train checkpoints, final checkpoint, MLflow store")
     run_name: str = doc("", "Ray Train / MLflow run name (default: the stage); re-running with the same name resumes")
-    model_preset: str = doc("tiny", "model size preset (model/: tiny, small, paper)")
-    sync: str = doc("soft", "4d: synchronization variant: soft, hard, sequential, train_free_hard, train_free_soft")
+    model_preset: str = doc("tiny", "model size preset (model/: tiny, demo, proof, small, paper)")
+    model: dict = doc(text="overrides of the model preset's fields, e.g. --set model.depth=4", factory=dict)
+    sync: str = doc("soft", f"4d: synchronization variant to train: {', '.join(TRAINED_SYNC_VARIANTS)}")
     soft_init: str = doc("zero", "4d soft sync initialisation: zero or schedule (Eq. 13)")
     base_checkpoint: str = doc("", "4d: base model weights: a checkpoint folder/model.pt or runs:/<mlflow run id>")
+    init_from: str = doc("", "4d: start from this 4D checkpoint's weights (folder, model.pt or runs:/<id>) but "
+                         "not its data position or step: the second phase of section 4.1 (pseudo-4D, then "
+                         "renders); its base is used, so --base-checkpoint is not needed")
     resume_from: str = doc("", "start from this Ray Train checkpoint folder when the run folder has none")
     total_samples: int = doc(256, "training length in samples seen (all workers together)")
     steps_this_run: int = doc(0, "stop after this many optimizer steps and checkpoint (0 = train to the end); "
@@ -99,12 +115,23 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "num_workers", "total_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.stage == "4d" and self.sync not in ("soft", "hard", "sequential", "train_free_hard",
-                                                    "train_free_soft"):
-            raise ConfigError(f"unknown sync variant '{self.sync}'; choose soft, hard, sequential, "
-                              "train_free_hard or train_free_soft")
-        if self.soft_init not in ("zero", "schedule"):
-            raise ConfigError(f"soft_init must be zero or schedule, got {self.soft_init}")
+        if self.stage == "4d" and self.sync not in TRAINED_SYNC_VARIANTS:
+            free = [v for v in SYNC_VARIANTS if v not in TRAINED_SYNC_VARIANTS]
+            raise ConfigError(f"sync variant '{self.sync}' cannot be trained; train one of "
+                              f"{', '.join(TRAINED_SYNC_VARIANTS)} (the training-free {', '.join(free)} run on a "
+                              "base checkpoint in generation and evaluation)")
+        if self.soft_init not in SOFT_INITS:
+            raise ConfigError(f"soft_init must be one of {', '.join(SOFT_INITS)}, got {self.soft_init}")
+        if not 0.0 <= self.data.freeze_time_fraction <= 1.0:
+            raise ConfigError(f"data.freeze_time_fraction must be in [0, 1], got {self.data.freeze_time_fraction}")
+        if not 0.0 <= self.data.first_frame_only_prob <= 1.0:
+            raise ConfigError(f"data.first_frame_only_prob must be in [0, 1], got {self.data.first_frame_only_prob}")
+        if self.data.loader_processes < 0 or self.data.decode_threads < 1:
+            raise ConfigError(f"data.loader_processes must be >= 0 and data.decode_threads >= 1, got "
+                              f"{self.data.loader_processes} and {self.data.decode_threads}")
+        for name in ("frames", "views", "height", "width"):
+            if getattr(self.data, name) < 1:
+                raise ConfigError(f"data.{name} must be at least 1, got {getattr(self.data, name)}")
         if self.upsampler_scale_ok() is False:
             raise ConfigError("upsampler: data.height and data.width must be divisible by 4 (x4 super-resolution)")
 
@@ -127,7 +154,13 @@ def _preset(stage: str, data: dict | None = None, optim: dict | None = None, **k
 
 
 def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
-    """Named presets of one stage: tiny (tests, seconds), demo (embedded default), small (1 GPU), paper."""
+    """Named presets of one stage: tiny (tests, seconds), demo (embedded default), proof (the GPU proof run of
+    docs/results.md), small (1 GPU), paper.
+
+    Base clips are 8 frames at every preset: the data sources have 8 views (renders 8 x 16, pseudo-4D 8 x 8),
+    so 8 is the longest freeze-time column they hold, and the 4D model runs the base on 8-frame rows and
+    columns of its 8 x 8 window. (16-frame base clips would see no freeze-time column at all.)
+    """
     up = stage == "upsampler"
     res_tiny = dict(height=32, width=32) if up else dict(height=16, width=16)
     four = stage == "4d"
@@ -144,19 +177,31 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                         # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
                         data=dict(frames=4, views=4, height=32, width=32),
                         optim=dict(lr=2e-3, warmup_samples=160)),
+        # One H100 within the GPU limits of docs/results.md: base ~6 min, each 4D phase ~1 min, upsampler ~2 min.
+        "proof": _preset(stage, model_preset="proof", num_workers=1, use_gpu=True, precision="bf16", zero_stage=2,
+                         compile_blocks=True, log_every=50 if not four else 20, checkpoint_every=500 if not four else 100,
+                         output=f"outputs/proof/{stage}",
+                         total_samples={"base": 320_000, "upsampler": 48_000, "4d": 9_600}[stage],
+                         batch_size={"base": 64, "upsampler": 32, "4d": 8}[stage],
+                         data=dict(frames=8 if not up else 4, views=8, height=256 if up else 64,
+                                   width=256 if up else 64, shuffle_buffer=64, prefetch=4,
+                                   loader_processes=8),
+                         # EMA windows (1 / (1 - decay) steps) a fraction of each run: a 0.999 EMA of a
+                         # 1200-step run would still hold much of its first half.
+                         optim=dict(lr={"base": 6e-4, "upsampler": 4e-4, "4d": 5e-4}[stage],
+                                    warmup_samples={"base": 8000, "upsampler": 2000, "4d": 400}[stage],
+                                    ema_decay={"base": 0.998, "upsampler": 0.997, "4d": 0.995}[stage])),
         "small": _preset(stage, model_preset="small", total_samples=2_000_000, batch_size=8, num_workers=1,
                          use_gpu=True, precision="bf16", zero_stage=2, log_every=20, compile_blocks=True, sample_every=2000,
                          checkpoint_every=2000, output=f"outputs/small/{stage}",
-                         data=dict(frames=16 if not four else 8, views=8, height=36 if not up else 144,
-                                   width=64 if not up else 256),
+                         data=dict(frames=8, views=8, height=36 if not up else 144, width=64 if not up else 256),
                          optim=dict(lr=2e-4, warmup_samples=20_000)),
         "paper": _preset(stage, model_preset="paper", total_samples=20_000 * 24 * 8 if four else 50_000_000,
                          batch_size=16 if not four else 2, num_workers=24, use_gpu=True, precision="bf16",
                          compile_blocks=True,
                          zero_stage=2, log_every=50, sample_every=5000,
                          checkpoint_every=2000, output=f"outputs/paper/{stage}",
-                         data=dict(frames=16 if not four else 8, views=8, height=72 if not up else 288,
+                         data=dict(frames=8, views=8, height=72 if not up else 288,
                                    width=128 if not up else 512),
                          optim=dict(lr=1e-4, warmup_samples=100_000)),
     }
-

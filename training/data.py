@@ -15,6 +15,7 @@ import json
 import queue
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +29,9 @@ from pipelines.common.errors import UserError
 from pipelines.common.shards import iter_tar_samples
 from training.config import DataConfig
 
-CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME = 0, 1
+from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME
+
+CONTEXT_NAMES = {CONTEXT_DYNAMIC: "dynamic", CONTEXT_FREEZE_TIME: "freeze-time"}
 _BACKGROUNDS = {"white": 1.0, "black": 0.0, "gray": 0.5}
 
 
@@ -47,6 +50,103 @@ def resolve_shards(spec: str) -> list[str]:
         raise UserError(f"no shards found at '{spec}'; point data.grids/data.clips at a render or pseudo-4D output "
                         "folder (or its shards/ or clips/ folder), or run the data jobs first")
     return found
+
+
+def _index_rows(shards: list[str]) -> list[dict[str, Any]] | None:
+    """The index.parquet rows of these shards (written by the data jobs beside shards/ and clips/), if any."""
+    import pyarrow.parquet as pq
+    rows: list[dict[str, Any]] = []
+    by_root: dict[Path, set[str]] = {}
+    for shard in shards:
+        p = Path(shard).resolve()
+        by_root.setdefault(p.parent.parent, set()).add(f"{p.parent.name}/{p.name}")
+    for root, names in by_root.items():
+        index = root / "index.parquet"
+        if not index.is_file():
+            return None
+        table = pq.read_table(index).to_pylist()
+        rows += [r for r in table if r.get("shard") in names]
+    return rows
+
+
+def describe_source(spec: str) -> dict[str, Any]:
+    """What one data source holds: sample count, grid shapes (views, frames) and clip contexts, item ids.
+
+    From the jobs' index.parquet when present (no tar is opened), else from every sample's meta.json.
+    """
+    shards = resolve_shards(spec)
+    rows = _index_rows(shards)
+    if rows is None:
+        rows = []
+        for shard in shards:
+            for key, files in iter_tar_samples(shard):
+                g = LazyGrid(files)
+                rows.append({"key": key, "item_id": g.meta.get("item_id", key.split("__")[0]),
+                             "kind": "clip" if (g.meta.get("kind") == "clip" or g.shape[0] == 1) else "grid",
+                             "views": g.shape[0], "frames": g.shape[1], "context": g.meta.get("context", "")})
+    shapes: dict[tuple[str, int, int, str], int] = {}
+    for r in rows:
+        kind = "clip" if r.get("kind") == "clip" else "grid"
+        k = (kind, int(r["views"]), int(r["frames"]), r.get("context") or "")
+        shapes[k] = shapes.get(k, 0) + 1
+    return {"spec": spec, "samples": len(rows), "shapes": shapes,
+            "items": sorted({str(r["item_id"]) for r in rows})}
+
+
+def base_contexts(desc: dict[str, Any], frames: int) -> set[int]:
+    """The contexts a source can give base clips of ``frames`` frames: rows need T >= frames, columns V >= frames."""
+    out: set[int] = set()
+    for kind, views, times, context in desc["shapes"]:
+        if kind == "clip":
+            if times >= frames:
+                out.add(CONTEXT_FREEZE_TIME if context == "freeze-time" else CONTEXT_DYNAMIC)
+        else:
+            if times >= frames:
+                out.add(CONTEXT_DYNAMIC)
+            if views >= frames:
+                out.add(CONTEXT_FREEZE_TIME)
+    return out
+
+
+def check_sources(stage: str, cfg: DataConfig) -> list[dict[str, Any]]:
+    """Fail at start, with one line naming the source, when a stage would skip a source or miss a context.
+
+    Returns the source descriptions (the driver records their item ids in the checkpoint).
+    """
+    specs = list(cfg.grids) + (list(cfg.clips) if stage == "base" else [])
+    descs = [describe_source(s) for s in specs]
+    if stage == "4d":
+        for d in descs:
+            if not any(k == "grid" and v >= cfg.views and t >= cfg.frames for k, v, t, _ in d["shapes"]):
+                raise UserError(f"data source '{d['spec']}' has no grid of at least {cfg.views} views x {cfg.frames} "
+                                f"frames (it holds {_shape_list(d)}); the 4d stage would skip it. Lower "
+                                "data.views/data.frames or drop the source")
+    elif stage in ("base", "upsampler"):
+        union: set[int] = set()
+        for d in descs:
+            got = base_contexts(d, cfg.frames)
+            if not got:
+                raise UserError(f"data source '{d['spec']}' gives no {cfg.frames}-frame clip (it holds "
+                                f"{_shape_list(d)}); the {stage} stage would skip it. Lower data.frames to the "
+                                "source's views/frames or drop the source")
+            union |= got
+        if stage == "base":
+            need = ({CONTEXT_FREEZE_TIME} if cfg.freeze_time_fraction > 0 else set()) | \
+                   ({CONTEXT_DYNAMIC} if cfg.freeze_time_fraction < 1 else set())
+            for c in sorted(need - union):
+                held = "; ".join(f"{d['spec']}: {_shape_list(d)}" for d in descs)
+                why = ("freeze-time clips are grid columns, so data.frames must be at most a grid's views"
+                       if c == CONTEXT_FREEZE_TIME else
+                       "dynamic clips are grid rows, so data.frames must be at most a grid's frames")
+                raise UserError(f"no data source gives {CONTEXT_NAMES[c]} clips of {cfg.frames} frames ({held}), "
+                                f"but data.freeze_time_fraction={cfg.freeze_time_fraction} asks for them: {why}")
+    return descs
+
+
+def _shape_list(desc: dict[str, Any]) -> str:
+    parts = [f"{n} {'clips' if k == 'clip' else 'grids'} {v}x{t}{' ' + c if c else ''}"
+             for (k, v, t, c), n in sorted(desc["shapes"].items())]
+    return ", ".join(parts) or "no samples"
 
 
 # ---------------------------------------------------------------- decoding
@@ -175,18 +275,24 @@ class Example:
 Frames = Callable[[range | list[int], range | list[int]], torch.Tensor]
 
 
-def _base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
-    """A row (dynamic) or a column (freeze-time) of a grid, or a whole clip, with a random given-frame mask."""
+def _base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random,
+                  want: int | None = None) -> Example | None:
+    """A row (dynamic) or a column (freeze-time) of a grid, or a whole clip, with a random given-frame mask.
+
+    ``want`` asks for one context (the loader draws it to keep data.freeze_time_fraction); None takes either.
+    Returns None when this sample cannot give such a clip.
+    """
     V, T = grid.shape
     n = cfg.frames
     if grid.meta.get("kind") == "clip" or V == 1:
-        if T < n:
-            return None
         context = CONTEXT_FREEZE_TIME if grid.meta.get("context") == "freeze-time" else CONTEXT_DYNAMIC
+        if T < n or (want is not None and want != context):
+            return None
         t0 = rng.randrange(T - n + 1)
         clip = frames([0], range(t0, t0 + n))[0]
     else:
-        options = (["row"] if T >= n else []) + (["col"] if V >= n else [])
+        options = (["row"] if T >= n and want != CONTEXT_FREEZE_TIME else []) + \
+                  (["col"] if V >= n and want != CONTEXT_DYNAMIC else [])
         if not options:
             return None
         if rng.choice(options) == "row":
@@ -196,7 +302,9 @@ def _base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.R
             t, v0 = rng.randrange(T), rng.randrange(V - n + 1)
             clip, context = frames(range(v0, v0 + n), [t])[:, 0], CONTEXT_FREEZE_TIME
     mask = torch.zeros(n)
-    if rng.random() < cfg.mask_prob:
+    if rng.random() < cfg.first_frame_only_prob:
+        mask[0] = 1  # what every row and column of a 4D grid but the first shows the base: only its first cell
+    elif rng.random() < cfg.mask_prob:
         k = rng.randint(1, max(1, int(cfg.max_given * n)))
         mask[rng.sample(range(n), k)] = 1
     return Example(clip, mask, context)
@@ -207,6 +315,8 @@ def _upsampler_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: ran
     if ex is None:
         return None
     lowres = F.avg_pool2d(ex.x, 4)  # the base model's resolution: a box filter is what area-resizing does
+    # Clean on purpose: VideoUpsampler.training_loss noise-augments it with the step's seeded generator, so
+    # the level is known to the model and the augmentation is reproducible from the training seed.
     return Example(ex.x, torch.zeros(cfg.frames), ex.context, lowres)
 
 
@@ -229,59 +339,200 @@ EXAMPLE_BUILDERS: dict[str, Callable[[LazyGrid, Frames, DataConfig, random.Rando
 
 
 class TrainLoader:
-    """Batches of one stage's examples from weighted sources, with a resumable ``state()``."""
+    """Batches of one stage's examples from weighted sources, with a resumable ``state()``.
+
+    The base stage first draws the context (freeze-time with probability data.freeze_time_fraction),
+    then a source that can give it, so the proportion holds whatever the sources' mix; ``state()``
+    counts what was actually produced per context and per source (logged by the training loop).
+    """
 
     def __init__(self, stage: str, cfg: DataConfig, batch_size: int, rank: int = 0, world: int = 1,
                  state: dict[str, Any] | None = None) -> None:
         self.stage, self.cfg, self.batch_size, self.rank = stage, cfg, batch_size, rank
-        sources = [resolve_shards(s) for s in cfg.grids]
-        weights = list(cfg.weights) or [1.0] * len(sources)
+        specs = list(cfg.grids)
+        weights = list(cfg.weights) or [1.0] * len(specs)
         if stage == "base":
-            sources += [resolve_shards(s) for s in cfg.clips]
+            specs += list(cfg.clips)
             weights += [1.0] * len(cfg.clips)
-        if not sources:
+        if not specs:
             raise UserError("no training data: set data.grids (and for the base stage optionally data.clips)")
+        sources = [resolve_shards(s) for s in specs]
         state = state or {}
         positions = state.get("streams", [None] * len(sources))
         self.streams = [ShardStream(s, rank, world, cfg.seed + 101 * i, cfg.shuffle_buffer, positions[i])
                         for i, s in enumerate(sources)]
         self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.draws = int(state.get("draws", 0))
+        self.counts: dict[str, int] = dict(state.get("counts", {}))
         self.iters = [iter(s) for s in self.streams]
         self.builder = EXAMPLE_BUILDERS[stage]
+        self.capable: dict[int, list[int]] = {}
+        if stage == "base":
+            caps = [base_contexts(describe_source(s), cfg.frames) for s in specs]
+            self.capable = {c: [i for i, cap in enumerate(caps) if c in cap]
+                            for c in (CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME)}
 
     def state(self) -> dict[str, Any]:
-        return {"draws": self.draws, "streams": [dict(s.position) for s in self.streams]}
+        return {"draws": self.draws, "streams": [dict(s.position) for s in self.streams], "counts": dict(self.counts)}
 
-    def _next_example(self) -> Example:
-        for _ in range(1000):
-            rng = random.Random(hash((self.cfg.seed, self.rank, self.draws)))
-            self.draws += 1
-            src = int(rng.choices(range(len(self.streams)), weights=self.weights)[0]) if len(self.streams) > 1 else 0
-            key, files = next(self.iters[src])
-            bg = random.Random(rng.random())  # the background draw must not shift the builder's draws
+    def shares(self) -> dict[str, float]:
+        """Fractions of the examples produced so far: per context (base stage) and per source."""
+        total = sum(v for k, v in self.counts.items() if k.startswith("source"))
+        return {k: v / total for k, v in sorted(self.counts.items())} if total else {}
 
-            def frames(vs, ts, grid=None):
+    def _pick_source(self, rng: random.Random, want: int | None) -> int:
+        candidates = list(range(len(self.streams))) if want is None else self.capable.get(want, [])
+        if not candidates:
+            raise UserError(f"no data source gives {CONTEXT_NAMES[want]} clips of {self.cfg.frames} frames; "
+                            "lower data.frames or set data.freeze_time_fraction to 0 or 1")
+        if len(candidates) == 1:
+            return candidates[0]
+        w = [self.weights[i] for i in candidates]
+        return int(rng.choices(candidates, weights=w)[0])
+
+    def _draw(self) -> tuple[int, str, dict[str, bytes], random.Random, int | None, random.Random]:
+        """The next raw sample and its own random stream (sequential: it moves the stream positions)."""
+        rng = random.Random(hash((self.cfg.seed, self.rank, self.draws)))
+        self.draws += 1
+        want = None
+        if self.stage == "base":
+            want = CONTEXT_FREEZE_TIME if rng.random() < self.cfg.freeze_time_fraction else CONTEXT_DYNAMIC
+        src = self._pick_source(rng, want)
+        key, files = next(self.iters[src])
+        bg = random.Random(rng.random())  # the background draw must not shift the builder's draws
+        return src, key, files, rng, want, bg
+
+    def _build(self, draw: tuple[int, str, dict[str, bytes], random.Random, int | None, random.Random]
+               ) -> Example | None:
+        """Decode one drawn sample into an example (thread-safe: it touches only its own draw)."""
+        _, key, files, rng, want, bg = draw
+        try:
+            grid = LazyGrid(files)
+
+            def frames(vs, ts):
                 return to_tensor(grid.cells(vs, ts), self.cfg.height, self.cfg.width, self.cfg.background, bg)
-            try:
-                grid = LazyGrid(files)
-                ex = self.builder(grid, lambda vs, ts: frames(vs, ts, grid), self.cfg, rng)
-            except Exception as exc:  # one unreadable sample is skipped, not fatal
-                print(f"[data] skipping unreadable sample {key}: {type(exc).__name__}: {exc}", flush=True)
-                continue
-            if ex is not None:
-                return ex
+            extra = {"want": want} if want is not None else {}
+            return self.builder(grid, frames, self.cfg, rng, **extra)
+        except Exception as exc:  # one unreadable sample is skipped, not fatal
+            print(f"[data] skipping unreadable sample {key}: {type(exc).__name__}: {exc}", flush=True)
+            return None
+
+    def _examples(self, n: int, pool: ThreadPoolExecutor | None) -> list[Example]:
+        """n examples: draws are made in order, decoded in parallel, and draws that give no example are
+        replaced by new ones in order, so the result does not depend on the number of threads."""
+        out: list[Example | None] = [None] * n
+        todo = list(range(n))
+        for _ in range(1000):
+            if not todo:
+                return out  # type: ignore[return-value]
+            draws = [self._draw() for _ in todo]
+            built = list(pool.map(self._build, draws)) if pool else [self._build(d) for d in draws]
+            missing = []
+            for i, draw, ex in zip(todo, draws, built):
+                if ex is None:
+                    missing.append(i)
+                    continue
+                out[i] = ex
+                for name in (f"source{draw[0]}", f"context_{CONTEXT_NAMES[ex.context]}" if self.stage == "base" else ""):
+                    if name:
+                        self.counts[name] = self.counts.get(name, 0) + 1
+            todo = missing
         raise UserError(f"no sample fits the {self.stage} stage's window (views={self.cfg.views}, "
                         f"frames={self.cfg.frames}); render more views/frames or lower data.views/data.frames")
 
+    def _next_example(self) -> Example:
+        return self._examples(1, None)[0]
+
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        threads = max(1, self.cfg.decode_threads)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
         while True:
-            exs = [self._next_example() for _ in range(self.batch_size)]
+            exs = self._examples(self.batch_size, pool)
             batch = {"x": torch.stack([e.x for e in exs]), "mask": torch.stack([e.mask for e in exs]),
                      "context": torch.tensor([e.context for e in exs], dtype=torch.long)}
             if exs[0].lowres is not None:
                 batch["lowres"] = torch.stack([e.lowres for e in exs])  # type: ignore[misc]
             yield batch, self.state()
+
+
+def _produce(stage: str, cfg: DataConfig, batch_size: int, rank: int, world: int, state: dict[str, Any] | None,
+             out: Any) -> None:
+    """Body of one loader process: batches of its slice of the data, with the state after each, into ``out``."""
+    torch.set_num_threads(1)
+    try:
+        for item in TrainLoader(stage, cfg, batch_size, rank, world, state):
+            out.put(item)
+    except BaseException as exc:  # shown by the training process, which would otherwise wait forever
+        import traceback
+        out.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+
+
+class ProcessLoader:
+    """``data.loader_processes`` TrainLoaders in their own processes, batches taken from each in turn.
+
+    Process i of worker ``rank`` reads the slice of virtual rank ``rank * P + i`` of ``world * P``, so the
+    processes see disjoint samples and the batch sequence is fixed by the seed and P. The state is every
+    process's state after its last batch the trainer took, plus whose turn is next: a resumed run restarts
+    each process exactly there (batches decoded ahead and not taken are decoded again).
+    """
+
+    def __init__(self, stage: str, cfg: DataConfig, batch_size: int, rank: int = 0, world: int = 1,
+                 state: dict[str, Any] | None = None) -> None:
+        import torch.multiprocessing as mp
+        P = cfg.loader_processes
+        subs = (state or {}).get("sub")
+        if subs is not None and len(subs) != P:
+            raise UserError(f"the data position was saved with {len(subs)} loader processes, this run has {P}; "
+                            f"set data.loader_processes={len(subs)} to resume it exactly")
+        self.last: list[dict[str, Any] | None] = list(subs or [None] * P)
+        self.turn = int((state or {}).get("next", 0))
+        ctx = mp.get_context("spawn")  # no fork of a process that holds CUDA and threads
+        self.queues = [ctx.Queue(maxsize=max(2, cfg.prefetch)) for _ in range(P)]
+        self.procs = [ctx.Process(target=_produce, args=(stage, cfg, batch_size, rank * P + i, world * P,
+                                                         self.last[i], q), daemon=True)
+                      for i, q in enumerate(self.queues)]
+        for p in self.procs:
+            p.start()
+
+    def state(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for sub in self.last:
+            for k, v in (sub or {}).get("counts", {}).items():
+                counts[k] = counts.get(k, 0) + v
+        return {"sub": list(self.last), "next": self.turn, "counts": counts}
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        while True:
+            i = self.turn
+            while True:
+                try:
+                    item = self.queues[i].get(timeout=10)
+                    break
+                except queue.Empty:
+                    if not self.procs[i].is_alive():
+                        raise UserError(f"loader process {i} died (exit code {self.procs[i].exitcode}); see its "
+                                        "output above") from None
+            if len(item) == 3 and item[0] == "error":
+                raise UserError(f"loader process {i} failed: {item[1]}\n{item[2]}")
+            batch, sub_state = item
+            self.last[i] = sub_state
+            self.turn = (i + 1) % len(self.procs)
+            yield batch, self.state()
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+
+
+def make_loader(stage: str, cfg: DataConfig, batch_size: int, rank: int = 0, world: int = 1,
+                state: dict[str, Any] | None = None) -> TrainLoader | ProcessLoader:
+    """The training loader: in the training process, or in ``data.loader_processes`` processes."""
+    if cfg.loader_processes > 0:
+        return ProcessLoader(stage, cfg, batch_size, rank, world, state)
+    if state is not None and "sub" in state:
+        raise UserError(f"the data position was saved with {len(state['sub'])} loader processes; set "
+                        f"data.loader_processes={len(state['sub'])} to resume it exactly")
+    return TrainLoader(stage, cfg, batch_size, rank, world, state)
 
 
 def prefetch(iterable: Iterator[Any], depth: int) -> Iterator[Any]:

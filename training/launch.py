@@ -27,16 +27,31 @@ def run(cfg: TrainConfig) -> dict:
     output = Path(cfg.output).resolve()
     cfg = dataclasses.replace(cfg, output=str(output))
     cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver ("none": off)
+    inherited: list[str] = []  # item ids the weights we start from were trained on
     if cfg.stage == "4d":
         # Fail before any worker starts; an MLflow run is fetched once, into the run folder that
         # every worker can read (shared storage on a cluster).
-        from training.checkpoints import resolve_checkpoint
-        local = resolve_checkpoint(cfg.base_checkpoint, cfg.mlflow_uri, output / "base_checkpoint")
-        cfg = dataclasses.replace(cfg, base_checkpoint=str(local))
-    from training.data import resolve_shards
-    for spec in cfg.data.grids + (cfg.data.clips if cfg.stage == "base" else []):
-        resolve_shards(spec)
+        from training.checkpoints import load_checkpoint, resolve_checkpoint
+        if cfg.init_from:
+            local = resolve_checkpoint(cfg.init_from, cfg.mlflow_uri, output / "init_checkpoint")
+            cfg = dataclasses.replace(cfg, init_from=str(local), base_checkpoint="")
+        else:
+            local = resolve_checkpoint(cfg.base_checkpoint, cfg.mlflow_uri, output / "base_checkpoint")
+            cfg = dataclasses.replace(cfg, base_checkpoint=str(local))
+        start = load_checkpoint(str(local))
+        if cfg.init_from:
+            from training.stages import check_fourd_init
+            check_fourd_init(start, cfg.init_from, cfg.sync)
+        elif start["stage"] != "base":
+            raise UserError(f"base_checkpoint '{cfg.base_checkpoint}' holds a '{start['stage']}' model; pass a "
+                            "base-stage checkpoint (or a 4D one with --init-from)")
+        inherited = list(start.get("data_items", {}).get("items", []))
+    from training.data import check_sources
+    descs = check_sources(cfg.stage, cfg.data)
     write_resolved(cfg, output)
+    # The training items go into the exported checkpoint, so evaluation can refuse grids the model saw.
+    items = sorted(set(inherited).union(*(d["items"] for d in descs)))
+    (output / "data_items.json").write_text(json.dumps(items))
     ensure_experiment(cfg)
     init_ray(cfg.ray_address)
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}

@@ -104,7 +104,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from training.data import TrainLoader, prefetch
+    from training.data import make_loader, prefetch
     from training.stages import build_stage
     from training.tracking import Tracker, say
 
@@ -122,6 +122,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
         model_parameters=trainable, dist_init_required=False)
     ema = EMA(named_trainable, cfg.optim.ema_decay, cfg.zero_stage == 3) if cfg.optim.ema_decay > 0 else None
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in stage.parameters())
 
     # ---- resume: the run's own latest checkpoint, else an explicit one
     state: dict[str, Any] = {"step": 0, "samples_seen": 0, "mlflow_run_id": None}
@@ -144,9 +146,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)")
 
-    loader = TrainLoader(cfg.stage, cfg.data, cfg.batch_size, rank, world, data_state)
+    loader = make_loader(cfg.stage, cfg.data, cfg.batch_size, rank, world, data_state)
     batches = prefetch(iter(loader), cfg.data.prefetch)
-    tracker = Tracker(cfg, rank, state.get("mlflow_run_id"))
+    tracker = Tracker(cfg, rank, state.get("mlflow_run_id"),
+                      {"trainable_parameters": n_trainable, "total_parameters": n_total})
+    if rank == 0:
+        what = f"sync '{cfg.sync}'" if cfg.stage == "4d" else cfg.model_preset
+        say(f"[train {cfg.stage}] {what}: {n_trainable:,} trainable of {n_total:,} parameters")
     state["mlflow_run_id"] = tracker.run_id
     preview: dict[str, torch.Tensor] | None = None
     peak = _peak_flops()
@@ -202,6 +208,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "samples_per_s": sps, "tokens_per_s": sps * stage.tokens_per_sample(preview),
                        "samples_seen": state["samples_seen"]}
+            counts = data_pos.get("counts", {})
+            produced = sum(v for k, v in counts.items() if k.startswith("source"))
+            for name, value in counts.items():  # what the loader actually produced (this rank)
+                if produced:
+                    metrics[f"data_{name.replace('-', '_')}_share"] = value / produced
             if peak is not None:
                 metrics["mfu"] = stage.train_flops_per_sample(preview) * sps / world / peak
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -229,6 +240,13 @@ def _log_samples(stage, engine, preview, cfg: TrainConfig, tracker, step: int) -
     tracker.log_samples(preview, out, step)
 
 
+def data_items(path: Path) -> dict[str, Any]:
+    """The training items (written by the driver) as stored in checkpoints: sorted ids and their digest."""
+    import hashlib
+    items = json.loads(path.read_text()) if path.is_file() else []
+    return {"items": items, "digest": hashlib.sha256("\n".join(items).encode()).hexdigest()}
+
+
 def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
     """Write checkpoint_final/model.pt (EMA weights when kept) and log it to MLflow."""
     import deepspeed
@@ -239,6 +257,7 @@ def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
             return
         payload = stage.export()
         payload["config"] = to_dict(cfg)
+        payload["data_items"] = data_items(Path(cfg.output) / "data_items.json")
         if ema is not None:
             prefix = "net."
             for name, value in ema.shadow.items():

@@ -20,10 +20,17 @@ from training.checkpoints import load_checkpoint
 from training.config import TrainConfig
 
 
-def _preset(presets: dict, name: str, what: str):
+def _preset(presets: dict, name: str, what: str, overrides: dict | None = None):
+    """A copy of a model preset with ``--set model.<field>=...`` overrides applied (unknown fields: one clear error)."""
     if name not in presets:
         raise UserError(f"unknown {what} preset '{name}'; choose one of {', '.join(presets)}")
-    return dataclasses.replace(presets[name])
+    cfg = presets[name]
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise UserError(f"unknown {what} field(s) {', '.join(unknown)} in model overrides; "
+                        f"the {what} config has {', '.join(sorted(fields))}")
+    return dataclasses.replace(cfg, **(overrides or {}))
 
 
 class Stage(nn.Module):
@@ -62,7 +69,7 @@ class BaseStage(Stage):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
-        mcfg: DiTConfig = _preset(DIT_PRESETS, cfg.model_preset, "model")
+        mcfg: DiTConfig = _preset(DIT_PRESETS, cfg.model_preset, "model", cfg.model)
         mcfg.checkpointing = cfg.activation_checkpointing
         self.net = VideoDiT(mcfg)
         self.patch_size = mcfg.patch_size
@@ -92,23 +99,23 @@ class UpsamplerStage(Stage):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
         from model.upsampler import UPSAMPLER_PRESETS, VideoUpsampler
-        ucfg = _preset(UPSAMPLER_PRESETS, cfg.model_preset, "upsampler")
+        ucfg = _preset(UPSAMPLER_PRESETS, cfg.model_preset, "upsampler", cfg.model)
         if hasattr(ucfg, "checkpointing"):
             ucfg.checkpointing = cfg.activation_checkpointing
         self.net = VideoUpsampler(ucfg)
         self.patch_size = getattr(ucfg, "patch_size", 1)
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # The net's own loss noise-augments the clean low-res condition (levels drawn from this step's seed).
         x0, lowres = batch["x"], batch["lowres"]
-        mask = torch.zeros(x0.shape[:2], device=x0.device)
-        return rf.training_loss(lambda xt, t, cond, m: self.net(xt, t, lowres), x0, mask,
-                                generator=self._gen(seed, x0.device))
+        return self.net.training_loss(x0, lowres, generator=self._gen(seed, x0.device))
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int, seed: int) -> torch.Tensor:
+        # As generation samples (condition corrupted at cfg.sample_aug_level), with independent noise per
+        # preview clip: they are unrelated videos, not the views of one grid.
         x0, lowres = batch["x"], batch["lowres"]
-        noise = torch.randn(x0.shape, generator=self._gen(seed, x0.device), device=x0.device)
-        return rf.sample(lambda xt, t, cond, m: self.net(xt, t, lowres), noise, steps)
+        return self.net.upsample(lowres, steps, generator=self._gen(seed, x0.device), shared_noise=False)
 
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
         _, f, _, h, w = batch["x"].shape
@@ -125,6 +132,27 @@ def load_base_model(spec: str) -> VideoDiT:
     return base
 
 
+def check_fourd_init(ckpt: dict[str, Any], spec: str, sync: str) -> None:
+    """The checkpoint --init-from names must be a 4D model of the variant this run trains."""
+    if ckpt["stage"] != "4d":
+        raise UserError(f"init_from '{spec}' holds a '{ckpt['stage']}' model; pass the checkpoint_final of a 4D run "
+                        "(use --base-checkpoint for a base model)")
+    saved = ckpt.get("fourd_config", {}).get("sync")
+    if saved != sync:
+        raise UserError(f"init_from '{spec}' was trained with sync '{saved}', this run trains '{sync}'; "
+                        f"pass --sync {saved} or a checkpoint of the '{sync}' variant")
+
+
+def load_fourd_init(spec: str, sync: str) -> tuple[VideoDiT, dict[str, torch.Tensor]]:
+    """(base, sync-layer weights) of a 4D checkpoint to continue from (``--init-from``, section 4.1's phase 2)."""
+    ckpt = load_checkpoint(spec)
+    check_fourd_init(ckpt, spec, sync)
+    base = VideoDiT(DiTConfig(**ckpt["model_config"]))
+    prefix = "base."
+    base.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return base, {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)}
+
+
 class FourDStage(Stage):
     """Two-stream 4D model over a frozen base; only the synchronization layers train."""
 
@@ -133,13 +161,23 @@ class FourDStage(Stage):
     def __init__(self, cfg: TrainConfig, base: VideoDiT | None = None) -> None:
         super().__init__()
         from model.fourd import FourDConfig, FourDModel
+        sync_state = None
         if base is None:
-            if not cfg.base_checkpoint:
+            if cfg.init_from:
+                base, sync_state = load_fourd_init(cfg.init_from, cfg.sync)
+            elif not cfg.base_checkpoint:
                 raise UserError("the 4d stage needs --base-checkpoint (a base-stage checkpoint_final folder or "
-                                "runs:/<mlflow run id>); train the base stage first")
-            base = load_base_model(cfg.base_checkpoint)
+                                "runs:/<mlflow run id>) or --init-from (a 4D checkpoint); train the base stage first")
+            else:
+                base = load_base_model(cfg.base_checkpoint)
         base.cfg.checkpointing = cfg.activation_checkpointing
         self.net = FourDModel(base, FourDConfig(sync=cfg.sync, soft_init=cfg.soft_init))
+        if sync_state is not None:
+            missing, unexpected = self.net.load_state_dict(sync_state, strict=False)
+            missing = [k for k in missing if not k.startswith("base.")]
+            if missing or unexpected:
+                raise UserError(f"init_from '{cfg.init_from}' does not fit a '{cfg.sync}' 4D model (missing "
+                                f"{missing[:3]}, unexpected {unexpected[:3]})")
         self.patch_size = base.cfg.patch_size
         if not self.trainable_parameters():
             raise UserError(f"sync variant '{cfg.sync}' has no trainable parameters; train soft, hard or "

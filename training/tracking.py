@@ -7,6 +7,7 @@ MLFLOW_TRACKING_URI or ``--mlflow-uri`` points it anywhere else.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -66,10 +67,14 @@ def ensure_experiment(cfg: TrainConfig) -> str | None:
 
 
 class Tracker:
-    def __init__(self, cfg: TrainConfig, rank: int, run_id: str | None) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int, run_id: str | None,
+                 extra_params: dict[str, Any] | None = None) -> None:
         self.cfg, self.rank, self.run_id = cfg, rank, run_id
         self.t0 = time.time()
         self.mlflow = None
+        # Every logged step also goes to <output>/metrics.jsonl: loss curves survive without MLflow
+        # (e.g. a GPU machine without it, --mlflow-uri none) and plot with a few lines of Python.
+        self.metrics_file = Path(cfg.output) / "metrics.jsonl"
         self.active = rank == 0 and tracking_enabled(cfg)  # rank 0 prints status lines either way
         if not self.active:
             return
@@ -83,7 +88,8 @@ class Tracker:
                                run_name=cfg.run_name or cfg.stage, log_system_metrics=True)
         self.run_id = run.info.run_id
         if run_id is None:
-            mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in flatten(cfg).items()})
+            params = {**flatten(cfg), **(extra_params or {})}
+            mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in params.items()})
             mlflow.set_tags({"stage": cfg.stage, "model_preset": cfg.model_preset, "sync": cfg.sync})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -91,9 +97,13 @@ class Tracker:
             return
         if self.active:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}) + "\n")
         rss = psutil.Process().memory_info().rss / 2 ** 30
         mem = f"gpu {metrics['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in metrics else f"rss {rss:.1f} GB"
         mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
+        if "data_context_freeze_time_share" in metrics:
+            mfu += f" | freeze-time {metrics['data_context_freeze_time_share']:.2f}"
         say(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "
               f"| loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3g} "
               f"| {metrics['samples_per_s']:.2f} samples/s{mfu} | {mem} | {time.time() - self.t0:.0f}s")

@@ -127,6 +127,10 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T
             if not isinstance(value, Mapping):
                 raise ConfigError(f"option '{full}' is a section; set its fields as {full}.<name>=<value>")
             changes[key] = apply_overrides(current, value, prefix=f"{full}.")
+        elif isinstance(current, dict) and isinstance(value, Mapping):
+            # A dict field (e.g. model overrides) merges key by key, so --set model.depth=4 keeps the
+            # preset's other entries.
+            changes[key] = {**current, **_coerce(value, hints[key], full)}
         else:
             changes[key] = _coerce(value, hints[key], full)
     new = dataclasses.replace(cfg, **changes)

@@ -1,0 +1,164 @@
+"""The evaluation job on a tiny random base checkpoint (fast, CPU): variants, baselines, per-set reports,
+spread, object PSNR and the refusal to score on training items."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from model import DIT_PRESETS
+from model_helpers import tiny_dit
+from pipelines.common.errors import UserError
+from pipelines.eval_metrics import METRICS, grid_report, psnr
+from pipelines.evaluate_4d import (BASELINES, EvalConfig, check_train_items, copy_first_column, copy_first_row,
+                                   evaluate, format_cell, given_mask, object_mask, parse_grid_sets, plan_variants)
+from shardgen import make_grid_shards
+from training.checkpoints import save_checkpoint
+
+
+def _base_ckpt(path: Path, data_items: list[str] | None) -> str:
+    """A base checkpoint as training exports it: tiny random DiT, a 3 x 4 window of 16 x 16 frames."""
+    payload = {"stage": "base", "model_config": dataclasses.asdict(DIT_PRESETS["tiny"]),
+               "state_dict": tiny_dit().state_dict(),
+               "config": {"data": {"views": 3, "frames": 4, "height": 16, "width": 16}}}
+    if data_items is not None:
+        payload["data_items"] = {"items": sorted(data_items), "digest": "0" * 64}
+    return str(save_checkpoint(path, payload).parent)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("heldout")
+    return {"render": make_grid_shards(root / "render", n=2, views=4, frames=6, size=16, per_shard=2, rgba=True),
+            "pseudo": make_grid_shards(root / "pseudo", n=2, views=4, frames=6, size=16, per_shard=2)}
+
+
+def test_baselines_copy_the_nearest_given_cell() -> None:
+    row, column = torch.rand(4, 3, 2, 2), torch.rand(3, 3, 2, 2)
+    column[0] = row[0]
+    by_row, by_col = copy_first_row(row, column), copy_first_column(row, column)
+    for grid in (by_row, by_col):  # given cells exact
+        assert torch.equal(grid[0], row) and torch.equal(grid[:, 0], column)
+    assert torch.equal(by_row[2, 3], row[3]) and torch.equal(by_col[2, 3], column[2])
+    assert set(BASELINES) == {"copy_first_row", "copy_first_column"}
+    assert given_mask(3, 4).sum() == 3 + 4 - 1
+
+
+def test_grid_sets_and_variants_are_parsed() -> None:
+    assert parse_grid_sets("render=outputs/a,pseudo4d=outputs/b") == {"render": "outputs/a", "pseudo4d": "outputs/b"}
+    assert parse_grid_sets(["x/heldout_render/shards", "y/heldout_render/shard-*.tar"]) == \
+        {"heldout_render": "x/heldout_render/shards", "heldout_render_2": "y/heldout_render/shard-*.tar"}
+    with pytest.raises(UserError, match="twice"):
+        parse_grid_sets("a=x,a=y")
+    names = [v.name for v in plan_variants(EvalConfig(checkpoints=["soft=c1", "hard=c2"]))]
+    assert names == ["soft", "hard", "train_free_hard", "train_free_soft", "train_free_sequential",
+                     "copy_first_row", "copy_first_column"]
+    with pytest.raises(UserError, match="two variants are named 'copy_first_row'"):
+        plan_variants(EvalConfig(checkpoints=["copy_first_row=c1"]))
+
+
+def test_object_mask_follows_the_colour_resize() -> None:
+    cells = np.zeros((1, 1, 32, 64, 4), np.uint8)
+    cells[..., 8:24, 24:40, 3] = 255  # a 16 x 16 object in the middle of a 32 x 64 frame
+    mask = object_mask(cells, 16, 16)  # scale 0.5, then a centre crop of 16 columns out of 32
+    assert mask.shape == (1, 1, 1, 16, 16) and mask.dtype == torch.bool
+    assert mask[0, 0, 0, 4:12, 4:12].all() and mask.sum() == 64
+    assert object_mask(cells[..., :3], 16, 16) is None
+
+
+def test_train_items_are_refused() -> None:
+    heldout = {"item1": "held-out set 'render', grid item0001__0", "item9": "held-out set 'render', grid x"}
+    items = {"items": ["item1", "item2"], "digest": "0" * 64}
+    with pytest.raises(UserError) as err:
+        check_train_items("soft", items, heldout, allow=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "'soft'" in msg and "'item1'" in msg and "--allow-train-items true" in msg
+    assert check_train_items("soft", items, heldout, allow=True) == ["item1"]
+    assert check_train_items("soft", {"items": ["item5"], "digest": ""}, heldout, allow=False) == []
+    assert check_train_items("soft", None, heldout, allow=False) == []
+
+
+def test_evaluation_reports_every_variant_per_set(heldout: dict[str, Path], tmp_path: Path, capsys) -> None:
+    ckpt = _base_ckpt(tmp_path / "base", data_items=None)
+    out = tmp_path / "eval"
+    cfg = EvalConfig(grids=[f"render={heldout['render']}", f"pseudo={heldout['pseudo']}"],
+                     checkpoints=[f"base={ckpt}"], max_grids=2, steps=1, method="euler", device="cpu", out=str(out))
+    res = evaluate(cfg)
+    assert "records no training items" in capsys.readouterr().err
+    variants = {"base", "train_free_hard", "train_free_soft", "train_free_sequential", "copy_first_row",
+                "copy_first_column"}
+    assert set(res["results"]) == {"render", "pseudo"}
+    for set_name, rows in res["results"].items():
+        assert set(rows) == variants
+        for row in rows.values():
+            assert row["grids"] == 2 and (row["views"], row["frames"]) == (3, 4)
+            assert row["psnr_min"] <= row["psnr"] <= row["psnr_max"] and row["psnr_std"] >= 0
+            assert row["ssim_min"] <= row["ssim"] <= row["ssim_max"]
+    render, pseudo = res["results"]["render"], res["results"]["pseudo"]
+    assert all(np.isfinite(r["psnr_object"]) for r in render.values())  # RGBA renders: object PSNR
+    assert all(math.isnan(r["psnr_object"]) for r in pseudo.values())   # no alpha: n/a
+    # a baseline row is the same metrics as a model row, computed on the copied grid
+    from pipelines.generate_4d import frames_to_tensor
+    from training.data import LazyGrid, resolve_shards
+    from pipelines.common.shards import iter_tar_samples
+    _, files = next(iter_tar_samples(resolve_shards(str(heldout["render"]))[0]))
+    cells = LazyGrid(files).cells(range(3), range(4))
+    truth = frames_to_tensor(cells, 16, 16)
+    expect = grid_report((copy_first_column(truth[0], truth[:, 0]) + 1) / 2, (truth + 1) / 2, given_mask(3, 4),
+                         object_mask(cells, 16, 16))
+    got = render["copy_first_column"]["per_grid"][0]
+    for name, m in METRICS.items():
+        if m.per_grid:
+            assert got[name] == pytest.approx(expect[name], nan_ok=True)
+    assert got["psnr"] < 100 and float(psnr(truth, truth).min()) == math.inf
+
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["results"]) == {"render", "pseudo"} and "psnr_std" in saved["results"]["render"]["base"]
+    report = (out / "report.md").read_text()
+    assert "## render:" in report and "## pseudo:" in report and "| copy_first_row | 2 |" in report
+    assert format_cell(render["base"], "psnr") in report and " ± " in format_cell(render["base"], "psnr")
+    assert "| train_free_sequential | 2 |" in report and "object PSNR" in report
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (rec,) = client.search_runs([client.get_experiment_by_name("4real-eval").experiment_id])
+    keys = set(rec.data.metrics)
+    assert {"render/base/psnr", "render/base/psnr_std", "pseudo/copy_first_row/ssim_max",
+            "render/train_free_sequential/psnr_object"} <= keys
+    assert "pseudo/base/psnr_object" not in keys  # n/a is not logged as a number
+
+
+def test_evaluation_refuses_training_items(heldout: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = _base_ckpt(tmp_path / "base", data_items=["item1", "other"])
+    cfg = EvalConfig(grids=[f"render={heldout['render']}"], checkpoints=[f"base={ckpt}"], max_grids=2, steps=1,
+                     method="euler", device="cpu", out=str(tmp_path / "eval"))
+    with pytest.raises(UserError, match="variant 'base' was trained on item 'item1'"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval" / "results.json").exists()  # refused before any generation
+    res = evaluate(dataclasses.replace(cfg, allow_train_items=True, train_free=False))
+    assert set(res["results"]["render"]) == {"base", "copy_first_row", "copy_first_column"}
+    assert "item1" in res["notes"]["train_items/base"]
+
+
+def test_cli_reports_sets_and_refuses_in_one_line(heldout: dict[str, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    ckpt = _base_ckpt(tmp_path / "base", data_items=["item0"])
+    args = [sys.executable, "pipelines/evaluate_4d.py", "--grids", f"render={heldout['render']},"
+            f"pseudo={heldout['pseudo']}", "--checkpoints", f"base={ckpt}", "--max-grids", "1", "--steps", "1",
+            "--method", "euler", "--device", "cpu", "--train-free", "false", "--out", str(tmp_path / "eval")]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "'item0'" in lines[0] and "--allow-train-items" in lines[0]
+    proc = subprocess.run(args + ["--allow-train-items", "true"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(saved["results"]) == {"render", "pseudo"}
+    assert set(saved["results"]["pseudo"]) == {"base", "copy_first_row", "copy_first_column"}

@@ -1,0 +1,297 @@
+"""The proof run (docs/results.md): the project's own data, base, 4D in the paper's two phases, upsampler,
+held-out evaluation and shippable weights, each step through the real jobs.
+
+    python -m training.recipes.proof --out outputs/proof                 # every step not done yet (GPU)
+    python -m training.recipes.proof --out outputs/proof --steps renders  # one step (renders need Blender)
+    python -m training.recipes.proof --preset tiny --out /tmp/proof-tiny  # the whole chain in minutes on CPU
+
+``--preset`` picks the sizes (proof: the GPU run; tiny: the same chain on CPU for tests).
+
+Steps, in order (``STEPS``): renders and pseudo-4D data (train and held-out sets from disjoint seeds), the
+base model, phase 1 of the 4D model on pseudo-4D grids for soft, hard and sequential sync (and the upsampler,
+beside them), phase 2 (a short fine-tune from phase 1 on renders; plus soft continued on pseudo-4D alone for
+the same steps: the paper's ablation 2), evaluation on the held-out sets, and the export of slim bf16 weights.
+A step whose output exists is skipped, and the training jobs resume from their last checkpoint, so running
+the same command again continues where a stopped call left off. Jobs of one step run side by side: these
+models are too small to fill a GPU alone. One status line per job; full logs in <out>/logs/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipelines.common.config import doc, parse_config, run_cli, write_resolved  # noqa: E402
+from pipelines.common.errors import UserError  # noqa: E402
+
+TRAINED = ("soft", "hard", "sequential")
+
+
+@dataclass
+class ProofConfig:
+    out: str = doc("outputs/proof", "run folder: data/, one folder per training run, eval/, weights/, logs/")
+    train_preset: str = doc("proof", "training preset of every stage (proof on a GPU; tiny for a CPU smoke run)")
+    steps: list[str] = doc(text="steps to run (default: all, in order, skipping finished ones)", factory=list)
+    render_assets: int = doc(56, "procedural assets rendered for training (two actions each)")
+    render_heldout_assets: int = doc(12, "procedural assets rendered for the held-out set (other seeds)")
+    render_preset: str = doc("proof", "render job preset (resolution, views, frames, samples)")
+    render_args: list[str] = doc(text="extra flags for the render job", factory=list)
+    pseudo_videos: int = doc(3000, "procedural videos turned into pseudo-4D training grids")
+    pseudo_heldout_videos: int = doc(32, "procedural videos for the held-out pseudo-4D grids (other seeds)")
+    pseudo_preset: str = doc("proof", "pseudo-4D job preset")
+    pseudo_args: list[str] = doc(text="extra flags for the pseudo-4D jobs of the 4D sets (not the upsampler's)",
+                                 factory=list)
+    upsampler_videos: int = doc(400, "procedural videos for the upsampler's 256x256 training clips")
+    upsampler_heldout_videos: int = doc(16, "procedural videos for the upsampler's held-out clips")
+    upsampler_size: int = doc(256, "high-resolution side of the upsampler data (4x the proof resolution)")
+    heldout_seed: int = doc(1_000_000, "first seed of every held-out set: far from the training seeds")
+    render_weight: float = doc(0.3, "base stage: share of examples drawn from the renders (the rest pseudo-4D)")
+    base_samples: int = doc(0, "base training length in clips (0 = the preset's)")
+    phase1_samples: int = doc(0, "4D phase 1 length in grids (0 = the preset's)")
+    upsampler_samples: int = doc(0, "upsampler training length in clips (0 = the preset's)")
+    phase2_samples: int = doc(0, "4D phase 2 (fine-tune on renders) length in grids (0 = a quarter of phase 1)")
+    eval_grids: int = doc(16, "held-out grids evaluated per set")
+    eval_steps: int = doc(20, "sampling steps in evaluation")
+    parallel: bool = doc(True, "run the jobs of one step side by side")
+    mlflow_uri: str = doc("none", "MLflow tracking URI for the training jobs ('none': off; metrics.jsonl is "
+                          "always written in each run folder)")
+    extra: list[str] = doc(text="extra flags for every training job, e.g. --num-workers 1", factory=list)
+
+
+def _log(cfg: ProofConfig, name: str) -> Path:
+    path = Path(cfg.out) / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jobs(cfg: ProofConfig, jobs: dict[str, list[str]]) -> None:
+    """Run named commands (side by side if cfg.parallel); one status line each; fail naming the log."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    pending = list(jobs.items())
+    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    failed = []
+    while pending or running:
+        while pending and (cfg.parallel or not running):
+            name, cmd = pending.pop(0)
+            log = _log(cfg, name).open("a")
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            running[name] = (subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT), time.time(), log)
+            print(f"[proof] {name}: started (log {_log(cfg, name)})", flush=True)
+        time.sleep(2)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()  # type: ignore[attr-defined]
+            del running[name]
+            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+            print(f"[proof] {name}: {status} in {time.time() - t0:.0f}s", flush=True)
+            if proc.returncode:
+                failed.append(name)
+    if failed:
+        tails = "; ".join(f"{n}: {_tail(_log(cfg, n))}" for n in failed)
+        raise UserError(f"proof step failed: {tails} (full logs in {Path(cfg.out) / 'logs'})")
+
+
+def _tail(path: Path) -> str:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(empty log)"])[-1][:300]
+
+
+def _data(cfg: ProofConfig, name: str) -> Path:
+    return Path(cfg.out) / "data" / name
+
+
+def _run(cfg: ProofConfig, name: str) -> Path:
+    return Path(cfg.out) / name
+
+
+def _done(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "checkpoint_final" / "model.pt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+def step_renders(cfg: ProofConfig) -> None:
+    jobs = {}
+    for name, seed, count, actions in (("render", 0, cfg.render_assets, 2),
+                                       ("render_heldout", cfg.heldout_seed, cfg.render_heldout_assets, 1)):
+        if not _done(_data(cfg, name)):
+            jobs[name] = ["pipelines/render_objaverse.py", "--preset", cfg.render_preset, "--output",
+                          str(_data(cfg, name)), "--count", str(count), "--seed", str(seed),
+                          "--max-actions", str(actions), *cfg.render_args]
+    _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # Blender uses every core already
+
+
+def step_pseudo4d(cfg: ProofConfig) -> None:
+    s = cfg.upsampler_size
+    sets = {
+        "pseudo4d": (0, cfg.pseudo_videos, cfg.pseudo_args),
+        "pseudo4d_heldout": (cfg.heldout_seed, cfg.pseudo_heldout_videos, cfg.pseudo_args),
+        # 4 x 4 grids at 4x the proof resolution: the upsampler trains on their rows (4-frame clips)
+        "upsampler": (2 * cfg.heldout_seed, cfg.upsampler_videos,
+                      ["--views", "4", "--frames", "4", "--height", str(s), "--width", str(s),
+                       "--procedural.width", str(2 * s), "--procedural.height", str(3 * s // 2)]),
+        "upsampler_heldout": (3 * cfg.heldout_seed, cfg.upsampler_heldout_videos,
+                              ["--views", "4", "--frames", "4", "--height", str(s), "--width", str(s),
+                               "--procedural.width", str(2 * s), "--procedural.height", str(3 * s // 2)]),
+    }
+    jobs = {}
+    for name, (seed, count, extra) in sets.items():
+        if not _done(_data(cfg, name)):
+            jobs[name] = ["pipelines/make_pseudo4d.py", "--preset", cfg.pseudo_preset, "--output", str(_data(cfg, name)),
+                          "--procedural.seed", str(seed), "--procedural.count", str(count), *extra]
+    _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # each job already spreads over the cores
+
+
+def _train(cfg: ProofConfig, stage: str, out: Path, *args: str) -> list[str]:
+    return [f"training/train_{stage}.py", "--preset", cfg.train_preset, "--output", str(out), "--run-name", out.name,
+            "--mlflow-uri", cfg.mlflow_uri, *args, *cfg.extra]
+
+
+def step_base(cfg: ProofConfig) -> None:
+    out = _run(cfg, "base")
+    if _done(out):
+        return
+    grids = f"{_data(cfg, 'pseudo4d')},{_data(cfg, 'render')}"
+    weights = f"{1 - cfg.render_weight},{cfg.render_weight}"
+    _jobs(cfg, {"base": _train(cfg, "base", out, "--data.grids", grids, "--data.weights", weights,
+                               *_length(cfg.base_samples))})
+
+
+def step_phase1(cfg: ProofConfig) -> None:
+    """4D phase 1 on pseudo-4D grids for every trained variant, and the upsampler beside them."""
+    base = _run(cfg, "base") / "checkpoint_final"
+    jobs = {}
+    for sync in TRAINED:
+        out = _run(cfg, f"4d_{sync}_p1")
+        if not _done(out):
+            jobs[out.name] = _train(cfg, "4d", out, "--sync", sync, "--base-checkpoint", str(base),
+                                    "--data.grids", str(_data(cfg, "pseudo4d")), *_length(cfg.phase1_samples))
+    out = _run(cfg, "upsampler")
+    if not _done(out):
+        jobs["upsampler"] = _train(cfg, "upsampler", out, "--data.grids", str(_data(cfg, "upsampler")),
+                                   *_length(cfg.upsampler_samples))
+    _jobs(cfg, jobs)
+
+
+def _length(samples: int) -> list[str]:
+    return ["--total-samples", str(samples)] if samples else []
+
+
+def _phase2_samples(cfg: ProofConfig) -> int:
+    from training.config import presets_for
+    p = presets_for("4d")[cfg.train_preset]()
+    n = cfg.phase2_samples or (cfg.phase1_samples or p.total_samples) // 4
+    return max(p.samples_per_step, n // p.samples_per_step * p.samples_per_step)
+
+
+def step_phase2(cfg: ProofConfig) -> None:
+    """Fine-tune each phase-1 model on renders; soft also continues on pseudo-4D alone (ablation 2)."""
+    n = str(_phase2_samples(cfg))
+    jobs = {}
+    for sync in TRAINED + ("soft_pseudo_only",):
+        out = _run(cfg, f"4d_{sync}_p2" if sync != "soft_pseudo_only" else "4d_soft_pseudo_only")
+        variant = sync if sync in TRAINED else "soft"
+        data = _data(cfg, "render" if sync in TRAINED else "pseudo4d")
+        if not _done(out):
+            jobs[out.name] = _train(cfg, "4d", out, "--sync", variant,
+                                    "--init-from", str(_run(cfg, f"4d_{variant}_p1") / "checkpoint_final"),
+                                    "--data.grids", str(data), "--total-samples", n,
+                                    "--optim.warmup-samples", "0", "--seed", "1")
+    _jobs(cfg, jobs)
+
+
+def variants(cfg: ProofConfig) -> dict[str, Path]:
+    """Trained variant name -> its final checkpoint folder (what evaluation and the export take)."""
+    names = {s: f"4d_{s}_p2" for s in TRAINED} | {"soft_pseudo_only": "4d_soft_pseudo_only"}
+    return {k: _run(cfg, v) / "checkpoint_final" for k, v in names.items()}
+
+
+def step_eval(cfg: ProofConfig) -> None:
+    out = Path(cfg.out) / "eval"
+    jobs = {}
+    if not (out / "results.json").is_file():
+        sets = f"render={_data(cfg, 'render_heldout')},pseudo4d={_data(cfg, 'pseudo4d_heldout')}"
+        ckpts = ",".join(f"{k}={v}" for k, v in variants(cfg).items())
+        jobs["eval"] = ["pipelines/evaluate_4d.py", "--grids", sets, "--checkpoints", ckpts,
+                        "--max-grids", str(cfg.eval_grids), "--steps", str(cfg.eval_steps), "--method", "euler",
+                        "--out", str(out), "--mlflow-uri", "none" if cfg.mlflow_uri == "none" else cfg.mlflow_uri]
+    up = Path(cfg.out) / "eval_upsampler"
+    if not (up / "results.json").is_file():
+        jobs["eval_upsampler"] = ["-m", "training.recipes.upsampler_eval", "--checkpoint",
+                                  str(_run(cfg, "upsampler") / "checkpoint_final"),
+                                  "--grids", str(_data(cfg, "upsampler_heldout")), "--out", str(up)]
+    gen = Path(cfg.out) / "generated_x4"
+    if not (gen / "meta.json").is_file():
+        jobs["generate_x4"] = ["pipelines/generate_4d.py", "--checkpoint", str(variants(cfg)["soft"]),
+                               "--upsampler", str(_run(cfg, "upsampler") / "checkpoint_final"),
+                               "--from-grid", str(_data(cfg, "render_heldout")), "--method", "euler",
+                               "--out", str(gen)]
+    _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # the GPU is shared already; keep timings clean
+
+
+def step_weights(cfg: ProofConfig) -> None:
+    from training.checkpoints import slim_export
+    out = Path(cfg.out) / "weights"
+    ckpts = {k: str(v) for k, v in variants(cfg).items()}
+    ckpts["upsampler"] = str(_run(cfg, "upsampler") / "checkpoint_final")
+    sizes = slim_export(ckpts, out, base=str(_run(cfg, "base") / "checkpoint_final"))
+    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
+    print(f"[proof] weights: {sum(sizes.values()) / 1e6:.1f} MB in {out}", flush=True)
+
+
+STEPS: dict[str, Callable[[ProofConfig], None]] = {
+    "renders": step_renders, "pseudo4d": step_pseudo4d, "base": step_base, "phase1": step_phase1,
+    "phase2": step_phase2, "eval": step_eval, "weights": step_weights,
+}
+
+
+def _presets() -> dict[str, Callable[[], ProofConfig]]:
+    return {
+        "proof": ProofConfig,
+        # The same chain on CPU in a few minutes: what the tests run.
+        "tiny": lambda: ProofConfig(out="outputs/proof-tiny", train_preset="tiny", render_assets=2, render_heldout_assets=1,
+                                    render_preset="tiny", render_args=["--views", "4", "--frames", "4"],
+                                    pseudo_videos=4, pseudo_heldout_videos=2, pseudo_preset="tiny",
+                                    pseudo_args=["--views", "4", "--frames", "4"], upsampler_videos=2, upsampler_heldout_videos=1,
+                                    upsampler_size=32, eval_grids=1, eval_steps=2, parallel=False),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_config(ProofConfig, _presets(), argv, description=__doc__.split("\n\n")[0],
+                          default_preset="proof")
+    unknown = [s for s in cfg.steps if s not in STEPS]
+    if unknown:
+        raise UserError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
+    write_resolved(cfg, cfg.out, name="proof_config.yaml")
+    t0 = time.time()
+    for name, fn in STEPS.items():
+        if cfg.steps and name not in cfg.steps:
+            continue
+        t = time.time()
+        print(f"[proof] step {name} ...", flush=True)
+        fn(cfg)
+        print(f"[proof] step {name} finished in {time.time() - t:.0f}s", flush=True)
+    print(f"[proof] all requested steps done in {time.time() - t0:.0f}s; outputs under {cfg.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
