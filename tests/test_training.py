@@ -69,6 +69,9 @@ def test_4d_stage_trains_only_the_sync_layers(base_run: TrainConfig, fourd_run: 
     assert all(torch.equal(frozen[k], base["state_dict"][k]) for k in frozen)  # the base never moved
     sync = {k: v for k, v in sd.items() if not k.startswith("base.")}
     assert sync and any(v.abs().sum() > 0 for v in sync.values())  # zero-initialised layers were trained
+    _, rec = _run_record(fourd_run)  # the trainable count per variant is a run parameter
+    assert rec.data.params["trainable_parameters"] == str(sum(v.numel() for v in sync.values()))
+    assert int(rec.data.params["total_parameters"]) == sum(v.numel() for v in sd.values())
 
 
 def test_missing_base_checkpoint_fails_before_workers_start(tmp_path: Path, train_grids: Path) -> None:
