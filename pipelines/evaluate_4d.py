@@ -143,10 +143,8 @@ def object_mask(frames: np.ndarray, height: int, width: int) -> torch.Tensor | N
 
 def given_mask(views: int, frames: int) -> torch.Tensor:
     """[V, T] with the first row (fixed-view video) and the first column (freeze-time video) given."""
-    mask = torch.zeros(views, frames)
-    mask[0, :] = 1
-    mask[:, 0] = 1
-    return mask
+    from model.fourd import grid_condition_mask
+    return grid_condition_mask(1, views, frames)[0]
 
 
 def copy_first_row(row: torch.Tensor, column: torch.Tensor) -> torch.Tensor:

@@ -149,15 +149,14 @@ class Generator4D:
     def generate(self, row: torch.Tensor, column: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """row [T, 3, H, W], column [V, 3, H, W] in [-1, 1] -> grid [V, T, 3, H', W'] and the given mask [V, T]."""
         from model import rectified_flow as rf
+        from model.fourd import grid_condition_mask
         from model.sliding_window import fill_grid
         V, T = column.shape[0], row.shape[0]
         grid = torch.zeros(1, V, T, *row.shape[1:])
         grid[0, 0] = row
         grid[0, :, 0] = column
         grid[0, 0, 0] = row[0]  # the corner is the fixed-view video's first frame
-        known = torch.zeros(1, V, T)
-        known[:, 0, :] = 1
-        known[:, :, 0] = 1
+        known = grid_condition_mask(1, V, T)
         gen = torch.Generator(device="cpu").manual_seed(seed)
 
         def window_fn(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pipelines.common.shards import iter_tar_samples
 from training.config import DataConfig
 
 from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME
+from model.fourd import grid_condition_mask
 
 CONTEXT_NAMES = {CONTEXT_DYNAMIC: "dynamic", CONTEXT_FREEZE_TIME: "freeze-time"}
 _BACKGROUNDS = {"white": 1.0, "black": 0.0, "gray": 0.5}
@@ -327,10 +328,7 @@ def _grid_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.R
         return None
     v0, t0 = rng.randrange(V - cfg.views + 1), rng.randrange(T - cfg.frames + 1)
     window = frames(range(v0, v0 + cfg.views), range(t0, t0 + cfg.frames))
-    mask = torch.zeros(cfg.views, cfg.frames)
-    mask[0, :] = 1
-    mask[:, 0] = 1
-    return Example(window, mask)
+    return Example(window, grid_condition_mask(1, cfg.views, cfg.frames)[0])
 
 
 EXAMPLE_BUILDERS: dict[str, Callable[[LazyGrid, Frames, DataConfig, random.Random], Example | None]] = {
