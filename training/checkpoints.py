@@ -136,9 +136,8 @@ def save_checkpoint_file(path: Path, payload: dict[str, Any]) -> int:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as <path>/model.pt (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (MODEL_FILE + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path / MODEL_FILE)
+    save_checkpoint_file(path / MODEL_FILE, payload)
     return path / MODEL_FILE

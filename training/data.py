@@ -438,9 +438,6 @@ class TrainLoader:
         raise UserError(f"no sample fits the {self.stage} stage's window (views={self.cfg.views}, "
                         f"frames={self.cfg.frames}); render more views/frames or lower data.views/data.frames")
 
-    def _next_example(self) -> Example:
-        return self._examples(1, None)[0]
-
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         threads = max(1, self.cfg.decode_threads)
         pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
