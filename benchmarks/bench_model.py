@@ -118,8 +118,21 @@ def random_video(shape, device, generator) -> torch.Tensor:
     return torch.rand(shape, device=device, generator=generator) * 2 - 1
 
 
+def dit_preset(args):
+    """The named DiT preset with the ``--model key=value`` overrides (e.g. patch_size=8) applied."""
+    fields = {f.name: f.type for f in dataclasses.fields(DIT_PRESETS[args.preset])}
+    overrides = {}
+    for item in args.model:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: --model {item}: unknown DiT field {key!r}; choose from {sorted(fields)}")
+        kind = type(getattr(DIT_PRESETS[args.preset], key))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return dataclasses.replace(DIT_PRESETS[args.preset], **overrides)
+
+
 def case_base_train(args, device, dtype) -> dict:
-    cfg = dataclasses.replace(DIT_PRESETS[args.preset], checkpointing=bool(args.checkpointing))
+    cfg = dataclasses.replace(dit_preset(args), checkpointing=bool(args.checkpointing))
     with torch.device(device):
         model = VideoDiT(cfg)
     if args.compile:
@@ -148,7 +161,7 @@ def case_base_train(args, device, dtype) -> dict:
 
 def build_fourd(args, device, dtype, sync_variant: str = "soft") -> FourDModel:
     with torch.device(device):
-        base = VideoDiT(DIT_PRESETS[args.preset])
+        base = VideoDiT(dit_preset(args))
     base.to(dtype)  # frozen: kept in bf16, no fp32 master copy needed
     model = FourDModel(base, FourDConfig(sync=sync_variant)).to(device)
     if args.checkpointing:
@@ -243,7 +256,7 @@ def summarize(times: list[float], flops: float, batch: int, device: torch.device
 def run_case(args) -> dict:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    info = {"case": args.case, "preset": args.preset, "batch": args.batch, "compile": bool(args.compile),
+    info = {"case": args.case, "preset": args.preset, "model": args.model, "batch": args.batch, "compile": bool(args.compile),
             "attn": args.attn, "checkpointing": bool(args.checkpointing), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     torch.manual_seed(0)
@@ -326,6 +339,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--preset", default="paper", choices=sorted(DIT_PRESETS))
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the DiT preset, e.g. --model patch_size=8 (repeatable)")
     parser.add_argument("--up-preset", default="paper", choices=sorted(UPSAMPLER_PRESETS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=None, help="frames per clip (base) or T of the grid")

@@ -31,8 +31,11 @@ args=(--head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127
 # group, so stop_local.sh stops exactly this head and not other Ray instances.
 setsid bash -c 'echo $$ > "$0"; exec "$@"' "$RAY_LOCAL_DIR/pgid" "$RAY_BIN" start "${args[@]}" \
   >"$RAY_LOCAL_DIR/start.log" 2>&1 || { cat "$RAY_LOCAL_DIR/start.log" >&2; exit 1; }
+# The GCS address as Ray recorded it (it may name the machine's IP rather than loopback).
+gcs_address=$(cat "$RAY_TEMP_DIR/ray_current_cluster" 2>/dev/null || echo "127.0.0.1:$RAY_PORT")
 cat > "$RAY_LOCAL_DIR/env.sh" <<ENV
 export RAY_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT
+export RAY_GCS_ADDRESS=$gcs_address
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH
 export RAY_TEMP_DIR=$RAY_TEMP_DIR

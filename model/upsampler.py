@@ -60,6 +60,16 @@ class UpsamplerConfig:
     sample_aug_level: float = 0.1
     """Level ``upsample`` applies by default: small, so most of the generated frames' detail survives, but not
     zero, so their artefacts look like the corruption seen in training. 0 for a model trained without it."""
+    prediction: str = "x"
+    """What the network outputs: "x", the clean high-res clip, turned into the velocity (x_t - x) / t; or "v",
+    the velocity itself. A pixel-space patch holds patch_size^2 x 3 values (192 at patch 8), more than a small
+    model's width: a velocity carries the full-resolution noise, which such a token cannot represent, so a
+    v-predicting proof upsampler plateaued at a third of the initial loss and sampled images covered in noise
+    (docs/results.md, run 2). A clean image is low-dimensional and smooth, so x-prediction fits through the
+    same bottleneck (Li and He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
+    x_pred_min_t: float = 0.05
+    """Smallest t in the x-to-velocity division (x_t - x) / t: keeps the velocity, and the loss it enters,
+    bounded near the data end of the path."""
 
     def dit(self) -> DiTConfig:
         return DiTConfig(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
@@ -85,11 +95,22 @@ def upsampler_config(preset: str, **overrides) -> UpsamplerConfig:
     return replace(UPSAMPLER_PRESETS[preset], **overrides)
 
 
+PREDICTIONS = ("x", "v")
+
+
+def upsampler_from_config(model_config: dict) -> "VideoUpsampler":
+    """The upsampler a checkpoint's ``model_config`` describes. Checkpoints from before ``prediction`` existed
+    hold v-predicting models, so a missing field means "v", not today's default."""
+    return VideoUpsampler(UpsamplerConfig(**{"prediction": "v", **model_config}))
+
+
 class VideoUpsampler(nn.Module):
     scale = 4
 
     def __init__(self, cfg: UpsamplerConfig):
         super().__init__()
+        if cfg.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
         for name in ("aug_max", "aug_prob", "sample_aug_level"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
@@ -130,8 +151,13 @@ class VideoUpsampler(nn.Module):
         if tuple(aug_level.shape) != (B,):
             raise ValueError(f"aug_level must be [B] = ({B},), got {tuple(aug_level.shape)}")
         context = torch.zeros(B, dtype=torch.long, device=x_hr_noisy.device)
-        return self.dit(x_hr_noisy, t, context, pixels=self.upsample_input(lowres),
-                        extra_cond=self.aug_embed(aug_level))
+        out = self.dit(x_hr_noisy, t, context, pixels=self.upsample_input(lowres), extra_cond=self.aug_embed(aug_level))
+        if self.cfg.prediction == "v":
+            return out
+        # x-prediction: the network's output is the clean clip; the sampler and the loss work in velocities.
+        # In fp32: x_t and the prediction nearly cancel at small t, which bf16 would turn into noise.
+        tt = t.float().clamp_min(self.cfg.x_pred_min_t).view(-1, *([1] * (out.dim() - 1)))
+        return (x_hr_noisy.float() - out.float()) / tt
 
     @staticmethod
     def corrupt_lowres(lowres: torch.Tensor, level: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -137,11 +137,11 @@ class Generator4D:
         self.data_items: dict[str, Any] | None = ckpt.get("data_items")
         self.upsampler = None
         if cfg.upsampler:
-            from model.upsampler import UpsamplerConfig, VideoUpsampler
+            from model.upsampler import upsampler_from_config
             up = load_checkpoint(cfg.upsampler)
             if up["stage"] != "upsampler":
                 raise UserError(f"--upsampler '{cfg.upsampler}' holds a '{up['stage']}' model")
-            self.upsampler = VideoUpsampler(UpsamplerConfig(**up["model_config"]))
+            self.upsampler = upsampler_from_config(up["model_config"])
             self.upsampler.load_state_dict(up["state_dict"])
             self.upsampler.to(self.device).eval()
 

@@ -38,6 +38,10 @@ def test_local_head_runs_a_submitted_job(tmp_path: Path) -> None:
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
         assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).stat().st_size > 0
+        # `ray start` recorded the head for plain ray.init() calls: stop must take that back (issue 13)
+        address_file = Path(f"/tmp/ray-t{gcs}/ray_current_cluster")
+        assert address_file.read_text().strip() == env["RAY_GCS_ADDRESS"]
+        assert env["RAY_GCS_ADDRESS"].endswith(f":{gcs}")
         submit = subprocess.run(
             ["ray", "job", "submit", "--working-dir", str(ROOT), "--runtime-env", str(ROOT / "cluster/runtime_env.yaml"),
              "--submission-id", f"check-{gcs}", "--", "python", "pipelines/cluster_check.py", "--tasks", "3"],
@@ -63,6 +67,8 @@ def test_local_head_runs_a_submitted_job(tmp_path: Path) -> None:
         assert stop.returncode == 0, stop.stderr
     time.sleep(1)
     assert subprocess.run(["pgrep", "-f", f"/tmp/ray-t{gcs}"], capture_output=True).returncode != 0
+    # nothing left that would send a later plain ray.init() to the dead head
+    assert not address_file.exists() and not (tmp_path / "state/env.sh").exists()
 
 
 def test_bad_option_is_one_line_and_nonzero() -> None:

@@ -54,7 +54,8 @@ def test_augmentation_level_is_a_model_input():
 
     # Freshly initialised embedding (DiT randomised so the output is not zero): the level alone changes
     # nothing, the model equals the plain DiT on the same condition, and only the corrupted pixels matter.
-    fresh = VideoUpsampler(upsampler_config("tiny"))
+    # (A velocity model, so its output is the DiT's own; x-prediction only rescales it: tested below.)
+    fresh = VideoUpsampler(upsampler_config("tiny", prediction="v"))
     randomize_(fresh.dit)
     ctx = torch.zeros(2, dtype=torch.long)
     plain = fresh.dit(x, t, ctx, pixels=fresh.upsample_input(lowres))
@@ -74,9 +75,10 @@ def test_augmentation_level_is_a_model_input():
 
 
 def test_checkpoint_without_level_embedding_loads_and_samples_clean():
-    model = tiny_upsampler()
+    # Such checkpoints predate x-prediction too: velocity models, whose output is the DiT's own.
+    model = tiny_upsampler(prediction="v")
     old = {k: v for k, v in model.state_dict().items() if not k.startswith("aug_embed.")}
-    loaded = VideoUpsampler(upsampler_config("tiny"))
+    loaded = VideoUpsampler(upsampler_config("tiny", prediction="v"))
     randomize_(loaded.aug_embed)  # whatever it holds, a pre-augmentation checkpoint must zero its output
     loaded.load_state_dict(old)  # strict
     assert loaded.cfg.sample_aug_level == 0.0 and model.cfg.sample_aug_level > 0  # the config is a copy
@@ -175,3 +177,71 @@ def test_paper_preset_targets_288x512_grids():
     assert 0 < cfg.sample_aug_level <= cfg.aug_max < 1 and 0 < cfg.aug_prob < 1
     with pytest.raises(ValueError, match="aug_max must be in"):
         VideoUpsampler(upsampler_config("tiny", aug_max=1.5))
+
+
+def test_x_prediction_turns_the_networks_clean_clip_into_the_velocity():
+    """prediction="x": the DiT's output is read as the clean clip x0 and returned as (x_t - x0) / t, so a
+    network that outputs the true clip returns exactly the rectified-flow velocity target noise - x0."""
+    from model import rectified_flow as rf
+    model = tiny_upsampler(prediction="x")
+    x0, noise = torch.rand(3, 2, 3, 8, 12) * 2 - 1, torch.randn(3, 2, 3, 8, 12)
+    t = torch.tensor([0.9, 0.3, 0.01])  # the last is below x_pred_min_t
+    xt = rf.add_noise(x0, noise, t.view(-1, 1, 1, 1, 1))
+    model.dit.forward = lambda *a, **k: x0  # an oracle network
+    v = model(xt, t, torch.zeros(3, 2, 3, 2, 3))
+    target = rf.velocity_target(x0, noise)
+    torch.testing.assert_close(v[:2], target[:2], rtol=1e-4, atol=1e-4)
+    # clamped: (x_t - x0) / 0.05 = t / 0.05 * (noise - x0), bounded instead of exact
+    torch.testing.assert_close(v[2], target[2] * 0.01 / model.cfg.x_pred_min_t, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prediction must be"):
+        tiny_upsampler(prediction="eps")
+
+
+def test_checkpoints_without_a_prediction_field_load_as_velocity_models():
+    from model.upsampler import upsampler_from_config
+    cfg = dict(vars(upsampler_config("tiny")))
+    assert upsampler_from_config(cfg).cfg.prediction == "x"
+    del cfg["prediction"]
+    assert upsampler_from_config(cfg).cfg.prediction == "v"  # what every checkpoint before the field held
+
+
+def _disc_clips(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat backgrounds with checkered discs, 2 frames of 64x64, and their x4 box-filtered versions."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")
+    check = (((xx * 8).floor() + (yy * 8).floor()) % 2) * 0.5
+    clips = []
+    for _ in range(n):
+        img = (torch.rand(3, 1, 1, generator=g) * 2 - 1).expand(3, 64, 64).clone()
+        for _ in range(3):
+            cx, cy = (torch.rand(2, generator=g) * 1.6 - 0.8).tolist()
+            r = float(torch.rand(1, generator=g)) * 0.4 + 0.15
+            disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r).float()
+            col = torch.rand(3, 1, 1, generator=g) * 2 - 1
+            img = img * (1 - disc) + disc * (col * (1 - check) - check * col)
+        clips.append(torch.stack([img, img.roll(2, dims=2)]))
+    x = torch.stack(clips).clamp(-1, 1)
+    return x, F.avg_pool2d(x.flatten(0, 1), 4).view(n, 2, 3, 16, 16)
+
+
+def test_x_prediction_learns_where_velocity_prediction_cannot():
+    """The proof run's upsampler failure in small: patch 8 (192 values a token) through width 64. Trained
+    alike, the v-predicting model keeps sampling noise in its output; the x-predicting one recovers the image
+    (measured: about 10 dB against 20 dB; bicubic 22 dB)."""
+    psnr = {}
+    for prediction in ("v", "x"):
+        torch.manual_seed(0)
+        g = gen(1)
+        model = VideoUpsampler(upsampler_config("tiny", patch_size=8, width=64, depth=2, heads=2, clip_frames=2,
+                                                batch_clips=8, prediction=prediction, aug_prob=0.0))
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        for _ in range(300):
+            x, lowres = _disc_clips(16, g)
+            loss, _ = model.training_loss(x, lowres, g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x, lowres = _disc_clips(8, gen(99))
+        hr = model.upsample(lowres, steps=20, generator=gen(0), aug_level=0.0, shared_noise=False)
+        psnr[prediction] = float(10 * torch.log10(4 / ((hr - x) ** 2).mean()))
+    assert psnr["x"] > psnr["v"] + 5, psnr
+    assert psnr["x"] > 16, psnr

@@ -177,11 +177,12 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                         # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
                         data=dict(frames=4, views=4, height=32, width=32),
                         optim=dict(lr=2e-3, warmup_samples=160)),
-        # One H100 within the GPU limits of docs/results.md: base ~6 min, each 4D phase ~1 min, upsampler ~2 min.
+        # One H100 within the GPU limits of docs/results.md (run 2): base 576 K clips in ~11 min at ~1,000
+        # clips/s; phase 1 (three 4D variants and the upsampler side by side) ~7 min; phase 2 ~3 min.
         "proof": _preset(stage, model_preset="proof", num_workers=1, use_gpu=True, precision="bf16", zero_stage=2,
                          compile_blocks=True, log_every=50 if not four else 20, checkpoint_every=500 if not four else 100,
                          output=f"outputs/proof/{stage}",
-                         total_samples={"base": 320_000, "upsampler": 48_000, "4d": 9_600}[stage],
+                         total_samples={"base": 576_000, "upsampler": 48_000, "4d": 9_600}[stage],
                          batch_size={"base": 64, "upsampler": 32, "4d": 8}[stage],
                          data=dict(frames=8 if not up else 4, views=8, height=256 if up else 64,
                                    width=256 if up else 64, shuffle_buffer=64, prefetch=4,

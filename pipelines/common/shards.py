@@ -92,14 +92,22 @@ def safe_key(text: str) -> str:
     return "".join(c if (c.isalnum() or c in "-_") else "_" for c in text)
 
 
+TMP_DIR = ".tmp"
+"""Where tars are written before they are moved into place: beside the shard folders, never inside them, so a
+driver killed mid-write leaves nothing that ``ray.data.read_webdataset(<output>/shards/)`` would trip on."""
+
+
 def write_tar(path: Path, samples: Iterable[Sample]) -> int:
     """Write samples to ``path`` atomically; members of a sample are contiguous and sorted.
 
     ``ray.data.read_webdataset`` groups consecutive members by key, so members
-    must never interleave between samples. Returns bytes written.
+    must never interleave between samples. The file is written in ``<path's grandparent>/.tmp/`` (same file
+    system) and renamed into place. Returns bytes written.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    path = Path(path)
+    tmp = path.parent.parent / TMP_DIR / f"{path.parent.name}--{path.name}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in sorted(samples, key=lambda s: s.key):
             for suffix in sorted(sample.files):
@@ -192,6 +200,9 @@ def scan_output(output: str | Path) -> ResumeState:
             if orphan:
                 f.unlink()
                 removed.append(str(f.relative_to(output)))
+    for f in (output / TMP_DIR).glob("*") if (output / TMP_DIR).is_dir() else []:
+        f.unlink()  # tars of an interrupted write
+        removed.append(str(f.relative_to(output)))
     if parts_dir.exists():
         for f in parts_dir.glob("*.tmp"):
             f.unlink()

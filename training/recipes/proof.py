@@ -60,7 +60,11 @@ class ProofConfig:
     base_samples: int = doc(0, "base training length in clips (0 = the preset's)")
     phase1_samples: int = doc(0, "4D phase 1 length in grids (0 = the preset's)")
     upsampler_samples: int = doc(0, "upsampler training length in clips (0 = the preset's)")
-    phase2_samples: int = doc(0, "4D phase 2 (fine-tune on renders) length in grids (0 = a quarter of phase 1)")
+    phase2_samples: int = doc(0, "4D phase 2 (fine-tune on renders) length in grids (0 = a quarter of phase 1; "
+                              "the paper's 3k after 20k would be 15%)")
+    phase2_lr: float = doc(0.0, "4D phase 2 peak learning rate, no warm-up, cosine to the end (0 = phase 1's). "
+                           "Run 3 of docs/results.md tried 15% at 1e-4: better on pseudo-4D, worse on renders")
+    base_from: str = doc("", "take this base checkpoint (e.g. weights/proof/base.pt.gz) instead of training one")
     eval_grids: int = doc(16, "held-out grids evaluated per set")
     eval_steps: int = doc(20, "sampling steps in evaluation")
     parallel: bool = doc(True, "run the jobs of one step side by side")
@@ -75,28 +79,39 @@ def _log(cfg: ProofConfig, name: str) -> Path:
     return path
 
 
-def _jobs(cfg: ProofConfig, jobs: dict[str, list[str]]) -> None:
-    """Run named commands (side by side if cfg.parallel); one status line each; fail naming the log."""
+def _jobs(cfg: ProofConfig, jobs: dict[str, list[str] | list[list[str]]]) -> None:
+    """Run named jobs (side by side if cfg.parallel); one status line each; fail naming the log.
+
+    A job is one command, or a list of commands run one after another in its own lane (e.g. make the
+    upsampler's data, then train it, while the 4D jobs run beside it); a failed command ends its lane.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    pending = list(jobs.items())
-    running: dict[str, tuple[subprocess.Popen, float, object]] = {}
+    pending = [(name, list(cmd) if cmd and isinstance(cmd[0], list) else [cmd]) for name, cmd in jobs.items()]
+    running: dict[str, tuple[subprocess.Popen, float, object, list]] = {}
     failed = []
+
+    def start(name: str, cmds: list, t0: float | None = None) -> None:
+        log = _log(cfg, name).open("a")
+        log.write(f"\n$ {' '.join(cmds[0])}\n")
+        log.flush()
+        running[name] = (subprocess.Popen([sys.executable, *cmds[0]], cwd=ROOT, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT), t0 or time.time(), log, cmds[1:])
+        if t0 is None:
+            print(f"[proof] {name}: started (log {_log(cfg, name)})", flush=True)
+
     while pending or running:
         while pending and (cfg.parallel or not running):
-            name, cmd = pending.pop(0)
-            log = _log(cfg, name).open("a")
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            running[name] = (subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT), time.time(), log)
-            print(f"[proof] {name}: started (log {_log(cfg, name)})", flush=True)
+            start(*pending.pop(0))
         time.sleep(2)
-        for name, (proc, t0, log) in list(running.items()):
+        for name, (proc, t0, log, rest) in list(running.items()):
             if proc.poll() is None:
                 continue
             log.close()  # type: ignore[attr-defined]
             del running[name]
+            if proc.returncode == 0 and rest:
+                start(name, rest, t0)
+                continue
             status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
             print(f"[proof] {name}: {status} in {time.time() - t0:.0f}s", flush=True)
             if proc.returncode:
@@ -137,24 +152,28 @@ def step_renders(cfg: ProofConfig) -> None:
     _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # Blender uses every core already
 
 
-def step_pseudo4d(cfg: ProofConfig) -> None:
+def _pseudo4d(cfg: ProofConfig, name: str, seed: int, count: int, extra: list[str]) -> list[str]:
+    return ["pipelines/make_pseudo4d.py", "--preset", cfg.pseudo_preset, "--output", str(_data(cfg, name)),
+            "--procedural.seed", str(seed), "--procedural.count", str(count), *extra]
+
+
+def _upsampler_sets(cfg: ProofConfig) -> dict[str, list[str]]:
+    """The upsampler's data: 4 x 4 grids at 4x the proof resolution; it trains on their rows (4-frame clips)."""
     s = cfg.upsampler_size
-    sets = {
-        "pseudo4d": (0, cfg.pseudo_videos, cfg.pseudo_args),
-        "pseudo4d_heldout": (cfg.heldout_seed, cfg.pseudo_heldout_videos, cfg.pseudo_args),
-        # 4 x 4 grids at 4x the proof resolution: the upsampler trains on their rows (4-frame clips)
-        "upsampler": (2 * cfg.heldout_seed, cfg.upsampler_videos,
-                      ["--views", "4", "--frames", "4", "--height", str(s), "--width", str(s),
-                       "--procedural.width", str(2 * s), "--procedural.height", str(3 * s // 2)]),
-        "upsampler_heldout": (3 * cfg.heldout_seed, cfg.upsampler_heldout_videos,
-                              ["--views", "4", "--frames", "4", "--height", str(s), "--width", str(s),
-                               "--procedural.width", str(2 * s), "--procedural.height", str(3 * s // 2)]),
-    }
-    jobs = {}
-    for name, (seed, count, extra) in sets.items():
-        if not _done(_data(cfg, name)):
-            jobs[name] = ["pipelines/make_pseudo4d.py", "--preset", cfg.pseudo_preset, "--output", str(_data(cfg, name)),
-                          "--procedural.seed", str(seed), "--procedural.count", str(count), *extra]
+    shape = ["--views", "4", "--frames", "4", "--height", str(s), "--width", str(s),
+             "--procedural.width", str(2 * s), "--procedural.height", str(3 * s // 2)]
+    sets = {"upsampler": (2 * cfg.heldout_seed, cfg.upsampler_videos),
+            "upsampler_heldout": (3 * cfg.heldout_seed, cfg.upsampler_heldout_videos)}
+    return {name: _pseudo4d(cfg, name, seed, count, shape) for name, (seed, count) in sets.items()
+            if not _done(_data(cfg, name))}
+
+
+def step_pseudo4d(cfg: ProofConfig) -> None:
+    """The 4D model's pseudo-4D sets (train and held-out). The upsampler's sets are made in phase 1, beside
+    the 4D jobs, since nothing before the upsampler needs them."""
+    sets = {"pseudo4d": (0, cfg.pseudo_videos), "pseudo4d_heldout": (cfg.heldout_seed, cfg.pseudo_heldout_videos)}
+    jobs = {name: _pseudo4d(cfg, name, seed, count, cfg.pseudo_args) for name, (seed, count) in sets.items()
+            if not _done(_data(cfg, name))}
     _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # each job already spreads over the cores
 
 
@@ -163,8 +182,16 @@ def _train(cfg: ProofConfig, stage: str, out: Path, *args: str) -> list[str]:
             "--mlflow-uri", cfg.mlflow_uri, *args, *cfg.extra]
 
 
+def _base(cfg: ProofConfig) -> str:
+    """The base checkpoint the 4D stages and the export take: ``base_from`` if given, else the base step's."""
+    return cfg.base_from or str(_run(cfg, "base") / "checkpoint_final")
+
+
 def step_base(cfg: ProofConfig) -> None:
     out = _run(cfg, "base")
+    if cfg.base_from:
+        print(f"[proof] base: taken from {cfg.base_from}, not trained", flush=True)
+        return
     if _done(out):
         return
     grids = f"{_data(cfg, 'pseudo4d')},{_data(cfg, 'render')}"
@@ -174,9 +201,10 @@ def step_base(cfg: ProofConfig) -> None:
 
 
 def step_phase1(cfg: ProofConfig) -> None:
-    """4D phase 1 on pseudo-4D grids for every trained variant, and the upsampler beside them."""
-    base = _run(cfg, "base") / "checkpoint_final"
-    jobs = {}
+    """4D phase 1 on pseudo-4D grids for every trained variant, and the upsampler (its data, then its
+    training) beside them."""
+    base = _base(cfg)
+    jobs: dict[str, list[str] | list[list[str]]] = {}
     for sync in TRAINED:
         out = _run(cfg, f"4d_{sync}_p1")
         if not _done(out):
@@ -184,8 +212,9 @@ def step_phase1(cfg: ProofConfig) -> None:
                                     "--data.grids", str(_data(cfg, "pseudo4d")), *_length(cfg.phase1_samples))
     out = _run(cfg, "upsampler")
     if not _done(out):
-        jobs["upsampler"] = _train(cfg, "upsampler", out, "--data.grids", str(_data(cfg, "upsampler")),
-                                   *_length(cfg.upsampler_samples))
+        jobs["upsampler"] = [*_upsampler_sets(cfg).values(),
+                             _train(cfg, "upsampler", out, "--data.grids", str(_data(cfg, "upsampler")),
+                                    *_length(cfg.upsampler_samples))]
     _jobs(cfg, jobs)
 
 
@@ -201,7 +230,8 @@ def _phase2_samples(cfg: ProofConfig) -> int:
 
 
 def step_phase2(cfg: ProofConfig) -> None:
-    """Fine-tune each phase-1 model on renders; soft also continues on pseudo-4D alone (ablation 2)."""
+    """Fine-tune each phase-1 model on renders; soft also continues on pseudo-4D alone (ablation 2), with the
+    same length and learning rate."""
     n = str(_phase2_samples(cfg))
     jobs = {}
     for sync in TRAINED + ("soft_pseudo_only",):
@@ -212,7 +242,8 @@ def step_phase2(cfg: ProofConfig) -> None:
             jobs[out.name] = _train(cfg, "4d", out, "--sync", variant,
                                     "--init-from", str(_run(cfg, f"4d_{variant}_p1") / "checkpoint_final"),
                                     "--data.grids", str(data), "--total-samples", n,
-                                    "--optim.warmup-samples", "0", "--seed", "1")
+                                    "--optim.warmup-samples", "0", "--seed", "1",
+                                    *(["--optim.lr", str(cfg.phase2_lr)] if cfg.phase2_lr else []))
     _jobs(cfg, jobs)
 
 
@@ -242,7 +273,7 @@ def step_eval(cfg: ProofConfig) -> None:
                                "--upsampler", str(_run(cfg, "upsampler") / "checkpoint_final"),
                                "--from-grid", str(_data(cfg, "render_heldout")), "--method", "euler",
                                "--out", str(gen)]
-    _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # the GPU is shared already; keep timings clean
+    _jobs(cfg, jobs)  # side by side: each is latency-bound (one grid or clip at a time) and leaves the GPU idle
 
 
 def step_weights(cfg: ProofConfig) -> None:
@@ -250,14 +281,15 @@ def step_weights(cfg: ProofConfig) -> None:
     out = Path(cfg.out) / "weights"
     ckpts = {k: str(v) for k, v in variants(cfg).items()}
     ckpts["upsampler"] = str(_run(cfg, "upsampler") / "checkpoint_final")
-    sizes = slim_export(ckpts, out, base=str(_run(cfg, "base") / "checkpoint_final"))
+    sizes = slim_export(ckpts, out, base=_base(cfg))
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
     print(f"[proof] weights: {sum(sizes.values()) / 1e6:.1f} MB in {out}", flush=True)
 
 
 STEPS: dict[str, Callable[[ProofConfig], None]] = {
     "renders": step_renders, "pseudo4d": step_pseudo4d, "base": step_base, "phase1": step_phase1,
-    "phase2": step_phase2, "eval": step_eval, "weights": step_weights,
+    # weights before eval: the export takes seconds, and a run cut short during evaluation still has them
+    "phase2": step_phase2, "weights": step_weights, "eval": step_eval,
 }
 
 

@@ -40,7 +40,7 @@ class UpsamplerEvalConfig:
 
 
 def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
-    from model.upsampler import UpsamplerConfig, VideoUpsampler
+    from model.upsampler import upsampler_from_config
     from pipelines.common.shards import iter_tar_samples
     from pipelines.common.visuals import contact_sheet, to_uint8
     from pipelines.eval_metrics import high_frequency_energy, psnr, spread, ssim
@@ -53,7 +53,7 @@ def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
     ckpt = load_checkpoint(cfg.checkpoint)
     if ckpt["stage"] != "upsampler":
         raise UserError(f"checkpoint '{cfg.checkpoint}' holds a '{ckpt['stage']}' model; pass an upsampler checkpoint")
-    model = VideoUpsampler(UpsamplerConfig(**ckpt["model_config"]))
+    model = upsampler_from_config(ckpt["model_config"])
     model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
     model.to(device).eval()
     train = ckpt.get("config", {}).get("data", {})

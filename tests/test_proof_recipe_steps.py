@@ -1,0 +1,84 @@
+"""The proof recipe's mechanics, fast: job lanes, a carried-in base, the phase-2 schedule flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.common.errors import UserError
+from training.recipes import proof
+from training.recipes.proof import ProofConfig
+
+
+def test_a_lane_runs_its_commands_in_order_beside_other_jobs(tmp_path: Path) -> None:
+    cfg = ProofConfig(out=str(tmp_path))
+    marks = tmp_path / "marks"
+    write = "import sys, time; time.sleep({}); open(sys.argv[1], 'a').write('{}\\n')"
+    proof._jobs(cfg, {
+        "lane": [["-c", write.format(0.5, "first"), str(marks)], ["-c", write.format(0, "second"), str(marks)]],
+        "single": ["-c", write.format(0, "single"), str(marks)],
+    })
+    lines = marks.read_text().split()
+    assert lines.index("first") < lines.index("second") and "single" in lines  # the lane kept its order
+    log = (tmp_path / "logs" / "lane.log").read_text()
+    assert log.count("$ -c") == 2  # both commands logged in the lane's one log
+
+
+def test_a_failed_command_ends_its_lane_and_the_step_names_it(tmp_path: Path) -> None:
+    cfg = ProofConfig(out=str(tmp_path))
+    never = tmp_path / "never"
+    with pytest.raises(UserError, match="lane: error: broken data"):
+        proof._jobs(cfg, {"lane": [["-c", "import sys; print('error: broken data'); sys.exit(3)"],
+                                   ["-c", f"open({str(never)!r}, 'w')"]]})
+    assert not never.exists()
+
+
+def test_a_carried_base_replaces_the_base_step(tmp_path: Path, capsys) -> None:
+    cfg = ProofConfig(out=str(tmp_path), base_from="weights/proof/base.pt.gz")
+    proof.step_base(cfg)  # would start a training job without base_from
+    assert "taken from weights/proof/base.pt.gz" in capsys.readouterr().out
+    assert not (tmp_path / "base").exists() and not (tmp_path / "logs").exists()
+    assert proof._base(cfg) == "weights/proof/base.pt.gz"
+    assert proof._base(ProofConfig(out=str(tmp_path))) == str(tmp_path / "base" / "checkpoint_final")
+
+
+def test_phase_two_schedule_defaults_and_flags(tmp_path: Path, monkeypatch) -> None:
+    seen = {}
+    monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs: seen.update(jobs))
+    proof.step_phase2(ProofConfig(out=str(tmp_path)))
+    cmd = seen["4d_soft_p2"]
+    assert cmd[cmd.index("--total-samples") + 1] == "2400"  # a quarter of the preset's 9,600 grids
+    assert "--optim.lr" not in cmd  # phase 1's learning rate
+    seen.clear()
+    proof.step_phase2(ProofConfig(out=str(tmp_path), phase2_samples=1440, phase2_lr=1e-4))
+    for name in ("4d_soft_p2", "4d_hard_p2", "4d_sequential_p2", "4d_soft_pseudo_only"):
+        cmd = seen[name]
+        assert cmd[cmd.index("--total-samples") + 1] == "1440" and cmd[cmd.index("--optim.lr") + 1] == "0.0001"
+    assert "pseudo4d" in seen["4d_soft_pseudo_only"][seen["4d_soft_pseudo_only"].index("--data.grids") + 1]
+
+
+def test_figures_from_a_run_folder(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from training.recipes import proof_figures
+    run = tmp_path / "run"
+    (run / "base").mkdir(parents=True)
+    rows = [{"step": s, "loss": 1.0 / s, "samples_seen": 64.0 * s} for s in range(1, 40)]
+    rows.insert(5, {"step": 3, "loss": 9.0, "samples_seen": 192.0})  # a resumed run logs step 3 again
+    rows.append({"step": 39, "system/cpu": 1.0})  # rows without a loss are skipped
+    (run / "base" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    x, y = proof_figures.read_losses(run / "base" / "metrics.jsonl")
+    assert len(x) == 39 and y[2] == 9.0 and x[-1] == 64 * 39  # one point per step, the last logged value
+    (run / "eval").mkdir()
+    truth, filled = np.zeros((40, 60, 3), np.uint8), np.full((40, 60, 3), 255, np.uint8)
+    for variant in ("soft", "copy_first_row"):
+        Image.fromarray(np.concatenate([truth, filled])).save(run / "eval" / f"render__{variant}_grid0.png")
+    assert proof_figures.main(["--run", str(run), "--out", str(tmp_path / "figs")]) == 0
+    sheet = np.asarray(Image.open(tmp_path / "figs" / "proof_render_variants.png"))
+    assert sheet.shape[1] == 3 * (270 + 8)  # truth, soft, copy first row
+    assert (tmp_path / "figs" / "proof_loss_curves.png").stat().st_size > 10_000
+    assert proof_figures.main(["--run", str(tmp_path / "missing")]) == 2
