@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipelines.common.config import doc, parse_config, run_cli, write_resolved  # noqa: E402
+from pipelines.common.config import ConfigError, doc, parse_config, run_cli, write_resolved  # noqa: E402
 from pipelines.common.errors import UserError  # noqa: E402
 
 
@@ -52,6 +52,21 @@ class GenerateConfig:
     device: str = doc("auto", "cuda, cpu or auto")
     concurrency: int = doc(1, "batch mode: model actors")
     gpus_per_actor: float = doc(0.0, "batch mode: GPUs per actor (1 on GPU nodes)")
+
+    def validate(self) -> None:
+        """Checked when the options are parsed, before any model is loaded (a negative --views used to run on
+        and slice the grid from its end)."""
+        for name in ("views", "frames", "overlap"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("steps", "upsampler_steps", "fps", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.method not in ("euler", "heun"):
+            raise ConfigError(f"--method must be euler or heun, got {self.method!r}")
+        if self.views == 1 or self.frames == 1:
+            raise ConfigError("--views and --frames must be at least 2 (a 4D grid has a given first row and "
+                              "column and something to generate), or 0 for the inputs' lengths")
 
 
 def read_frames(path: str) -> np.ndarray:

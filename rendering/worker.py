@@ -50,12 +50,52 @@ def _recv_blocking(fh: BinaryIO) -> Any:
     return pickle.loads(fh.read(n))
 
 
+def _scratch_root() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process: alive, and not ours to clean
+    return True
+
+
+def sweep_stale(log_dir: str | Path, scratch_root: str | None) -> list[str]:
+    """Remove the scratch folders and logs of workers whose parent process is gone.
+
+    A parent killed with SIGKILL (an actor lost with its node, a driver killed hard) cannot clean up, and
+    its frames in /dev/shm hold RAM until reboot. Names carry the parent's pid (``blender-scratch-<pid>-*``,
+    ``blender-worker-<pid>-*.log``), so a new worker removes exactly the leftovers of dead parents and never
+    those of workers still running beside it. Returns the removed paths.
+    """
+    removed = []
+    for folder, prefix in ((Path(log_dir), "blender-worker-"),
+                           (Path(scratch_root or tempfile.gettempdir()), "blender-scratch-")):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(prefix + "*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path))
+    return removed
+
+
 class BlenderWorker:
     """Parent side: one child process at a time, started lazily."""
 
     def __init__(self, threads: int = 0, log_dir: str | None = None) -> None:
         self.threads = threads
         self.log_dir = Path(log_dir or tempfile.gettempdir())
+        sweep_stale(self.log_dir, _scratch_root())
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self.scratch: Path | None = None
@@ -63,13 +103,12 @@ class BlenderWorker:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="blender-worker-", suffix=".log", dir=self.log_dir)
+        fd, name = tempfile.mkstemp(prefix=f"blender-worker-{os.getpid()}-", suffix=".log", dir=self.log_dir)
         os.close(fd)
         self.log_path = Path(name)
         # Frames are staged in RAM (/dev/shm) by the child; the parent owns the folder so that
         # frames of a child killed mid-render are removed with it.
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.scratch = Path(tempfile.mkdtemp(prefix="blender-scratch-", dir=shm))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"blender-scratch-{os.getpid()}-", dir=_scratch_root()))
         env = dict(os.environ)
         env["RENDER_SCRATCH"] = str(self.scratch)
         root = str(Path(__file__).resolve().parents[1])

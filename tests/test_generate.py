@@ -153,3 +153,22 @@ def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_pat
     assert ckpt["data_items"]["items"]
     with pytest.raises(UserError, match="variant 'soft' was trained on item 'procedural-"):
         evaluate(dataclasses.replace(cfg, grids=[str(train_grids)], out=str(tmp_path / "eval_train")))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--views", "-4"], "--views must be 0 or more"),
+    (["--frames", "1"], "at least 2"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--method", "rk4"], "--method must be euler or heun"),
+])
+def test_bad_generation_options_are_one_line_before_any_model_loads(tmp_path: Path, flags: list[str],
+                                                                    needle: str) -> None:
+    # The shipped checkpoint and grid: a bad option must be refused before they are read (no 7-minute run
+    # on a negative --views, as before).
+    proc = subprocess.run([sys.executable, "pipelines/generate_4d.py", "--checkpoint", "weights/proof/soft.pt.gz",
+                           "--from-grid", "weights/proof/heldout", "--out", str(tmp_path / "x"), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()

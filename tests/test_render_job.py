@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -321,3 +322,32 @@ def test_worker_survives_hang_and_crash_and_cleans_up():
     finally:
         worker.close()
     assert worker.proc is None
+
+
+def test_a_new_worker_removes_what_killed_parents_left(tmp_path):
+    """A parent killed with SIGKILL leaves its Blender scratch folder (RAM, in /dev/shm) and its log behind;
+    the next worker on the machine removes those of dead parents and leaves a live parent's alone."""
+    from rendering.worker import BlenderWorker, _scratch_root
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is now free: the parent that was killed
+    root = Path(_scratch_root() or tmp_path)
+    made = {
+        "dead_scratch": root / f"blender-scratch-{dead.pid}-abc",
+        "live_scratch": root / f"blender-scratch-{os.getpid()}-abc",
+        "dead_log": tmp_path / f"blender-worker-{dead.pid}-abc.log",
+        "live_log": tmp_path / f"blender-worker-{os.getpid()}-abc.log",
+    }
+    try:
+        for name, path in made.items():
+            if "scratch" in name:
+                path.mkdir()
+                (path / "frame.png").write_bytes(b"x" * 100)
+            else:
+                path.write_text("log")
+        BlenderWorker(threads=1, log_dir=str(tmp_path))  # sweeps on construction, before any Blender starts
+        assert not made["dead_scratch"].exists() and not made["dead_log"].exists()
+        assert made["live_scratch"].is_dir() and made["live_log"].is_file()
+    finally:
+        import shutil
+        for path in made.values():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

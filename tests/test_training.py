@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
+from pipelines.common.errors import UserError
 from training.checkpoints import load_checkpoint
 from training.config import TrainConfig
 from training.launch import run
@@ -115,6 +117,12 @@ def test_resume_matches_straight_training(ray_local, train_grids: Path, tmp_path
     halves = tiny("base", tmp_path / "halves", [str(train_grids)], total_samples=24, steps_this_run=3)
     run(halves)
     assert not (Path(halves.output) / "checkpoint_final").exists()
+    # Other options into a folder with checkpoints: refused on the driver, the recorded config untouched
+    recorded = (Path(halves.output) / "config.yaml").read_text()
+    other = dataclasses.replace(halves, optim=dataclasses.replace(halves.optim, lr=halves.optim.lr * 2))
+    with pytest.raises(UserError, match=r"other options \(optim.lr .* --force"):
+        run(other)
+    assert (Path(halves.output) / "config.yaml").read_text() == recorded
     run(halves)  # the same command again continues from the checkpoint: step, data position, LR, EMA
     a = load_checkpoint(str(Path(straight.output) / "checkpoint_final"))["state_dict"]
     b = load_checkpoint(str(Path(halves.output) / "checkpoint_final"))["state_dict"]
@@ -125,6 +133,11 @@ def test_resume_matches_straight_training(ray_local, train_grids: Path, tmp_path
     la = [m.value for m in sorted(ca.get_metric_history(ra.info.run_id, "loss"), key=lambda m: m.step)]
     lb = [m.value for m in sorted(cb.get_metric_history(rb.info.run_id, "loss"), key=lambda m: m.step)]
     assert lb == pytest.approx(la, rel=1e-4)
+    # --force continues with the new options and keeps the old config beside the new one
+    run(dataclasses.replace(other, force=True))
+    kept = list(Path(halves.output).glob("config.before-*.yaml"))
+    assert len(kept) == 1 and kept[0].read_text() == recorded
+    assert f"lr: {other.optim.lr}" in (Path(halves.output) / "config.yaml").read_text()
 
 
 def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path, tmp_path: Path) -> None:

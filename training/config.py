@@ -14,6 +14,16 @@ from pipelines.common.config import ConfigError, doc
 
 STAGES = ("base", "upsampler", "4d")
 
+# Options that may change when a run folder's checkpoints are continued: where things go, how often the job
+# logs, samples and checkpoints, how the loader is laid out. Any other difference makes the checkpoints a
+# different run's, and continuing them needs --force (training/launch.py: check_resume).
+RESUME_FREE = frozenset({
+    "output", "run_name", "mlflow_uri", "experiment", "ray_address", "fail_at_step", "max_failures",
+    "keep_checkpoints", "log_every", "sample_every", "sample_steps", "checkpoint_every", "steps_this_run",
+    "system_metrics_every", "resume_from", "force", "data.prefetch", "data.loader_processes",
+    "data.decode_threads",
+})
+
 
 @dataclass
 class DataConfig:
@@ -97,6 +107,8 @@ class TrainConfig:
     seed: int = doc(0, "model init and noise seed")
     ray_address: str = doc("", "Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
     fail_at_step: int = doc(0, "testing: rank 1 exits at this optimizer step on the first attempt (0 = off)")
+    force: bool = doc(False, "continue the run folder's checkpoints although the config differs from the one "
+                      "they were trained with (the old config.yaml is kept beside the new one)")
     data: DataConfig = doc(text="input data", factory=DataConfig)
     optim: OptimConfig = doc(text="optimizer and schedule", factory=OptimConfig)
 

@@ -13,6 +13,39 @@ from pipelines.common.errors import UserError, require
 from training.config import TrainConfig, presets_for
 
 
+def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
+    """Refuse to continue a run folder's checkpoints with a config that no longer describes them.
+
+    Ray Train resumes a run from the latest checkpoint under <output>/ray/<run name>, whatever the options of
+    the new command; and config.yaml would be overwritten with options that the weights were not trained
+    with. So a re-run into a folder with checkpoints must match the recorded config, apart from RESUME_FREE
+    (paths, logging, loader layout). With ``force`` it continues and keeps the old config beside the new one;
+    returns that copy's path (None when nothing was replaced).
+    """
+    import time
+
+    from pipelines.common.config import flatten, load_yaml
+    from training.config import RESUME_FREE
+    old_path = output / "config.yaml"
+    if not old_path.is_file() or not (output / "ray" / (cfg.run_name or cfg.stage)).exists():
+        return None
+    old, new = flatten(load_yaml(old_path)), flatten(cfg)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
+    if not diff:
+        return None
+    what = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
+    what += f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+    if not cfg.force:
+        raise UserError(f"{output} holds checkpoints of a run with other options ({what}); re-run with the "
+                        "recorded options to continue it, give another --output for a new run, or pass --force "
+                        "to continue these weights with the new options")
+    kept = output / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    old_path.replace(kept)
+    print(f"[train {cfg.stage}] --force: continuing {output} with other options ({what}); the previous config "
+          f"is kept as {kept.name}", flush=True)
+    return kept
+
+
 def run(cfg: TrainConfig) -> dict:
     """Run a resolved config through Ray Train; returns a small summary."""
     require("ray", "deepspeed", "torch", *(["mlflow"] if cfg.mlflow_uri.lower() != "none" else []))
@@ -48,6 +81,7 @@ def run(cfg: TrainConfig) -> dict:
         inherited = list(start.get("data_items", {}).get("items", []))
     from training.data import check_sources
     descs = check_sources(cfg.stage, cfg.data)
+    check_resume(cfg, output)
     write_resolved(cfg, output)
     # The training items go into the exported checkpoint, so evaluation can refuse grids the model saw.
     items = sorted(set(inherited).union(*(d["items"] for d in descs)))
