@@ -119,16 +119,13 @@ def random_video(shape, device, generator) -> torch.Tensor:
 
 
 def dit_preset(args):
-    """The named DiT preset with the ``--model key=value`` overrides (e.g. patch_size=8) applied."""
-    fields = {f.name: f.type for f in dataclasses.fields(DIT_PRESETS[args.preset])}
-    overrides = {}
-    for item in args.model:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise SystemExit(f"error: --model {item}: unknown DiT field {key!r}; choose from {sorted(fields)}")
-        kind = type(getattr(DIT_PRESETS[args.preset], key))
-        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return dataclasses.replace(DIT_PRESETS[args.preset], **overrides)
+    """The named DiT preset with the ``--model key=value`` overrides (e.g. patch_size=8) applied and type-checked
+    by the jobs' own config parser."""
+    from pipelines.common.config import ConfigError, apply_overrides
+    try:
+        return apply_overrides(DIT_PRESETS[args.preset], dict(item.partition("=")[::2] for item in args.model))
+    except ConfigError as exc:
+        raise SystemExit(f"error: --model: {exc}") from None
 
 
 def case_base_train(args, device, dtype) -> dict:

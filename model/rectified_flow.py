@@ -44,6 +44,15 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, min_t: float = 0.0) -> torch.Tensor:
+    """The velocity (x_t - x0) / t that a predicted clean sample x0 implies at x_t (noise = (x_t - (1-t) x0) / t).
+
+    t is clamped at ``min_t`` so the velocity stays bounded near the data end; computed in fp32, since x_t and
+    x0 nearly cancel at small t and bf16 would turn the difference into noise.
+    """
+    return (x_t.float() - x0.float()) / _per_sample(t.float().clamp_min(min_t), x_t.float())
+
+
 def keep_given(x: torch.Tensor, cond: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
     """x with the given frames replaced by their clean values."""
     if cond is None or mask is None:

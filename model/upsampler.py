@@ -155,9 +155,7 @@ class VideoUpsampler(nn.Module):
         if self.cfg.prediction == "v":
             return out
         # x-prediction: the network's output is the clean clip; the sampler and the loss work in velocities.
-        # In fp32: x_t and the prediction nearly cancel at small t, which bf16 would turn into noise.
-        tt = t.float().clamp_min(self.cfg.x_pred_min_t).view(-1, *([1] * (out.dim() - 1)))
-        return (x_hr_noisy.float() - out.float()) / tt
+        return rf.velocity_from_x0(x_hr_noisy, out, t, self.cfg.x_pred_min_t)
 
     @staticmethod
     def corrupt_lowres(lowres: torch.Tensor, level: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -200,8 +200,8 @@ def scan_output(output: str | Path) -> ResumeState:
             if orphan:
                 f.unlink()
                 removed.append(str(f.relative_to(output)))
-    for f in (output / TMP_DIR).glob("*") if (output / TMP_DIR).is_dir() else []:
-        f.unlink()  # tars of an interrupted write
+    for f in (output / TMP_DIR).glob("*"):  # tars of an interrupted write (no folder: nothing)
+        f.unlink()
         removed.append(str(f.relative_to(output)))
     if parts_dir.exists():
         for f in parts_dir.glob("*.tmp"):
