@@ -56,6 +56,10 @@ class DiTConfig:
     """RMS-normalise queries and keys per head (keeps attention logits bounded in bf16)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    flow_shift: float = 1.0
+    """Noise-level shift s the model trains and samples with (``rectified_flow.shift_time``): flow times t map
+    to s t / (1 + (s - 1) t). 1 suits 32 x 32 frames; at 64 x 64 and up the unshifted model is wrong from pure
+    noise, where sampling starts (docs/results.md, run 4). Saved in checkpoints, so generation uses it."""
     checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
 
@@ -76,12 +80,13 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "demo": DiTConfig(patch_size=4, width=128, depth=4, heads=4, mlp_ratio=2.0),
     # The GPU proof run (docs/results.md): 64x64 frames, 16x16 tokens each, ~5M parameters, so the base,
     # every trained sync variant and the upsampler fit the 25 MB of weights shipped in the repository.
-    "proof": DiTConfig(patch_size=4, width=192, depth=8, heads=3, mlp_ratio=2.5),
+    # flow_shift 3: with s = 1 the proof base sampled garbage from pure noise (docs/results.md, run 4).
+    "proof": DiTConfig(patch_size=4, width=192, depth=8, heads=3, mlp_ratio=2.5, flow_shift=3.0),
     # Single-GPU experiments (~30M parameters) at the paper's first resolution, 36x64: patch 4 gives the
     # same 9x16 tokens per frame as the paper preset's patch 8 at 72x128 (36 is not divisible by 8).
-    "small": DiTConfig(patch_size=4, width=384, depth=12, heads=6, mlp_ratio=4.5),
+    "small": DiTConfig(patch_size=4, width=384, depth=12, heads=6, mlp_ratio=4.5, flow_shift=3.0),
     # The paper's base model: 24 blocks of width 1024, ~600M parameters.
-    "paper": DiTConfig(patch_size=8, width=1024, depth=24, heads=8, mlp_ratio=4.5),
+    "paper": DiTConfig(patch_size=8, width=1024, depth=24, heads=8, mlp_ratio=4.5, flow_shift=3.0),
 }
 
 

@@ -18,10 +18,21 @@ import torch
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
+def shift_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """SD3's resolution shift of flow times, s t / (1 + (s - 1) t): s > 1 moves every t toward the noise end.
+
+    The more pixels a sample has, the longer its signal survives the noise: a 64 x 64 x 8 clip is still
+    readable at t = 0.98, so a model trained on unshifted times barely learns what to do from pure noise, where
+    every sampler starts (docs/results.md, "run 4"). Training and sampling must use the same shift.
+    """
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
 def sample_t(batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
-             mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Logit-normal flow times (SD3): sigmoid of N(mean, std); concentrates training on mid noise levels."""
-    return torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
+             mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> torch.Tensor:
+    """Logit-normal flow times (SD3): sigmoid of N(mean, std), then ``shift_time``; concentrates training on mid
+    noise levels (shifted toward noise for s > 1)."""
+    return shift_time(torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean), shift)
 
 
 def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -72,10 +83,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
 
 
 def training_loss(model_fn: ModelFn, x0: torch.Tensor, mask: torch.Tensor | None,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Velocity-matching loss on the unknown frames of a batch of clips or grids."""
+                  generator: torch.Generator | None = None,
+                  shift: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Velocity-matching loss on the unknown frames of a batch of clips or grids (flow times shifted by
+    ``shift``: the model's ``flow_shift``)."""
     B = x0.shape[0]
-    t = sample_t(B, generator=generator, device=x0.device)
+    t = sample_t(B, generator=generator, device=x0.device, shift=shift)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     cond = None if mask is None else x0 * _frame_mask(mask, x0)
     x_t = keep_given(add_noise(x0, noise, t), cond, mask)
@@ -90,10 +103,7 @@ def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None 
     """steps+1 flow times from 1 to 0; shift > 1 spends more steps at high noise (SD3's resolution shift)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
-    if shift != 1.0:
-        ts = shift * ts / (1 + (shift - 1) * ts)
-    return ts
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
 
 
 @torch.no_grad()

@@ -58,6 +58,7 @@ class EvalConfig:
     frames: int = doc(0, "grid time steps evaluated (0 = the model's window)")
     steps: int = doc(20, "sampling steps")
     method: str = doc("heun", "sampler: euler or heun")
+    shift: float = doc(0.0, "noise-level shift of the sampler (0 = each model's own flow_shift)")
     seed: int = doc(0, "noise seed (the same for every variant)")
     i3d_weights: str = doc("", "TorchScript I3D feature extractor for FVD (local path)")
     lpips_weights: str = doc("", "TorchScript LPIPS model (local path)")
@@ -258,7 +259,7 @@ def _filler(variant: Variant, info: dict[str, Any] | None, cfg: EvalConfig) -> F
     from pipelines.generate_4d import GenerateConfig, Generator4D
     assert info is not None
     gen = Generator4D(GenerateConfig(checkpoint=info["path"], sync=variant.sync, steps=cfg.steps,
-                                     method=cfg.method, device=cfg.device))
+                                     method=cfg.method, shift=cfg.shift, device=cfg.device))
     return gen.generate
 
 

@@ -45,6 +45,8 @@ class GenerateConfig:
     steps: int = doc(20, "sampling steps of the 4D model")
     upsampler_steps: int = doc(10, "sampling steps of the upsampler")
     method: str = doc("heun", "sampler: euler or heun")
+    shift: float = doc(0.0, "noise-level shift of the 4D sampler's schedule (0 = the flow_shift the model was "
+                       "trained with, from its checkpoint)")
     overlap: int = doc(1, "rows/columns shared by neighbouring sliding windows")
     corner_psnr: float = doc(20.0, "the two inputs' first frames must agree to this PSNR (dB) after resizing")
     fps: int = doc(8, "frame rate of the MP4s")
@@ -62,6 +64,8 @@ class GenerateConfig:
         for name in ("steps", "upsampler_steps", "fps", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.shift < 0:
+            raise ConfigError(f"--shift must be positive (or 0 for the model's own), got {self.shift}")
         if self.method not in ("euler", "heun"):
             raise ConfigError(f"--method must be euler or heun, got {self.method!r}")
         if self.views == 1 or self.frames == 1:
@@ -148,6 +152,7 @@ class Generator4D:
             self.model.compile_blocks()
         self.window, self.size = checkpoint_geometry(ckpt)
         self.sync = fourd_cfg["sync"]
+        self.shift = cfg.shift or base.cfg.flow_shift
         # the training items (and the base's) when the checkpoint records them: evaluation refuses to score on them
         self.data_items: dict[str, Any] | None = ckpt.get("data_items")
         self.upsampler = None
@@ -179,7 +184,7 @@ class Generator4D:
             noise = torch.randn(x.shape, generator=gen).to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 out = rf.sample(lambda xt, t, c, m: self.model(xt, t, cond=c, mask=m).float(), noise,
-                                self.cfg.steps, method=self.cfg.method, cond=x, mask=mask)
+                                self.cfg.steps, method=self.cfg.method, cond=x, mask=mask, shift=self.shift)
             return out.float().cpu()
         filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
         filled = filled[0].clamp(-1, 1)

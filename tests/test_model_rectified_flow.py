@@ -109,3 +109,20 @@ def test_timestep_shift_keeps_endpoints():
     ts = rf.timesteps(8, shift=3.0)
     assert ts[0] == 1.0 and ts[-1] == 0.0 and (ts[1:] < ts[:-1]).all()
     assert ts[4] > 0.5  # more of the budget spent at high noise
+
+
+def test_training_times_shift_toward_noise_with_the_models_flow_shift():
+    t = torch.linspace(0, 1, 11)
+    shifted = rf.shift_time(t, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and (shifted[1:-1] > t[1:-1]).all()
+    torch.testing.assert_close(rf.timesteps(10, shift=3.0).float(), rf.shift_time(t.flip(0).double(), 3.0).float())
+    # same draws, shifted: every time moves toward noise, and far more of them land where sampling starts
+    plain = rf.sample_t(20000, generator=torch.Generator().manual_seed(0))
+    moved = rf.sample_t(20000, generator=torch.Generator().manual_seed(0), shift=3.0)
+    torch.testing.assert_close(moved, rf.shift_time(plain, 3.0))
+    assert (moved > 0.95).float().mean() > 5 * (plain > 0.95).float().mean()
+    # training_loss draws its times with the shift it is given
+    x0 = torch.zeros(4096, 1, 3, 2, 2)
+    _, aux1 = rf.training_loss(lambda x, t, c, m: x, x0, None, torch.Generator().manual_seed(1))
+    _, aux3 = rf.training_loss(lambda x, t, c, m: x, x0, None, torch.Generator().manual_seed(1), shift=3.0)
+    assert aux3["t_mean"] > aux1["t_mean"] + 0.1

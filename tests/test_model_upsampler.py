@@ -183,7 +183,7 @@ def test_x_prediction_turns_the_networks_clean_clip_into_the_velocity():
     """prediction="x": the DiT's output is read as the clean clip x0 and returned as (x_t - x0) / t, so a
     network that outputs the true clip returns exactly the rectified-flow velocity target noise - x0."""
     from model import rectified_flow as rf
-    model = tiny_upsampler(prediction="x")
+    model = tiny_upsampler(prediction="x", residual=False)
     x0, noise = torch.rand(3, 2, 3, 8, 12) * 2 - 1, torch.randn(3, 2, 3, 8, 12)
     t = torch.tensor([0.9, 0.3, 0.01])  # the last is below x_pred_min_t
     xt = rf.add_noise(x0, noise, t.view(-1, 1, 1, 1, 1))
@@ -203,6 +203,24 @@ def test_checkpoints_without_a_prediction_field_load_as_velocity_models():
     assert upsampler_from_config(cfg).cfg.prediction == "x"
     del cfg["prediction"]
     assert upsampler_from_config(cfg).cfg.prediction == "v"  # what every checkpoint before the field held
+
+
+def test_residual_upsampler_starts_as_bicubic_and_old_checkpoints_predict_the_whole_clip():
+    """residual=True: an untrained (zero output layer) model samples exactly the bicubic upsampling of a clean
+    condition, from any noise; checkpoints without the field are whole-clip models."""
+    from model.upsampler import VideoUpsampler, upsampler_from_config
+    torch.manual_seed(0)
+    model = VideoUpsampler(upsampler_config("tiny", steps=3))  # zero-initialised output: predicts residual 0
+    low = torch.rand(2, 3, 3, 4, 5) * 2 - 1
+    want = F.interpolate(low.flatten(0, 1), scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
+    got = model.upsample(low, generator=gen(1), aug_level=0.0)
+    torch.testing.assert_close(got.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
+    whole = VideoUpsampler(upsampler_config("tiny", steps=3, residual=False)).upsample(low, aug_level=0.0)
+    assert (whole.flatten(0, 1) - want).abs().mean() > 0.1  # predicting the whole clip starts from zero instead
+    cfg = dict(vars(upsampler_config("tiny")))
+    assert upsampler_from_config(cfg).cfg.residual
+    del cfg["residual"]
+    assert not upsampler_from_config(cfg).cfg.residual
 
 
 def _disc_clips(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

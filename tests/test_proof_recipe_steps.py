@@ -43,6 +43,22 @@ def test_a_carried_base_replaces_the_base_step(tmp_path: Path, capsys) -> None:
     assert proof._base(ProofConfig(out=str(tmp_path))) == str(tmp_path / "base" / "checkpoint_final")
 
 
+def test_a_carried_upsampler_replaces_its_training_everywhere(tmp_path: Path, monkeypatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs: seen.update(jobs))
+    cfg = ProofConfig(out=str(tmp_path), base_from="b.pt", upsampler_from="weights/proof/upsampler.pt.gz")
+    proof.step_phase1(cfg)
+    assert "upsampler" not in seen and {"4d_soft_p1", "4d_hard_p1", "4d_sequential_p1"} <= set(seen)
+    assert "upsampler_heldout" in seen  # its held-out clips are still made for the evaluation
+    seen.clear()
+    proof.step_eval(cfg)
+    assert seen["eval_upsampler"][seen["eval_upsampler"].index("--checkpoint") + 1] == cfg.upsampler_from
+    assert seen["generate_x4"][seen["generate_x4"].index("--upsampler") + 1] == cfg.upsampler_from
+    seen.clear()
+    proof.step_phase1(ProofConfig(out=str(tmp_path), base_from="b.pt"))
+    assert "upsampler" in seen and "upsampler_heldout" not in seen  # trained: its lane makes both sets
+
+
 def test_phase_two_schedule_defaults_and_flags(tmp_path: Path, monkeypatch) -> None:
     seen = {}
     monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs: seen.update(jobs))

@@ -187,3 +187,36 @@ def test_second_phase_starts_from_4d_weights_not_its_data_position(ray_local, fo
     assert summary["metrics"]["samples_seen"] == cfg.total_samples  # its own schedule from step 0
     items = set(second["data_items"]["items"])
     assert items and items >= set(first["data_items"]["items"])
+
+
+def test_flow_shift_reaches_base_and_4d_training_and_generation(tmp_path: Path) -> None:
+    """The model's noise-level shift is drawn in training (base and 4D stage, which inherits the base's) and
+    sampled with in generation, from the checkpoint (run 4 of docs/results.md: without it the proof base
+    sampled garbage from pure noise)."""
+    from pipelines.generate_4d import GenerateConfig, Generator4D
+    from training.checkpoints import save_checkpoint
+    from training.stages import BaseStage, FourDStage
+
+    clips = {"x": torch.zeros(256, 4, 3, 8, 8), "mask": torch.zeros(256, 4), "context": torch.zeros(256, dtype=torch.long)}
+    t_mean = {}
+    for shift in (1.0, 3.0):
+        stage = BaseStage(tiny("base", tmp_path / "b", [], model={"flow_shift": shift}))
+        assert stage.net.cfg.flow_shift == shift
+        t_mean[shift] = float(stage(clips, seed=0)[1]["t_mean"])
+        ckpt = save_checkpoint(tmp_path / f"base{shift}", {"stage": "base", "ema": True, "state_dict":
+                                                           stage.net.state_dict(), "model_config":
+                                                           dataclasses.asdict(stage.net.cfg)})
+    assert t_mean[3.0] > t_mean[1.0] + 0.1, t_mean
+    grids = {"x": torch.zeros(64, 3, 4, 3, 8, 8), "mask": torch.zeros(64, 3, 4)}
+    four = FourDStage(tiny("4d", tmp_path / "f", [], base_checkpoint=str(ckpt.parent)))
+    plain = FourDStage(tiny("4d", tmp_path / "f1", [], base_checkpoint=str(tmp_path / "base1.0")))
+    assert float(four(grids, seed=0)[1]["t_mean"]) > float(plain(grids, seed=0)[1]["t_mean"]) + 0.1
+    # generation takes the checkpoint's shift, --shift overrides it, and a checkpoint from before the field
+    # (no flow_shift in its model_config) samples as it was trained: unshifted
+    gen = GenerateConfig(checkpoint=str(ckpt.parent), sync="train_free_soft", device="cpu")
+    assert Generator4D(gen).shift == 3.0
+    assert Generator4D(dataclasses.replace(gen, shift=2.0)).shift == 2.0
+    legacy = load_checkpoint(str(ckpt.parent))
+    del legacy["model_config"]["flow_shift"]
+    save_checkpoint(tmp_path / "legacy", legacy)
+    assert Generator4D(dataclasses.replace(gen, checkpoint=str(tmp_path / "legacy"))).shift == 1.0

@@ -77,14 +77,14 @@ class BaseStage(Stage):
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, mask, context = batch["x"], batch["mask"], batch["context"]
         return rf.training_loss(lambda xt, t, cond, m: self.net(xt, t, context, cond=cond, mask=m), x0, mask,
-                                generator=self._gen(seed, x0.device))
+                                generator=self._gen(seed, x0.device), shift=self.net.cfg.flow_shift)
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int, seed: int) -> torch.Tensor:
         x0, mask, context = batch["x"], batch["mask"], batch["context"]
         noise = torch.randn(x0.shape, generator=self._gen(seed, x0.device), device=x0.device)
         return rf.sample(lambda xt, t, cond, m: self.net(xt, t, context, cond=cond, mask=m), noise, steps,
-                         cond=x0, mask=mask)
+                         cond=x0, mask=mask, shift=self.net.cfg.flow_shift)
 
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
         _, f, _, h, w = batch["x"].shape
@@ -185,14 +185,16 @@ class FourDStage(Stage):
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, mask = batch["x"], batch["mask"]
+        # the frozen base's noise-level shift: the sync layers learn at the times the base was trained at
         return rf.training_loss(lambda xt, t, cond, m: self.net(xt, t, cond=cond, mask=m), x0, mask,
-                                generator=self._gen(seed, x0.device))
+                                generator=self._gen(seed, x0.device), shift=self.net.base.cfg.flow_shift)
 
     @torch.no_grad()
     def sample(self, batch: dict[str, torch.Tensor], steps: int, seed: int) -> torch.Tensor:
         x0, mask = batch["x"], batch["mask"]
         noise = torch.randn(x0.shape, generator=self._gen(seed, x0.device), device=x0.device)
-        return rf.sample(lambda xt, t, cond, m: self.net(xt, t, cond=cond, mask=m), noise, steps, cond=x0, mask=mask)
+        return rf.sample(lambda xt, t, cond, m: self.net(xt, t, cond=cond, mask=m), noise, steps, cond=x0, mask=mask,
+                         shift=self.net.base.cfg.flow_shift)
 
     def flops_per_sample(self, batch: dict[str, torch.Tensor]) -> float:
         _, v, t, _, h, w = batch["x"].shape

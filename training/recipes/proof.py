@@ -65,6 +65,8 @@ class ProofConfig:
     phase2_lr: float = doc(0.0, "4D phase 2 peak learning rate, no warm-up, cosine to the end (0 = phase 1's). "
                            "Run 3 of docs/results.md tried 15% at 1e-4: better on pseudo-4D, worse on renders")
     base_from: str = doc("", "take this base checkpoint (e.g. weights/proof/base.pt.gz) instead of training one")
+    upsampler_from: str = doc("", "take this upsampler checkpoint (e.g. weights/proof/upsampler.pt.gz) instead of "
+                              "making its data and training it in phase 1 (a run that changes only the 4D side)")
     eval_grids: int = doc(16, "held-out grids evaluated per set")
     eval_steps: int = doc(20, "sampling steps in evaluation")
     parallel: bool = doc(True, "run the jobs of one step side by side")
@@ -200,6 +202,11 @@ def step_base(cfg: ProofConfig) -> None:
                                *_length(cfg.base_samples))})
 
 
+def _upsampler(cfg: ProofConfig) -> str:
+    """The upsampler checkpoint evaluation and the export take: ``upsampler_from`` if given, else phase 1's."""
+    return cfg.upsampler_from or str(_run(cfg, "upsampler") / "checkpoint_final")
+
+
 def step_phase1(cfg: ProofConfig) -> None:
     """4D phase 1 on pseudo-4D grids for every trained variant, and the upsampler (its data, then its
     training) beside them."""
@@ -211,7 +218,12 @@ def step_phase1(cfg: ProofConfig) -> None:
             jobs[out.name] = _train(cfg, "4d", out, "--sync", sync, "--base-checkpoint", str(base),
                                     "--data.grids", str(_data(cfg, "pseudo4d")), *_length(cfg.phase1_samples))
     out = _run(cfg, "upsampler")
-    if not _done(out):
+    if cfg.upsampler_from:
+        print(f"[proof] upsampler: taken from {cfg.upsampler_from}, not trained", flush=True)
+        heldout = _upsampler_sets(cfg).get("upsampler_heldout")
+        if heldout:  # evaluation still scores it on the held-out clips
+            jobs["upsampler_heldout"] = heldout
+    elif not _done(out):
         jobs["upsampler"] = [*_upsampler_sets(cfg).values(),
                              _train(cfg, "upsampler", out, "--data.grids", str(_data(cfg, "upsampler")),
                                     *_length(cfg.upsampler_samples))]
@@ -264,13 +276,12 @@ def step_eval(cfg: ProofConfig) -> None:
                         "--out", str(out), "--mlflow-uri", "none" if cfg.mlflow_uri == "none" else cfg.mlflow_uri]
     up = Path(cfg.out) / "eval_upsampler"
     if not (up / "results.json").is_file():
-        jobs["eval_upsampler"] = ["-m", "training.recipes.upsampler_eval", "--checkpoint",
-                                  str(_run(cfg, "upsampler") / "checkpoint_final"),
+        jobs["eval_upsampler"] = ["-m", "training.recipes.upsampler_eval", "--checkpoint", _upsampler(cfg),
                                   "--grids", str(_data(cfg, "upsampler_heldout")), "--out", str(up)]
     gen = Path(cfg.out) / "generated_x4"
     if not (gen / "meta.json").is_file():
         jobs["generate_x4"] = ["pipelines/generate_4d.py", "--checkpoint", str(variants(cfg)["soft"]),
-                               "--upsampler", str(_run(cfg, "upsampler") / "checkpoint_final"),
+                               "--upsampler", _upsampler(cfg),
                                "--from-grid", str(_data(cfg, "render_heldout")), "--method", "euler",
                                "--out", str(gen)]
     _jobs(cfg, jobs)  # side by side: each is latency-bound (one grid or clip at a time) and leaves the GPU idle
@@ -280,7 +291,7 @@ def step_weights(cfg: ProofConfig) -> None:
     from training.checkpoints import slim_export
     out = Path(cfg.out) / "weights"
     ckpts = {k: str(v) for k, v in variants(cfg).items()}
-    ckpts["upsampler"] = str(_run(cfg, "upsampler") / "checkpoint_final")
+    ckpts["upsampler"] = _upsampler(cfg)
     sizes = slim_export(ckpts, out, base=_base(cfg))
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
     print(f"[proof] weights: {sum(sizes.values()) / 1e6:.1f} MB in {out}", flush=True)
