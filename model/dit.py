@@ -243,6 +243,8 @@ class VideoDiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        if cfg.flow_shift <= 0:
+            raise ValueError(f"flow_shift must be positive (1 = no shift), got {cfg.flow_shift}")
         if cfg.width % cfg.heads or (cfg.width // cfg.heads) % 16:
             raise ValueError(f"width {cfg.width} / heads {cfg.heads} must give a head size that is a multiple of 16")
         self.cfg = cfg = replace(cfg)  # own copy: flags like checkpointing may be flipped later

@@ -68,10 +68,11 @@ class UpsamplerConfig:
     (docs/results.md, run 2). A clean image is low-dimensional and smooth, so x-prediction fits through the
     same bottleneck (Li and He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
     residual: bool = True
-    """x-prediction (a velocity has no bicubic part; "v" models ignore it): the clip is the bicubic upsampling of the (possibly noise-augmented) condition plus
-    the network's output, which starts at zero. The untrained model is then bicubic and training adds only
-    what bicubic misses; predicting the whole clip made the proof upsampler's best single-step estimate worse
-    than bicubic (21 dB against 25 dB, docs/results.md, run 4), its width spent re-drawing the low frequencies."""
+    """x-prediction only ("v" models ignore it: a velocity has no bicubic part): the clip is the bicubic
+    upsampling of the condition as given (noise-augmented or not) plus the network's output, which starts at
+    zero. So the untrained model is bicubic of its condition, and training adds only what bicubic misses.
+    Predicting the whole clip made the proof upsampler's best single-step estimate worse than bicubic (21 dB
+    against 25 dB, docs/results.md, run 4): its width went on re-drawing the low frequencies."""
     x_pred_min_t: float = 0.05
     """Smallest t in the x-to-velocity division (x_t - x) / t: keeps the velocity, and the loss it enters,
     bounded near the data end of the path."""

@@ -268,6 +268,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from pipelines.eval_metrics import METRICS, GridSample, MissingWeights, grid_report, spread
     from pipelines.generate_4d import frames_to_tensor
 
+    if cfg.shift < 0:
+        raise UserError(f"--shift must be positive (or 0 for each model's own), got {cfg.shift}")
     out = Path(cfg.out).resolve()
     write_resolved(cfg, out)
     sets = parse_grid_sets(cfg.grids)

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python pipe
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_extent, warp_views
-from pipelines.common.config import ConfigError, doc, parse_config, run_cli, to_dict, write_resolved
+from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
 from pipelines.common.errors import UserError
 from pipelines.common.job import ItemError, JobSpec, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
@@ -385,19 +385,7 @@ CONTENT_OPTIONS = ("views", "frames", "height", "width", "fps", "grids_per_video
 
 def check_resume_settings(cfg: Pseudo4DConfig, output: Path) -> None:
     """Refuse to add samples made with other settings to an existing output (a silently mixed data set)."""
-    path = output / "config.yaml"
-    if not path.is_file():
-        return
-    import yaml
-    old = yaml.safe_load(path.read_text()) or {}
-    new = to_dict(cfg)
-    for d in (old, new):
-        if isinstance(d.get("procedural"), dict):
-            d["procedural"] = {k: v for k, v in d["procedural"].items() if k != "count"}  # more videos is fine
-    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in CONTENT_OPTIONS if k in old and old[k] != new[k]]
-    if diffs:
-        raise UserError(f"{output} holds samples made with other settings ({'; '.join(diffs)}); resuming would mix "
-                        f"them: use a new --output, or rerun with --config {path}")
+    check_same_content(cfg, output, CONTENT_OPTIONS, ignore={"procedural": ["count"]})  # more videos is fine
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (ray job submit ... python pipelines/render_objaverse.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError, doc, parse_config, run_cli, write_resolved
+from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
 from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
 from pipelines.common.job import ItemError, JobSpec, run_job
@@ -142,6 +142,14 @@ class RenderJobConfig:
             distance=self.distance, fov_deg=self.fov, random_azimuth=self.random_azimuth, arc_deg=self.arc,
             lighting=self.lighting, light_strength=self.light_strength, ambient=self.ambient, depth=self.depth,
             normals=self.normals, max_actions=self.max_actions, multiview=self.multiview, seed=self.seed)
+
+
+CONTENT_OPTIONS = ("source", "views", "frames", "height", "width", "fps", "samples", "engine", "denoise",
+                   "denoise_quality", "denoise_prefilter", "elevation", "distance", "fov", "random_azimuth", "arc",
+                   "lighting", "light_strength", "ambient", "depth", "normals", "max_actions", "multiview", "seed")
+"""Options that shape a rendered sample: a re-run into an existing output must keep them (what it renders,
+and how many workers, may change). Every RenderSettings field the job sets but ``threads`` (speed only), by
+option name."""
 
 
 PRESETS = {
@@ -363,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(RenderJobConfig, PRESETS, argv, description=__doc__.splitlines()[0],
                           default_preset="default")
     spec = build_spec(cfg)  # every listing/option error surfaces here, before Ray starts
+    check_same_content(cfg, cfg.output, CONTENT_OPTIONS)  # new rows beside old ones of other settings: refused
     write_resolved(cfg, cfg.output)
     summary = run_job(spec)
     return 0 if summary["items_ok_this_run"] or not summary["items_failed_this_run"] else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,41 @@ def test_training_presets_survive_repeated_use() -> None:
     assert first == second and second.optim.lr == 2e-3 and second.data.frames == 4
     cfg, _ = parse_config(TrainConfig, presets, ["--preset", "demo"], default_preset="demo")
     assert cfg.optim.lr == 2e-3 and cfg.data.height == 32
+
+
+def test_output_that_is_a_file_or_unwritable_is_one_clear_error(tmp_path: Path) -> None:
+    from pipelines.common.config import ensure_output_dir
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        ensure_output_dir(a_file)
+    with pytest.raises(ConfigError, match="cannot write to the output folder"):
+        ensure_output_dir(a_file / "below")  # its parent is a file
+    if os.geteuid() == 0:  # root writes through permission bits; the kernel's own refusal is real
+        unwritable = Path("/sys/4real-output-probe")
+    else:
+        unwritable = tmp_path / "ro" / "out"
+        unwritable.parent.mkdir()
+        unwritable.parent.chmod(0o500)
+    with pytest.raises(ConfigError, match="cannot write to the output folder"):
+        ensure_output_dir(unwritable)
+    assert a_file.read_text() == "keep me"  # nothing already there is touched
+    ok = ensure_output_dir(tmp_path / "new" / "deep")
+    assert ok.is_dir() and not list(ok.iterdir())  # the write probe leaves nothing behind
+
+
+@pytest.mark.parametrize("argv", [
+    ["training/train_base.py", "--preset", "tiny", "--output"],
+    ["pipelines/make_pseudo4d.py", "--preset", "tiny", "--output"],
+    ["pipelines/generate_4d.py", "--checkpoint", "weights/proof/soft.pt.gz", "--from-grid", "weights/proof/heldout",
+     "--out"],
+])
+def test_jobs_refuse_an_output_that_is_a_file_in_one_line(tmp_path: Path, argv: list[str]) -> None:
+    a_file = tmp_path / "out"
+    a_file.write_text("keep me")
+    proc = subprocess.run([sys.executable, *argv, str(a_file)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error:") and "is a file, not a folder" in lines[0]
+    assert a_file.read_text() == "keep me"

@@ -126,3 +126,6 @@ def test_training_times_shift_toward_noise_with_the_models_flow_shift():
     _, aux1 = rf.training_loss(lambda x, t, c, m: x, x0, None, torch.Generator().manual_seed(1))
     _, aux3 = rf.training_loss(lambda x, t, c, m: x, x0, None, torch.Generator().manual_seed(1), shift=3.0)
     assert aux3["t_mean"] > aux1["t_mean"] + 0.1
+    from model.dit import VideoDiT, dit_config
+    with pytest.raises(ValueError, match="flow_shift must be positive"):
+        VideoDiT(dit_config("tiny", flow_shift=0.0))  # would draw every training time at t = 0

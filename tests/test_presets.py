@@ -42,6 +42,17 @@ def _batch(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     return batch
 
 
+@pytest.mark.parametrize("stage", ["base", "upsampler", "4d"])
+def test_every_preset_but_tiny_checkpoints_during_its_run(stage: str) -> None:
+    """A killed run resumes from its last checkpoint; with checkpoint_every 0 it would restart from step 1
+    (tiny runs in seconds, so it only checkpoints at the end)."""
+    for name, make in presets_for(stage).items():
+        cfg = make()
+        steps = cfg.total_steps
+        if name != "tiny":
+            assert 0 < cfg.checkpoint_every <= steps // 2, (stage, name, cfg.checkpoint_every, steps)
+
+
 def test_every_stage_has_the_same_preset_names() -> None:
     assert all(sorted(presets_for(s)) == PRESET_NAMES for s in STAGES)
     assert {"tiny", "demo", "proof", "small", "paper"} <= set(PRESET_NAMES)

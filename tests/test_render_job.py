@@ -351,3 +351,34 @@ def test_a_new_worker_removes_what_killed_parents_left(tmp_path):
         import shutil
         for path in made.values():
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def test_rerun_with_other_render_settings_is_refused_before_any_work(tmp_path):
+    """A re-run into an existing output with settings that shape the samples (here --views) would add rows of
+    the new settings beside the old ones: one line, nothing started; workers and limits may change."""
+    import dataclasses
+
+    from pipelines.common.config import check_same_content, write_resolved
+    from pipelines.common.errors import UserError
+    from pipelines.render_objaverse import CONTENT_OPTIONS, PRESETS, RenderJobConfig
+    from rendering.settings import RenderSettings
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(PRESETS["tiny"](), output=str(out))
+    write_resolved(cfg, out)
+    check_same_content(dataclasses.replace(cfg, concurrency=5, limit=1, retry_failed=True), out, CONTENT_OPTIONS)
+    with pytest.raises(UserError, match=r"views: 2 -> 4.*samples: 1 -> 8"):
+        main(["--preset", "tiny", "--output", str(out), "--views", "4", "--samples", "8"])
+    assert not (out / "shards").exists() and not (out / "summary.json").exists()
+    # Every setting a render receives is guarded, under its option name; threads, persistent data and PNG
+    # compression change speed and file size, not pixels (and the job does not expose the last two).
+    from dataclasses import asdict
+    base = asdict(cfg.render_settings())
+    covered = set()
+    for opt in CONTENT_OPTIONS[1:]:  # source is no render setting: it picks the assets
+        value = getattr(cfg, opt)
+        other = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, (int, float)) \
+            else value + "x"
+        changed = asdict(dataclasses.replace(cfg, **{opt: other}).render_settings())
+        covered |= {k for k in base if base[k] != changed[k]}
+    assert covered == {f.name for f in dataclasses.fields(RenderSettings)} - {"threads", "persistent_data",
+                                                                              "png_compression"}

@@ -186,6 +186,8 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
         "demo": _preset(stage, model_preset="tiny" if up else "demo", total_samples=2400 if not four else 800,
                         batch_size=8,
                         num_workers=2, output=f"outputs/demo/train_{stage}", sample_every=100, log_every=10,
+                        # a killed demo run resumes losing seconds, not restarting from step 1
+                        checkpoint_every=50 if not four else 20,
                         # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
                         data=dict(frames=4, views=4, height=32, width=32),
                         optim=dict(lr=2e-3, warmup_samples=160)),

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipelines.common.config import parse_config, run_cli, to_dict, write_resolved
+from pipelines.common.config import ensure_output_dir, parse_config, run_cli, to_dict, write_resolved
 from pipelines.common.errors import UserError, require
 from training.config import TrainConfig, presets_for
 
@@ -57,7 +57,7 @@ def run(cfg: TrainConfig) -> dict:
     from training.loop import train_loop_per_worker
     from training.tracking import ensure_experiment, experiment_name, tracking_uri
 
-    output = Path(cfg.output).resolve()
+    output = ensure_output_dir(Path(cfg.output).resolve())  # a file or read-only folder: one line, now
     cfg = dataclasses.replace(cfg, output=str(output))
     cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver ("none": off)
     inherited: list[str] = []  # item ids the weights we start from were trained on

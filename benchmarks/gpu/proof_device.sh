@@ -54,8 +54,8 @@ nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader 2>
     -o -name proof_config.yaml -o -name driver.log -o -name results.json -o -name report.md \) -print \
     | tar czf "$OUT/metrics.tgz" -T - 2>/dev/null)
 mkdir -p "$RUN/log_tails" && for log in "$RUN"/logs/*.log; do [ -e "$log" ] && tail -c 200000 "$log" > "$RUN/log_tails/$(basename "$log")"; done
-(cd "$RUN" && tar czf "$OUT/pictures.tgz" log_tails $(ls -d eval eval_upsampler generated_x4 2>/dev/null) \
-    --exclude='*.pt' --exclude='frames' 2>/dev/null)
+(cd "$RUN" && tar czf "$OUT/pictures.tgz" --exclude='*.pt' --exclude='frames' \
+    log_tails $(ls -d eval eval_upsampler generated_x4 2>/dev/null) 2>/dev/null)
 [ -d "$RUN/weights" ] && (cd "$RUN" && tar cf "$OUT/weights.tar" weights)
 for f in "$OUT"/pictures.tgz "$OUT"/weights.tar; do
     [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15728640 ] && split -b 15M "$f" "$f.part-" && rm "$f"

@@ -30,7 +30,7 @@ running() { pgrep -f "$1" >/dev/null; }
 # The data and upsampler lane: needs the wheels (Ray Data, Ray Train + DeepSpeed).
 if [ -f /tmp/site/.installed ] && ! running "lane_upsampler" && [ ! -f "$EV/eval_upsampler/results.json" ]; then
     setsid nohup bash -c "exec -a lane_upsampler bash -c '
-        set -e
+        set -e; echo \$\$ > $EV/lane.pid
         [ -f $EV/data/pseudo4d_heldout/summary.json ] || python3 pipelines/make_pseudo4d.py --preset proof --output $EV/data/pseudo4d_heldout --procedural.seed 1000000 --procedural.count 32
         [ -f $EV/data/upsampler_heldout/summary.json ] || python3 pipelines/make_pseudo4d.py --preset proof --output $EV/data/upsampler_heldout --procedural.seed 3000000 --procedural.count 16 --views 4 --frames 4 --height 256 --width 256 --procedural.width 512 --procedural.height 384
         [ -f $EV/data/upsampler/summary.json ] || python3 pipelines/make_pseudo4d.py --preset proof --output $EV/data/upsampler --procedural.seed 2000000 --procedural.count 400 --views 4 --frames 4 --height 256 --width 256 --procedural.width 512 --procedural.height 384
@@ -41,8 +41,10 @@ if [ -f /tmp/site/.installed ] && ! running "lane_upsampler" && [ ! -f "$EV/eval
 fi
 # The 4D evaluation: the recipe's eval command on the exported weights, once the held-out grids exist.
 W=$EV/weights
-if [ -d "$W" ] && [ ! -f "$EV/eval/results.json" ] && ! running "pipelines/evaluate_4d.py"; then
-    setsid nohup bash -c "while [ ! -f $EV/data/pseudo4d_heldout/summary.json ]; do sleep 2; done;
+# (The held-out pseudo-4D grids come from the lane: without it running or done there is nothing to wait for.)
+if [ -d "$W" ] && [ ! -f "$EV/eval/results.json" ] && ! running "pipelines/evaluate_4d.py" \
+        && { [ -f "$EV/data/pseudo4d_heldout/summary.json" ] || running lane_upsampler; }; then
+    setsid nohup bash -c "while [ ! -f $EV/data/pseudo4d_heldout/summary.json ] && kill -0 \$(cat $EV/lane.pid) 2>/dev/null; do sleep 2; done;
         python3 pipelines/evaluate_4d.py --grids render=$EV/data/render_heldout,pseudo4d=$EV/data/pseudo4d_heldout \
         --checkpoints soft=$W/soft.pt.gz,hard=$W/hard.pt.gz,sequential=$W/sequential.pt.gz,soft_pseudo_only=$W/soft_pseudo_only.pt.gz \
         --max-grids 16 --steps 20 --method euler --out $EV/eval --mlflow-uri none" >> "$EV/logs/eval.log" 2>&1 < /dev/null &
@@ -55,8 +57,8 @@ for log in "$EV"/logs/*.log; do
     echo "[device] $(basename "$log" .log): $(grep -a -E '\[train|\[eval|\[pseudo4d\] done|error' "$log" | tail -1 | cut -c1-220)"
 done
 grep -a -h "^\[eval\]" "$EV/logs/eval.log" 2>/dev/null
-(cd "$EV" && tar czf "$OUT/results.tgz" logs $(ls -d eval eval_upsampler upsampler/metrics.jsonl 2>/dev/null) \
-    --exclude='*.pt' --exclude=frames 2>/dev/null)
+(cd "$EV" && tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude=frames \
+    logs $(ls -d eval eval_upsampler upsampler/metrics.jsonl 2>/dev/null) 2>/dev/null)
 [ -f "$EV/upsampler/checkpoint_final/model.pt" ] && cp "$EV/upsampler/checkpoint_final/model.pt" "$OUT/upsampler_model.pt"
 for f in "$OUT"/*; do
     [ "$(stat -c %s "$f")" -gt 15728640 ] && split -b 15M "$f" "$f.part-" && rm "$f"

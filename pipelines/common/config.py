@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -174,10 +175,52 @@ def from_dict(cls: type[T], data: Mapping[str, Any], base: T | None = None) -> T
     return apply_overrides(base if base is not None else cls(), data)
 
 
+def ensure_output_dir(directory: str | Path) -> Path:
+    """Create a job's output folder if needed and prove it writable, or fail with one line saying what to do.
+
+    Every job calls this (through ``write_resolved``, or first thing) before any work starts: an output path
+    that is a file, or a folder it cannot write, used to surface as a long traceback deep inside the job.
+    """
+    p = Path(directory)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"the output {p} is a file, not a folder; pass a folder path (it is created if missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the output folder {p} ({exc.strerror or exc}); pass a folder you can "
+                          "write to, or fix its permissions") from None
+    return p
+
+
+def check_same_content(cfg: Any, output: str | Path, keys: typing.Sequence[str],
+                       ignore: Mapping[str, typing.Sequence[str]] | None = None) -> None:
+    """Refuse to add samples made with other settings to an existing output (a silently mixed data set).
+
+    ``keys`` are the options that shape a sample; the config.yaml the output recorded (``write_resolved``) must
+    agree on each. ``ignore`` names sub-fields of a nested option that may change (procedural.count: more
+    videos is fine). Options outside ``keys`` (workers, limits, retries) may change freely.
+    """
+    path = Path(output) / "config.yaml"
+    if not path.is_file():
+        return
+    old, new = yaml.safe_load(path.read_text()) or {}, to_dict(cfg)
+    for d in (old, new):
+        for k, subs in (ignore or {}).items():
+            if isinstance(d.get(k), dict):
+                d[k] = {a: b for a, b in d[k].items() if a not in subs}
+    diffs = [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in keys if k in old and old[k] != new.get(k)]
+    if diffs:
+        from pipelines.common.errors import UserError
+        raise UserError(f"{output} holds samples made with other settings ({'; '.join(diffs)}); adding to it would "
+                        f"mix them: use a new --output, or rerun with --config {path}")
+
+
 def write_resolved(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved config next to a job's outputs and return its path."""
-    path = Path(directory) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the resolved config next to a job's outputs (checked writable first) and return its path."""
+    path = ensure_output_dir(directory) / name
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from pipelines.common.config import ensure_output_dir
 from pipelines.common.shards import Failure, PartResult, Sample, commit_part, consolidate, scan_output
 
 
@@ -108,8 +109,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     import ray
 
     t_start = time.time()
-    output = Path(spec.output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = ensure_output_dir(spec.output)
     state = scan_output(output)
     if state.removed_orphans:
         print(f"[{spec.name}] removed {len(state.removed_orphans)} leftovers of an interrupted run", flush=True)
