@@ -68,6 +68,10 @@ class EvalConfig:
     experiment: str = doc("4real-eval", "MLflow experiment")
     device: str = doc("auto", "cuda, cpu or auto")
 
+    def validate(self) -> None:
+        if self.shift < 0:
+            raise UserError(f"--shift must be positive (or 0 for each model's own), got {self.shift}")
+
 
 # ---------------------------------------------------------------- held-out sets
 
@@ -268,8 +272,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from pipelines.eval_metrics import METRICS, GridSample, MissingWeights, grid_report, spread
     from pipelines.generate_4d import frames_to_tensor
 
-    if cfg.shift < 0:
-        raise UserError(f"--shift must be positive (or 0 for each model's own), got {cfg.shift}")
+    cfg.validate()  # parse_config already did, for the command line; evaluate() is also a library call
     out = Path(cfg.out).resolve()
     write_resolved(cfg, out)
     sets = parse_grid_sets(cfg.grids)

@@ -321,8 +321,6 @@ def run_batch(cfg: GenerateConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(GenerateConfig, {"default": GenerateConfig}, argv, description=__doc__,
                           default_preset="default")
-    if cfg.method not in ("euler", "heun"):
-        raise UserError(f"--method must be euler or heun, got {cfg.method}")
     out = Path(cfg.out).resolve()
     write_resolved(cfg, out)
     if cfg.manifest:

@@ -83,8 +83,7 @@ def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
         V, T = g.shape
         truth = to_tensor(g.cells(range(V), range(T)), *size, "white", random.Random(0))  # rows: [V, T, 3, H, W]
         low = F.avg_pool2d(truth.flatten(0, 1), 4).view(V, T, 3, size[0] // 4, size[1] // 4)
-        bicubic = F.interpolate(low.flatten(0, 1), scale_factor=4, mode="bicubic", align_corners=False)
-        bicubic = bicubic.clamp(-1, 1).view_as(truth)
+        bicubic = model.bicubic(low)  # the baseline, and the residual model's starting point
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             up = model.upsample(low.to(device), steps=cfg.steps, generator=gen).float().cpu()
         t01 = (truth + 1) / 2
