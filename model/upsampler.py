@@ -73,6 +73,13 @@ class UpsamplerConfig:
     zero. So the untrained model is bicubic of its condition, and training adds only what bicubic misses.
     Predicting the whole clip made the proof upsampler's best single-step estimate worse than bicubic (21 dB
     against 25 dB, docs/results.md, run 4): its width went on re-drawing the low frequencies."""
+    residual_base: str = "clean"
+    """What the residual adds to: "clean", the bicubic upsampling of the condition before noise augmentation
+    (the callers hold it: training has the box-filtered truth, ``upsample`` the frames it was given); or
+    "condition", of the augmented condition the network sees (run 4's upsampler). Adding bicubic of the
+    augmented condition put its noise, upsampled into blotches, and its (1 - s) contrast loss into every
+    output, which the network then had to learn to subtract; the proof upsampler trained that way sampled
+    grainy frames with SSIM 0.47 against bicubic's 0.76 (docs/results.md, run 4)."""
     x_pred_min_t: float = 0.05
     """Smallest t in the x-to-velocity division (x_t - x) / t: keeps the velocity, and the loss it enters,
     bounded near the data end of the path."""
@@ -102,13 +109,16 @@ def upsampler_config(preset: str, **overrides) -> UpsamplerConfig:
 
 
 PREDICTIONS = ("x", "v")
+RESIDUAL_BASES = ("clean", "condition")
 
 
 def upsampler_from_config(model_config: dict) -> "VideoUpsampler":
     """The upsampler a checkpoint's ``model_config`` describes. Checkpoints from before ``prediction`` existed
     hold v-predicting models, so a missing field means "v", not today's default; likewise a missing
-    ``residual`` means a model that predicts the whole clip."""
-    return VideoUpsampler(UpsamplerConfig(**{"prediction": "v", "residual": False, **model_config}))
+    ``residual`` means a model that predicts the whole clip, and a missing ``residual_base`` one whose residual
+    adds to the augmented condition."""
+    legacy = {"prediction": "v", "residual": False, "residual_base": "condition"}
+    return VideoUpsampler(UpsamplerConfig(**{**legacy, **model_config}))
 
 
 class VideoUpsampler(nn.Module):
@@ -118,6 +128,8 @@ class VideoUpsampler(nn.Module):
         super().__init__()
         if cfg.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {cfg.prediction!r}")
+        if cfg.residual_base not in RESIDUAL_BASES:
+            raise ValueError(f"residual_base must be one of {RESIDUAL_BASES}, got {cfg.residual_base!r}")
         for name in ("aug_max", "aug_prob", "sample_aug_level"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
@@ -141,12 +153,14 @@ class VideoUpsampler(nn.Module):
         return up.view(B, Fr, C, h * self.scale, w * self.scale)
 
     def forward(self, x_hr_noisy: torch.Tensor, t: torch.Tensor, lowres: torch.Tensor,
-                aug_level: torch.Tensor | None = None) -> torch.Tensor:
+                aug_level: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> torch.Tensor:
         """Velocity [B, F, C, H, W] of the high-res clip given the low-res clip [B, F, C, H/4, W/4].
 
         ``aug_level`` [B] is the noise-augmentation level s that ``lowres`` was already corrupted with by
         ``corrupt_lowres`` (None: a clean condition, s = 0); the callers corrupt, so that training and
-        sampling share one path and the level the model is told is the one actually applied.
+        sampling share one path and the level the model is told is the one actually applied. ``clean`` is
+        ``lowres`` before that corruption (None: ``lowres`` is clean): the residual's base when
+        ``residual_base`` is "clean".
         """
         B, Fr, C, H, W = x_hr_noisy.shape
         want = (B, Fr, C, H // self.scale, W // self.scale)
@@ -164,7 +178,10 @@ class VideoUpsampler(nn.Module):
         # x-prediction: the network's output is the clean clip (or what bicubic misses of it); the sampler and
         # the loss work in velocities.
         if self.cfg.residual:
-            out = out.float() + self.bicubic(lowres)
+            base = lowres if clean is None or self.cfg.residual_base == "condition" else clean
+            if tuple(base.shape) != want:
+                raise ValueError(f"clean must be the shape of lowres {want}, got {tuple(base.shape)}")
+            out = out.float() + self.bicubic(base)
         return rf.velocity_from_x0(x_hr_noisy, out, t, self.cfg.x_pred_min_t)
 
     def bicubic(self, lowres: torch.Tensor) -> torch.Tensor:
@@ -196,7 +213,7 @@ class VideoUpsampler(nn.Module):
         level = self.sample_aug_levels(hr.shape[0], generator, hr.device)
         eps = torch.randn(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
         cond = self.corrupt_lowres(lowres, level, eps)
-        loss, aux = rf.training_loss(lambda x, t, _cond, _mask: self(x, t, cond, level), hr, None, generator)
+        loss, aux = rf.training_loss(lambda x, t, _cond, _mask: self(x, t, cond, level, lowres), hr, None, generator)
         aux["aug_level_mean"] = level.mean().detach()
         return loss, aux
 
@@ -248,7 +265,7 @@ class VideoUpsampler(nn.Module):
                     shared[0].expand(n, -1, -1, -1, -1), None if shared[1] is None else shared[1].expand_as(lr))
                 s = torch.full((n,), level, device=lowres.device)
                 cond = lr if eps is None else self.corrupt_lowres(lr, s, eps)
-                hr = rf.sample(lambda x, t, _cond, _mask: self(x, t, cond, s), noise, steps, method)
+                hr = rf.sample(lambda x, t, _cond, _mask: self(x, t, cond, s, lr), noise, steps, method)
                 for (b, f0, _), frames in zip(group, hr):
                     out[b, f0:f0 + length] = frames
         return out.clamp(-1, 1)

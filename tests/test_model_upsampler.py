@@ -223,6 +223,28 @@ def test_residual_upsampler_starts_as_bicubic_and_old_checkpoints_predict_the_wh
     assert not upsampler_from_config(cfg).cfg.residual
 
 
+def test_clean_residual_base_keeps_augmentation_noise_out_of_the_output():
+    """residual_base="clean": an untrained model sampled with a noise-augmented condition still returns the
+    bicubic of the frames it was given (the noise only reaches the network's input); "condition", run 4's
+    upsampler, adds bicubic of the corrupted condition, noise and contrast loss included. Checkpoints without
+    the field are "condition" models."""
+    from model.upsampler import VideoUpsampler, upsampler_from_config
+    torch.manual_seed(0)
+    low = torch.rand(2, 3, 3, 4, 5) * 2 - 1
+    want = F.interpolate(low.flatten(0, 1), scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
+    clean = VideoUpsampler(upsampler_config("tiny", steps=3)).upsample(low, generator=gen(1), aug_level=0.3)
+    torch.testing.assert_close(clean.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
+    noisy = VideoUpsampler(upsampler_config("tiny", steps=3, residual_base="condition")).upsample(
+        low, generator=gen(1), aug_level=0.3)
+    assert (noisy.flatten(0, 1) - want).abs().mean() > 0.05
+    cfg = dict(vars(upsampler_config("tiny")))
+    assert upsampler_from_config(cfg).cfg.residual_base == "clean"
+    del cfg["residual_base"]
+    assert upsampler_from_config(cfg).cfg.residual_base == "condition"
+    with pytest.raises(ValueError, match="residual_base"):
+        VideoUpsampler(upsampler_config("tiny", residual_base="lowres"))
+
+
 def _disc_clips(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat backgrounds with checkered discs, 2 frames of 64x64, and their x4 box-filtered versions."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 64), torch.linspace(-1, 1, 64), indexing="ij")

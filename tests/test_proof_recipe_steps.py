@@ -64,8 +64,19 @@ def test_phase_two_schedule_defaults_and_flags(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs: seen.update(jobs))
     proof.step_phase2(ProofConfig(out=str(tmp_path)))
     cmd = seen["4d_soft_p2"]
-    assert cmd[cmd.index("--total-samples") + 1] == "2400"  # a quarter of the preset's 9,600 grids
+    # renders and pseudo-4D half and half, the renders' part a quarter of the preset's 9,600 grids
+    assert cmd[cmd.index("--total-samples") + 1] == "4800"
+    assert cmd[cmd.index("--data.weights") + 1] == "0.5,0.5"
+    grids = cmd[cmd.index("--data.grids") + 1].split(",")
+    assert [Path(g).name for g in grids] == ["render", "pseudo4d"]
     assert "--optim.lr" not in cmd  # phase 1's learning rate
+    seen.clear()
+    proof.step_phase2(ProofConfig(out=str(tmp_path), phase2_pseudo_share=0.0))  # the paper's: renders alone
+    cmd = seen["4d_hard_p2"]
+    assert cmd[cmd.index("--total-samples") + 1] == "2400" and "--data.weights" not in cmd
+    assert Path(cmd[cmd.index("--data.grids") + 1]).name == "render"
+    with pytest.raises(UserError, match="phase2-pseudo-share"):
+        proof.main(["--out", str(tmp_path / "x"), "--phase2-pseudo-share", "1"])
     seen.clear()
     proof.step_phase2(ProofConfig(out=str(tmp_path), phase2_samples=1440, phase2_lr=1e-4))
     for name in ("4d_soft_p2", "4d_hard_p2", "4d_sequential_p2", "4d_soft_pseudo_only"):

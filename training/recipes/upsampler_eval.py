@@ -35,6 +35,9 @@ class UpsamplerEvalConfig:
     out: str = doc("outputs/eval_upsampler", "report folder")
     max_grids: int = doc(16, "held-out grids (their rows are the clips)")
     steps: int = doc(10, "upsampler sampling steps")
+    aug_level: float = doc(-1.0, "noise level put on the low-res condition before sampling (-1 = the model's "
+                           "own sample_aug_level); the held-out low-res frames are clean, so 0 scores the model "
+                           "on what it is given")
     seed: int = doc(0, "noise seed")
     device: str = doc("auto", "cuda, cpu or auto")
 
@@ -85,7 +88,8 @@ def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
         low = F.avg_pool2d(truth.flatten(0, 1), 4).view(V, T, 3, size[0] // 4, size[1] // 4)
         bicubic = model.bicubic(low)  # the baseline, and the residual model's starting point
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            up = model.upsample(low.to(device), steps=cfg.steps, generator=gen).float().cpu()
+            up = model.upsample(low.to(device), steps=cfg.steps, generator=gen,
+                                aug_level=None if cfg.aug_level < 0 else cfg.aug_level).float().cpu()
         t01 = (truth + 1) / 2
         for name, out in (("bicubic", bicubic), ("upsampler", up)):
             o01 = (out + 1) / 2
@@ -103,6 +107,8 @@ def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
     results["clips"] = sum(g.shape[0] for g in grids)
     results["frames"] = len(per["bicubic"]["psnr"])
     results["seconds"] = time.time() - t0
+    results["steps"] = cfg.steps
+    results["aug_level"] = model.cfg.sample_aug_level if cfg.aug_level < 0 else cfg.aug_level
     (out / "results.json").write_text(json.dumps(results, indent=1))
     for m in ("bicubic", "upsampler"):
         r = results[m]
@@ -116,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                           description=__doc__.split("\n\n")[0], default_preset="default")
     if not (cfg.checkpoint and cfg.grids):
         raise UserError("give --checkpoint (an upsampler) and --grids (held-out high-resolution grids)")
+    if cfg.aug_level != -1 and not 0 <= cfg.aug_level <= 1:
+        raise UserError(f"--aug-level must be in [0, 1] (or -1 for the model's own), got {cfg.aug_level}")
     write_resolved(cfg, cfg.out)
     evaluate_upsampler(cfg)
     return 0
