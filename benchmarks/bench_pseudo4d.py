@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 def make_sources(folder: Path, count: int, width: int, height: int, frames: int, fps: float) -> list[Path]:
     from pipelines.procedural_video import make_video
-    from pipelines.video_io import encode_video
+    from pipelines.common.video import encode_video
     paths = []
     for i in range(count):
         p = folder / f"video{i:03d}.mp4"

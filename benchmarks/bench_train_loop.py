@@ -6,6 +6,9 @@ loop's own status-line metrics: samples/s and MFU over the last logging window.
 
     python benchmarks/bench_train_loop.py --stage base   # 16 frames at 72x128, B=16
     python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=2, over a random-init base
+    python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
+
+samples/s is the whole job's (all workers); per GPU divide by --workers. MFU is per GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--grids", type=int, default=16)
     ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers, one GPU each")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "grids"
@@ -45,14 +49,14 @@ def main() -> None:
             import torch
 
             from model.dit import DIT_PRESETS, VideoDiT
-            from training.checkpoints import save_checkpoint
+            from pipelines.common.checkpoints import save_checkpoint
             base = VideoDiT(DIT_PRESETS["paper"])
             base_ckpt = str(save_checkpoint(Path(d) / "base", {"stage": "base", "model_config": dataclasses.asdict(
                 base.cfg), "state_dict": {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}}).parent)
             del base
         cfg = apply_overrides(cfg, {
-            "output": str(Path(d) / "run"), "num_workers": 1, "zero_stage": args.zero, "mlflow_uri": "none",
-            "total_samples": args.steps * cfg.batch_size, "log_every": 5, "sample_every": 0, "sample_steps": 2,
+            "output": str(Path(d) / "run"), "num_workers": args.workers, "zero_stage": args.zero,
+            "mlflow_uri": "none", "total_samples": args.steps * cfg.batch_size * cfg.grad_accum * args.workers, "log_every": 5, "sample_every": 0, "sample_steps": 2,
             "checkpoint_every": 0, "data.grids": [str(data)], "data.prefetch": 4, "base_checkpoint": base_ckpt,
             "optim.ema_decay": 0.999})
         from training.launch import run
@@ -60,6 +64,7 @@ def main() -> None:
         summary = run(cfg)
         metrics = summary["metrics"]
     print(json.dumps({"stage": args.stage, "batch": cfg.batch_size, "zero": args.zero, "steps": args.steps,
+                      "workers": args.workers,
                       "wall_s": time.time() - t0, "samples_per_s_last_window": metrics.get("samples_per_s"),
                       "mfu_last_window": metrics.get("mfu"), "gpu_mem_gb": metrics.get("gpu_mem_gb")}, indent=2))
 

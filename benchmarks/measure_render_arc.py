@@ -6,7 +6,7 @@
 Prints, for 8 views on arcs of 360 ... 45 degrees at the render job's default
 frame (144 x 256, vertical fov 40, elevation 20), the mean displacement of
 visible content between neighbouring views as a fraction of the frame width
-(rendering/view_step.py), next to the same figure for the pseudo-4D camera
+(pipelines/view_step.py), next to the same figure for the pseudo-4D camera
 family the model is trained on first (pipelines/affine.py, default maxima,
 2000 paths as the pseudo-4D job draws them). The default arc is the widest
 whose step lies inside the pseudo-4D band; docs/rendering.md records the run.
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rendering.cameras import CircleRig, blender_c2w, fit_distance, intrinsics, opencv_w2c, project  # noqa: E402
-from rendering.view_step import (ARC_CANDIDATES, PSEUDO4D_QUANTILES, choose_arc, pseudo4d_steps,  # noqa: E402
+from pipelines.view_step import (ARC_CANDIDATES, PSEUDO4D_QUANTILES, choose_arc, pseudo4d_steps,  # noqa: E402
                                  rig_step, rig_steps)
 
 VIEWS, HEIGHT, WIDTH, FOV, ELEVATION, FRAMES, FPS = 8, 144, 256, 40.0, 20.0, 16, 8.0

@@ -48,6 +48,8 @@ SYNC_VARIANTS = ("soft", "hard", "hard_channel", "sequential", "train_free_hard"
                  "train_free_sequential")
 TRAINED_SYNC_VARIANTS = ("soft", "hard", "hard_channel", "sequential")
 """The variants with synchronization parameters to train (the others run on a base checkpoint as they are)."""
+TRAIN_FREE_SYNC_VARIANTS = tuple(v for v in SYNC_VARIANTS if v not in TRAINED_SYNC_VARIANTS)
+"""The variants without trained parameters (Eqs. 12-13 and sequential): any base checkpoint runs them."""
 SOFT_INITS = ("zero", "schedule")
 
 

@@ -34,12 +34,14 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python pipe
 from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_extent, warp_views
 from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
 from pipelines.common.errors import UserError
-from pipelines.common.job import ItemError, JobSpec, run_job
+from pipelines.common.errors import ItemError
+from pipelines.common.job import JobSpec, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.frame_codec import PNG_MODES, encode_jpeg, encode_png_fast, encode_png_pillow
 from pipelines.procedural_video import ProceduralConfig, make_video
 from pipelines.video_inputs import list_videos
-from pipelines.video_io import VideoSource, encode_video_bytes, open_input
+from pipelines.common.video import encode_video_bytes
+from pipelines.video_io import VideoSource, open_input
 
 
 @dataclass

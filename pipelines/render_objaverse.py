@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python pipe
 from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
 from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
-from pipelines.common.job import ItemError, JobSpec, run_job
+from pipelines.common.errors import ItemError
+from pipelines.common.job import JobSpec, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.objaverse_source import DEFAULT_BASE_URL, AssetError, SourceError, ensure_asset, list_assets, read_uid_list
 from rendering.settings import (DEFAULT_ARC_DEG, DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING,

@@ -17,10 +17,10 @@ from model import DIT_PRESETS
 from model_helpers import tiny_dit
 from pipelines.common.errors import UserError
 from pipelines.eval_metrics import METRICS, grid_report, psnr
-from pipelines.evaluate_4d import (BASELINES, EvalConfig, check_train_items, copy_first_column, copy_first_row,
-                                   evaluate, format_cell, given_mask, object_mask, parse_grid_sets, plan_variants)
+from pipelines.evaluation import (BASELINES, EvalConfig, check_train_items, copy_first_column, copy_first_row,
+                                 evaluate, format_cell, given_mask, object_mask, parse_grid_sets, plan_variants)
 from shardgen import make_grid_shards
-from training.checkpoints import save_checkpoint
+from pipelines.common.checkpoints import save_checkpoint
 
 
 def _base_ckpt(path: Path, data_items: list[str] | None) -> str:
@@ -105,8 +105,8 @@ def test_evaluation_reports_every_variant_per_set(heldout: dict[str, Path], tmp_
     assert all(np.isfinite(r["psnr_object"]) for r in render.values())  # RGBA renders: object PSNR
     assert all(math.isnan(r["psnr_object"]) for r in pseudo.values())   # no alpha: n/a
     # a baseline row is the same metrics as a model row, computed on the copied grid
-    from pipelines.generate_4d import frames_to_tensor
-    from training.data import LazyGrid, resolve_shards
+    from pipelines.generation import frames_to_tensor
+    from pipelines.common.shards import LazyGrid, resolve_shards
     from pipelines.common.shards import iter_tar_samples
     _, files = next(iter_tar_samples(resolve_shards(str(heldout["render"]))[0]))
     cells = LazyGrid(files).cells(range(3), range(4))

@@ -16,9 +16,9 @@ from PIL import Image
 from pipelines.common.config import apply_overrides
 from pipelines.common.errors import UserError
 from pipelines.common.visuals import to_uint8
-from pipelines.generate_4d import GenerateConfig, Generator4D, frames_to_tensor, generate_one
-from pipelines.video_io import encode_video
-from training.data import decode_grid, resolve_shards
+from pipelines.generation import GenerateConfig, Generator4D, frames_to_tensor, generate_one
+from pipelines.common.video import encode_video
+from pipelines.common.shards import decode_grid, resolve_shards
 from pipelines.common.shards import iter_tar_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_batch_generation_on_ray_data(ray_local, fourd_run, train_grids: Path, t
     pq.write_table(pa.table({"fixed_view": [pairs[0][0], pairs[1][0], str(tmp_path / "missing.mp4")],
                              "freeze_time": [pairs[0][1], pairs[1][1], pairs[1][1]],
                              "name": ["a", "b", "broken"]}), manifest)
-    from pipelines.generate_4d import run_batch
+    from pipelines.generation import run_batch
     cfg = GenerateConfig(checkpoint=_ckpt(fourd_run), manifest=str(manifest), out=str(tmp_path / "batch"),
                          steps=1, method="euler", views=3, frames=4)
     assert run_batch(cfg) == 1  # one bad pair: non-zero exit, but the others are written
@@ -129,7 +129,7 @@ def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_pat
 
     import torch
 
-    from pipelines.evaluate_4d import EvalConfig, evaluate
+    from pipelines.evaluation import EvalConfig, evaluate
     from shardgen import make_grid_shards
     # held-out renders: other items than the pseudo-4D training grids, RGBA so object PSNR applies
     heldout = make_grid_shards(tmp_path / "heldout", n=2, views=4, frames=6, size=32, rgba=True)

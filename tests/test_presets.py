@@ -53,6 +53,20 @@ def test_every_preset_but_tiny_checkpoints_during_its_run(stage: str) -> None:
             assert 0 < cfg.checkpoint_every <= steps // 2, (stage, name, cfg.checkpoint_every, steps)
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_preset_trains_a_whole_number_of_steps(stage: str) -> None:
+    """total_samples that is not a multiple of the samples per step is refused with the two nearest lengths,
+    not floored in silence; every preset passes."""
+    from pipelines.common.config import ConfigError
+    for name, make in presets_for(stage).items():
+        cfg = make()
+        cfg.validate()
+        assert cfg.total_steps * cfg.samples_per_step == cfg.total_samples, (stage, name)
+    cfg = dataclasses.replace(presets_for(stage)["demo"](), total_samples=2_401 if stage != "4d" else 801)
+    with pytest.raises(ConfigError, match=r"not a whole number of steps of 16 samples .*use (2400 or 2416|800 or 816)"):
+        cfg.validate()
+
+
 def test_every_stage_has_the_same_preset_names() -> None:
     assert all(sorted(presets_for(s)) == PRESET_NAMES for s in STAGES)
     assert {"tiny", "demo", "proof", "small", "paper"} <= set(PRESET_NAMES)

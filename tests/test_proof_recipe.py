@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_tiny_recipe_runs_every_step_and_continues(tmp_path: Path, capsys) -> None:
-    from training.checkpoints import load_checkpoint
+    from pipelines.common.checkpoints import load_checkpoint
     from training.recipes.proof import STEPS, main, variants, ProofConfig
 
     out = tmp_path / "proof"

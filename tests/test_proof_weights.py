@@ -13,7 +13,7 @@ WEIGHTS = ROOT / "weights" / "proof"
 
 
 def test_shipped_weights_load_and_fit_the_budget() -> None:
-    from training.checkpoints import load_checkpoint
+    from pipelines.common.checkpoints import load_checkpoint
     files = sorted(WEIGHTS.glob("*.pt.gz"))
     assert {f.name for f in files} == {"base.pt.gz", "soft.pt.gz", "hard.pt.gz", "sequential.pt.gz",
                                        "soft_pseudo_only.pt.gz", "upsampler.pt.gz"}
@@ -34,8 +34,8 @@ def test_shipped_soft_model_reproduces_its_table_row_on_a_held_out_grid() -> Non
     table was computed on an H100 in bf16; here in fp32 on CPU)."""
     from pipelines.common.shards import iter_tar_samples
     from pipelines.eval_metrics import grid_report
-    from pipelines.generate_4d import GenerateConfig, Generator4D, frames_to_tensor
-    from training.data import LazyGrid, resolve_shards
+    from pipelines.generation import GenerateConfig, Generator4D, frames_to_tensor
+    from pipelines.common.shards import LazyGrid, resolve_shards
     table = json.loads((ROOT / "docs" / "results" / "proof_eval.json").read_text())["results"]["render"]["soft"]
     want = table["per_grid"][0]["psnr"]
     gen = Generator4D(GenerateConfig(checkpoint=str(WEIGHTS / "soft.pt.gz"), steps=20, method="euler", device="cpu"))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines.make_pseudo4d import main
 from pipelines.procedural_video import make_video
-from pipelines.video_io import encode_video, encode_video_bytes
+from pipelines.common.video import encode_video, encode_video_bytes
 
 pytestmark = pytest.mark.ray
 

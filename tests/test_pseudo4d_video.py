@@ -13,10 +13,11 @@ import pytest
 
 from pipelines.common.config import run_cli
 from pipelines.common.errors import UserError
-from pipelines.common.job import ItemError
+from pipelines.common.errors import ItemError
 from pipelines.make_pseudo4d import PRESETS, Pseudo4DProcessor, list_items, main
 from pipelines.procedural_video import make_video
-from pipelines.video_io import VideoSource, encode_video, encode_video_bytes, open_input
+from pipelines.common.video import encode_video, encode_video_bytes
+from pipelines.video_io import VideoSource, open_input
 
 
 def _motion(v: np.ndarray) -> float:

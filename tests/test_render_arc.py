@@ -9,7 +9,7 @@ from pipelines.affine import TransformConfig
 from pipelines.render_objaverse import PRESETS, RenderJobConfig
 from rendering.cameras import CircleRig, fit_distance
 from rendering.settings import RenderSettings
-from rendering.view_step import (ARC_CANDIDATES, box_surface, choose_arc, pseudo4d_range, pseudo4d_steps, rig_step,
+from pipelines.view_step import (ARC_CANDIDATES, box_surface, choose_arc, pseudo4d_range, pseudo4d_steps, rig_step,
                                  rig_steps)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.common.errors import UserError
-from training.checkpoints import load_checkpoint
+from pipelines.common.checkpoints import load_checkpoint
 from training.config import TrainConfig
 from training.launch import run
 
@@ -193,8 +193,8 @@ def test_flow_shift_reaches_base_and_4d_training_and_generation(tmp_path: Path) 
     """The model's noise-level shift is drawn in training (base and 4D stage, which inherits the base's) and
     sampled with in generation, from the checkpoint (run 4 of docs/results.md: without it the proof base
     sampled garbage from pure noise)."""
-    from pipelines.generate_4d import GenerateConfig, Generator4D
-    from training.checkpoints import save_checkpoint
+    from pipelines.generation import GenerateConfig, Generator4D
+    from pipelines.common.checkpoints import save_checkpoint
     from training.stages import BaseStage, FourDStage
 
     clips = {"x": torch.zeros(256, 4, 3, 8, 8), "mask": torch.zeros(256, 4), "context": torch.zeros(256, dtype=torch.long)}

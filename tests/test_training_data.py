@@ -10,7 +10,8 @@ import torch
 from pipelines.common.errors import UserError
 from shardgen import make_grid_shards
 from training.config import DataConfig
-from training.data import TrainLoader, resolve_shards
+from pipelines.common.shards import resolve_shards
+from training.data import TrainLoader
 
 
 @pytest.fixture(scope="module")

@@ -119,14 +119,22 @@ class TrainConfig:
             raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be bf16 or fp32, got {self.precision}")
-        if self.data.background not in ("white", "black", "gray", "random"):
-            raise ConfigError(f"background must be white, black, gray or random, got {self.data.background}")
+        from pipelines.common.shards import BACKGROUNDS
+        if self.data.background not in (*BACKGROUNDS, "random"):
+            raise ConfigError(f"background must be one of {', '.join((*BACKGROUNDS, 'random'))}, "
+                              f"got {self.data.background}")
         if self.data.weights and len(self.data.weights) != len(self.data.grids):
             raise ConfigError(f"data.weights has {len(self.data.weights)} entries but data.grids has "
                               f"{len(self.data.grids)}; give one weight per grid folder")
         for name in ("batch_size", "grad_accum", "num_workers", "total_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.total_samples % self.samples_per_step:
+            # a silent floor would train less than asked and make "progress in samples" lie
+            n = self.samples_per_step
+            lo, hi = self.total_samples // n * n, (self.total_samples // n + 1) * n
+            raise ConfigError(f"total_samples={self.total_samples} is not a whole number of steps of {n} samples "
+                              f"(batch_size x grad_accum x num_workers); use {lo or hi}" + (f" or {hi}" if lo else ""))
         if self.stage == "4d" and self.sync not in TRAINED_SYNC_VARIANTS:
             free = [v for v in SYNC_VARIANTS if v not in TRAINED_SYNC_VARIANTS]
             raise ConfigError(f"sync variant '{self.sync}' cannot be trained; train one of "
@@ -156,7 +164,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.total_samples // self.samples_per_step)
+        return max(1, self.total_samples // self.samples_per_step)  # validate() refuses a remainder
 
 
 def _preset(stage: str, data: dict | None = None, optim: dict | None = None, **kw) -> Callable[[], TrainConfig]:
@@ -211,7 +219,7 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                          checkpoint_every=2000, output=f"outputs/small/{stage}",
                          data=dict(frames=8, views=8, height=36 if not up else 144, width=64 if not up else 256),
                          optim=dict(lr=2e-4, warmup_samples=20_000)),
-        "paper": _preset(stage, model_preset="paper", total_samples=20_000 * 24 * 8 if four else 50_000_000,
+        "paper": _preset(stage, model_preset="paper", total_samples=20_000 * 24 * 8 if four else 49_920_000,  # 130 K steps of 16 x 24 clips
                          batch_size=16 if not four else 2, num_workers=24, use_gpu=True, precision="bf16",
                          compile_blocks=True,
                          zero_stage=2, log_every=50, sample_every=5000,

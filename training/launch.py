@@ -64,7 +64,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.stage == "4d":
         # Fail before any worker starts; an MLflow run is fetched once, into the run folder that
         # every worker can read (shared storage on a cluster).
-        from training.checkpoints import load_checkpoint, resolve_checkpoint
+        from pipelines.common.checkpoints import load_checkpoint, resolve_checkpoint
         if cfg.init_from:
             local = resolve_checkpoint(cfg.init_from, cfg.mlflow_uri, output / "init_checkpoint")
             cfg = dataclasses.replace(cfg, init_from=str(local), base_checkpoint="")

@@ -106,7 +106,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from training.data import make_loader, prefetch
     from training.stages import build_stage
-    from training.tracking import Tracker, say
+    from pipelines.common.tracking import say
+    from training.tracking import Tracker
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -265,9 +266,9 @@ def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
                 if key in payload["state_dict"]:
                     payload["state_dict"][key] = value.to("cpu", payload["state_dict"][key].dtype)
             payload["ema"] = True
-    from training.checkpoints import save_checkpoint
+    from pipelines.common.checkpoints import save_checkpoint
     path = save_checkpoint(Path(cfg.output) / "checkpoint_final", payload)
     tracker.log_final_checkpoint(path.parent)
-    from training.tracking import say
+    from pipelines.common.tracking import say
     say(f"[train] final checkpoint: {path}")
 

@@ -16,7 +16,7 @@ from torch import nn
 from model import rectified_flow as rf
 from model.dit import DIT_PRESETS, DiTConfig, VideoDiT
 from pipelines.common.errors import UserError
-from training.checkpoints import load_checkpoint
+from pipelines.common.checkpoints import base_from_checkpoint, load_checkpoint, sync_state
 from training.config import TrainConfig
 
 
@@ -127,9 +127,7 @@ def load_base_model(spec: str) -> VideoDiT:
     ckpt = load_checkpoint(spec)
     if ckpt["stage"] != "base":
         raise UserError(f"base_checkpoint '{spec}' holds a '{ckpt['stage']}' model; pass a base-stage checkpoint")
-    base = VideoDiT(DiTConfig(**ckpt["model_config"]))
-    base.load_state_dict(ckpt["state_dict"])
-    return base
+    return base_from_checkpoint(ckpt, spec)
 
 
 def check_fourd_init(ckpt: dict[str, Any], spec: str, sync: str) -> None:
@@ -147,10 +145,7 @@ def load_fourd_init(spec: str, sync: str) -> tuple[VideoDiT, dict[str, torch.Ten
     """(base, sync-layer weights) of a 4D checkpoint to continue from (``--init-from``, section 4.1's phase 2)."""
     ckpt = load_checkpoint(spec)
     check_fourd_init(ckpt, spec, sync)
-    base = VideoDiT(DiTConfig(**ckpt["model_config"]))
-    prefix = "base."
-    base.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    return base, {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix)}
+    return base_from_checkpoint(ckpt, spec), sync_state(ckpt)
 
 
 class FourDStage(Stage):

@@ -8,8 +8,6 @@ MLFLOW_TRACKING_URI or ``--mlflow-uri`` points it anywhere else.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,14 +18,9 @@ import psutil
 import torch
 
 from pipelines.common.config import flatten
+from pipelines.common.tracking import default_uri, ensure_experiment_at, say
 from pipelines.common.visuals import contact_sheet, to_uint8, write_mp4
 from training.config import TrainConfig
-
-
-def say(message: str) -> None:
-    """One status line from a worker; bypasses Ray Train's print patch, which would echo it twice."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 def tracking_enabled(cfg: TrainConfig) -> bool:
@@ -36,30 +29,11 @@ def tracking_enabled(cfg: TrainConfig) -> bool:
 
 
 def tracking_uri(cfg: TrainConfig) -> str:
-    return cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cfg.output).resolve()}/mlflow.db"
+    return default_uri(cfg.mlflow_uri, cfg.output)
 
 
 def experiment_name(cfg: TrainConfig) -> str:
     return cfg.experiment or f"4real-{cfg.stage}"
-
-
-def ensure_experiment_at(uri: str, name: str) -> str:
-    """Create experiment ``name`` in the store at ``uri`` unless it exists; returns its id.
-
-    Uses a client bound to ``uri``: ``mlflow.set_tracking_uri`` would also export
-    MLFLOW_TRACKING_URI, sending every later run of this process to this store.
-    """
-    import mlflow
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        # Artifacts beside the database file, not in the current directory, which is a
-        # temporary copy under `ray job submit`.
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
 
 
 def ensure_experiment(cfg: TrainConfig) -> str | None:

@@ -9,6 +9,15 @@ class UserError(RuntimeError):
     """An error caused by input or environment, not a bug; printed as one line by ``run_cli``."""
 
 
+class ItemError(Exception):
+    """A single item of a data job failed; ``stage`` names where (download, import, render, decode, ...).
+    The job records it in failures.parquet and goes on with the other items."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
 # import name -> pip requirement that provides it
 _PROVIDERS = {
     "bpy": "bpy==5.0.1", "ray": "ray[data,train,default]", "deepspeed": "deepspeed", "av": "av",

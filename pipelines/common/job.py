@@ -20,15 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from pipelines.common.config import ensure_output_dir
+from pipelines.common.errors import ItemError
 from pipelines.common.shards import Failure, PartResult, Sample, commit_part, consolidate, scan_output
-
-
-class ItemError(Exception):
-    """A single item failed; ``stage`` names where (download, import, render, decode, ...)."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
 
 
 class ItemProcessor(Protocol):

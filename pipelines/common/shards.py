@@ -1,4 +1,4 @@
-"""WebDataset shard writing, the per-part commit records, and resume state.
+"""WebDataset shards: writing, the per-part commit records, resume state, and reading them back.
 
 Layout of a data job's output directory (docs/data_format.md has the whole format)::
 
@@ -18,16 +18,24 @@ nothing half-counted, and a re-run redoes exactly the uncommitted items.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.common.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where frames become tensors: the data jobs do not need it
+    import torch
 
 PARTS_DIR = "_parts"
 STREAM_DIRS = {"grids": "shards", "clips": "clips"}
@@ -307,3 +315,130 @@ def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]
 
 def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+# The reader lives beside the writer: the training loader, generation, evaluation and the benchmarks all
+# read shards through these.
+
+BACKGROUNDS = {"white": 1.0, "black": 0.0, "gray": 0.5}
+"""Fill of an RGBA frame's transparent pixels, by name ("random": a grey level drawn per sample)."""
+
+
+def resolve_shards(spec: str) -> list[str]:
+    """A job output folder, a shards folder or a glob -> sorted list of tar files (or a clear error)."""
+    p = Path(spec)
+    if p.is_dir():
+        for sub in ("shards", ""):
+            found = sorted(str(f) for f in (p / sub).glob("shard-*.tar"))
+            if found:
+                return found
+        found = sorted(str(f) for f in p.glob("*.tar"))
+    else:
+        found = sorted(glob.glob(spec))
+    if not found:
+        raise UserError(f"no shards found at '{spec}'; point data.grids/data.clips at a render or pseudo-4D output "
+                        "folder (or its shards/ or clips/ folder), or run the data jobs first")
+    return found
+
+
+def _index_rows(shards: list[str]) -> list[dict[str, Any]] | None:
+    """The index.parquet rows of these shards (written by the data jobs beside shards/ and clips/), if any."""
+    rows: list[dict[str, Any]] = []
+    by_root: dict[Path, set[str]] = {}
+    for shard in shards:
+        p = Path(shard).resolve()
+        by_root.setdefault(p.parent.parent, set()).add(f"{p.parent.name}/{p.name}")
+    for root, names in by_root.items():
+        index = root / "index.parquet"
+        if not index.is_file():
+            return None
+        table = pq.read_table(index).to_pylist()
+        rows += [r for r in table if r.get("shard") in names]
+    return rows
+
+
+def describe_source(spec: str) -> dict[str, Any]:
+    """What one data source holds: sample count, grid shapes (views, frames) and clip contexts, item ids.
+
+    From the jobs' index.parquet when present (no tar is opened), else from every sample's meta.json.
+    """
+    shards = resolve_shards(spec)
+    rows = _index_rows(shards)
+    if rows is None:
+        rows = []
+        for shard in shards:
+            for key, files in iter_tar_samples(shard):
+                g = LazyGrid(files)
+                rows.append({"key": key, "item_id": g.meta.get("item_id", key.split("__")[0]),
+                             "kind": "clip" if (g.meta.get("kind") == "clip" or g.shape[0] == 1) else "grid",
+                             "views": g.shape[0], "frames": g.shape[1], "context": g.meta.get("context", "")})
+    shapes: dict[tuple[str, int, int, str], int] = {}
+    for r in rows:
+        kind = "clip" if r.get("kind") == "clip" else "grid"
+        k = (kind, int(r["views"]), int(r["frames"]), r.get("context") or "")
+        shapes[k] = shapes.get(k, 0) + 1
+    return {"spec": spec, "samples": len(rows), "shapes": shapes,
+            "items": sorted({str(r["item_id"]) for r in rows})}
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB"))
+
+
+class LazyGrid:
+    """A sample's frames, decoded only when a cell is asked for (a base clip needs one row of a grid)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
+        names = sorted(k for k in files if k[0] in "vf" and k.endswith((".png", ".jpg")) and k.count(".") == 1)
+        if not names:
+            raise ValueError("sample has no frames")
+        self.ext = names[0].rsplit(".", 1)[1]
+        if names[0][0] == "f":  # a clip: f{TT}.png, one view
+            self.views, self.times = [0], sorted(int(n[1:3]) for n in names)
+            self.name = lambda v, t: f"f{t:02d}.{self.ext}"
+        else:
+            self.views = sorted({int(n[1:3]) for n in names})
+            self.times = sorted({int(n[4:6]) for n in names})
+            self.name = lambda v, t: f"v{v:02d}t{t:02d}.{self.ext}"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.views), len(self.times)
+
+    def cells(self, vs: range | list[int], ts: range | list[int]) -> np.ndarray:
+        """uint8 [len(vs), len(ts), H, W, C] for view/time positions (0-based indices into the grid)."""
+        return np.stack([np.stack([_decode_png(self.files[self.name(self.views[v], self.times[t])]) for t in ts])
+                         for v in vs])
+
+
+def decode_grid(files: dict[str, bytes]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Sample members -> (uint8 [V, T, H, W, C], meta); clips come back as V = 1."""
+    g = LazyGrid(files)
+    return g.cells(range(g.shape[0]), range(g.shape[1])), g.meta
+
+
+def to_tensor(frames: np.ndarray, height: int, width: int, background: str, rng: random.Random) -> torch.Tensor:
+    """uint8 [..., H, W, C] -> float [..., 3, height, width] in [-1, 1]; RGBA composited, aspect kept."""
+    import torch
+    import torch.nn.functional as F
+    lead = frames.shape[:-3]
+    x = torch.from_numpy(np.ascontiguousarray(frames)).reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float()
+    x = x / 255.0
+    if x.shape[1] == 4:
+        bg = rng.random() if background == "random" else BACKGROUNDS[background]
+        alpha = x[:, 3:4]
+        x = x[:, :3] * alpha + bg * (1 - alpha)
+    h, w = x.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - height) // 2, (nw - width) // 2
+        x = x[..., top:top + height, left:left + width]
+    return (x * 2 - 1).reshape(*lead, 3, height, width)

@@ -40,7 +40,7 @@ def contact_sheet(grid: np.ndarray, path: str | Path, given: np.ndarray | None =
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     """uint8 [N, H, W, 3] -> H.264 MP4."""
-    from pipelines.video_io import encode_video
+    from pipelines.common.video import encode_video
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     encode_video(path, frames, fps)

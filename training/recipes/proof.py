@@ -301,7 +301,7 @@ def step_eval(cfg: ProofConfig) -> None:
 
 
 def step_weights(cfg: ProofConfig) -> None:
-    from training.checkpoints import slim_export
+    from pipelines.common.checkpoints import slim_export
     out = Path(cfg.out) / "weights"
     ckpts = {k: str(v) for k, v in variants(cfg).items()}
     ckpts["upsampler"] = _upsampler(cfg)

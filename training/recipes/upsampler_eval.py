@@ -43,22 +43,17 @@ class UpsamplerEvalConfig:
 
 
 def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
-    from model.upsampler import upsampler_from_config
     from pipelines.common.shards import iter_tar_samples
     from pipelines.common.visuals import contact_sheet, to_uint8
     from pipelines.eval_metrics import high_frequency_energy, psnr, spread, ssim
-    from training.checkpoints import load_checkpoint
-    from training.data import LazyGrid, resolve_shards, to_tensor
+    from pipelines.common.checkpoints import load_checkpoint, upsampler_from_checkpoint
+    from pipelines.common.shards import LazyGrid, resolve_shards, to_tensor
     import random
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     ckpt = load_checkpoint(cfg.checkpoint)
-    if ckpt["stage"] != "upsampler":
-        raise UserError(f"checkpoint '{cfg.checkpoint}' holds a '{ckpt['stage']}' model; pass an upsampler checkpoint")
-    model = upsampler_from_config(ckpt["model_config"])
-    model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
-    model.to(device).eval()
+    model = upsampler_from_checkpoint(ckpt, cfg.checkpoint).to(device).eval()
     train = ckpt.get("config", {}).get("data", {})
     size = (int(train.get("height", 256)), int(train.get("width", 256)))
     seen = set(ckpt.get("data_items", {}).get("items", []))

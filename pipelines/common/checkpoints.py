@@ -8,11 +8,15 @@ weights when EMA is on), the model's config and the training config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipelines.common.errors import UserError
+
+if TYPE_CHECKING:
+    from model.dit import VideoDiT
+    from model.upsampler import VideoUpsampler
 
 MODEL_FILE = "model.pt"
 
@@ -73,6 +77,43 @@ def load_checkpoint(spec: str) -> dict[str, Any]:
         ckpt["state_dict"] = {**{f"base.{k}": v for k, v in base["state_dict"].items()}, **ckpt["state_dict"]}
         ckpt["model_config"] = base["model_config"]
     return ckpt
+
+
+BASE_PREFIX = "base."
+"""Where a 4D checkpoint keeps its frozen base's weights (``FourDModel.base``)."""
+
+
+def base_from_checkpoint(ckpt: dict[str, Any], spec: str) -> VideoDiT:
+    """The base video DiT of a loaded base or 4D checkpoint, weights in: the one place a checkpoint becomes a
+    model (training's 4D stage, generation and evaluation all build through here)."""
+    from model.dit import DiTConfig, VideoDiT
+    if ckpt["stage"] not in ("base", "4d"):
+        raise UserError(f"checkpoint '{spec}' holds a '{ckpt['stage']}' model, not a base or 4D model")
+    base = VideoDiT(DiTConfig(**ckpt["model_config"]))
+    state = ckpt["state_dict"]
+    if ckpt["stage"] == "4d":
+        state = {k[len(BASE_PREFIX):]: v for k, v in state.items() if k.startswith(BASE_PREFIX)}
+    try:
+        base.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint '{spec}' does not match its own model config ({str(exc).splitlines()[0]}); "
+                        "re-export it from its training run") from None
+    return base
+
+
+def sync_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The synchronization layers' weights of a loaded 4D checkpoint (everything but the base)."""
+    return {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(BASE_PREFIX)}
+
+
+def upsampler_from_checkpoint(ckpt: dict[str, Any], spec: str) -> VideoUpsampler:
+    """The x4 upsampler of a loaded upsampler checkpoint, weights in (fp32)."""
+    from model.upsampler import upsampler_from_config
+    if ckpt["stage"] != "upsampler":
+        raise UserError(f"checkpoint '{spec}' holds a '{ckpt['stage']}' model; pass an upsampler checkpoint")
+    model = upsampler_from_config(ckpt["model_config"])
+    model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    return model
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,299 @@
+"""Generation as a library: the 4D model (and upsampler) loaded from checkpoints, grids filled by sliding
+windows, outputs written, and the Ray Data batch path. ``pipelines/generate_4d.py`` is its CLI; evaluation
+and the demo import this module."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.common.config import ConfigError, doc
+from pipelines.common.errors import UserError
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = doc("", "4D checkpoint: a checkpoint_final folder, model.pt, or runs:/<mlflow run id>")
+    sync: str = doc("", "override the checkpoint's sync variant (e.g. train_free_soft or train_free_sequential "
+                     "on a base checkpoint)")
+    upsampler: str = doc("", "optional x4 upsampler checkpoint (folder, model.pt or runs:/<id>)")
+    fixed_view: str = doc("", "first row: a video file or a folder of images (time runs, view fixed)")
+    freeze_time: str = doc("", "first column: a video file or a folder of images (time frozen, camera moves)")
+    from_grid: str = doc("", "take the first row and column of the first grid in these shards instead")
+    manifest: str = doc("", "batch mode: Parquet with columns fixed_view, freeze_time, name (Ray Data, one model "
+                        "per actor)")
+    out: str = doc("outputs/generated", "output folder")
+    views: int = doc(0, "grid views V to generate (0 = length of the freeze-time video)")
+    frames: int = doc(0, "grid time steps T (0 = length of the fixed-view video)")
+    steps: int = doc(20, "sampling steps of the 4D model")
+    upsampler_steps: int = doc(10, "sampling steps of the upsampler")
+    method: str = doc("heun", "sampler: euler or heun")
+    shift: float = doc(0.0, "noise-level shift of the 4D sampler's schedule (0 = the flow_shift the model was "
+                       "trained with, from its checkpoint)")
+    overlap: int = doc(1, "rows/columns shared by neighbouring sliding windows")
+    corner_psnr: float = doc(20.0, "the two inputs' first frames must agree to this PSNR (dB) after resizing")
+    fps: int = doc(8, "frame rate of the MP4s")
+    seed: int = doc(0, "noise seed")
+    device: str = doc("auto", "cuda, cpu or auto")
+    concurrency: int = doc(1, "batch mode: model actors")
+    gpus_per_actor: float = doc(0.0, "batch mode: GPUs per actor (1 on GPU nodes)")
+
+    def validate(self) -> None:
+        """Checked when the options are parsed, before any model is loaded (a negative --views used to run on
+        and slice the grid from its end)."""
+        for name in ("views", "frames", "overlap"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("steps", "upsampler_steps", "fps", "concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.shift < 0:
+            raise ConfigError(f"--shift must be positive (or 0 for the model's own), got {self.shift}")
+        if self.method not in ("euler", "heun"):
+            raise ConfigError(f"--method must be euler or heun, got {self.method!r}")
+        if self.views == 1 or self.frames == 1:
+            raise ConfigError("--views and --frames must be at least 2 (a 4D grid has a given first row and "
+                              "column and something to generate), or 0 for the inputs' lengths")
+
+
+def read_frames(path: str) -> np.ndarray:
+    """A video file or a folder of images -> uint8 [N, H, W, 3]."""
+    from PIL import Image
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input '{path}' does not exist; pass a video file or a folder of images")
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise UserError(f"folder '{path}' holds no .png/.jpg images")
+        frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({f.shape for f in frames}) != 1:
+            raise UserError(f"images in '{path}' differ in size; all frames of an input must have one size")
+        return np.stack(frames)
+    import av
+    try:
+        with av.open(str(p)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        raise UserError(f"could not decode video '{path}' ({exc}); pass an mp4/webm/mov/avi or an image folder") \
+            from None
+    if not frames:
+        raise UserError(f"video '{path}' has no frames")
+    return np.stack(frames)
+
+
+def frames_to_tensor(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+    from pipelines.common.shards import to_tensor
+    import random
+    return to_tensor(frames, height, width, "white", random.Random(0))
+
+
+def checkpoint_geometry(ckpt: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(views, frames) of the trained window and (height, width) of the frames, from a checkpoint's training config."""
+    train_cfg = ckpt.get("config", {}).get("data", {})
+    return ((int(train_cfg.get("views", 8)), int(train_cfg.get("frames", 8))),
+            (int(train_cfg.get("height", 72)), int(train_cfg.get("width", 128))))
+
+
+class Generator4D:
+    """Loads the 4D model (and optional upsampler) once; fills grids of any size."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        from model.fourd import TRAIN_FREE_SYNC_VARIANTS, FourDConfig, FourDModel
+        from pipelines.common.checkpoints import (base_from_checkpoint, load_checkpoint, sync_state,
+                                                  upsampler_from_checkpoint)
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if cfg.device == "auto" else cfg.device))
+        ckpt = load_checkpoint(cfg.checkpoint)
+        if ckpt["stage"] not in ("4d", "base"):
+            raise UserError(f"checkpoint '{cfg.checkpoint}' holds a '{ckpt['stage']}' model; pass a 4D checkpoint "
+                            f"(or a base checkpoint with --sync {' / '.join(TRAIN_FREE_SYNC_VARIANTS)})")
+        fourd_cfg = dict(ckpt.get("fourd_config", {"sync": "train_free_soft"}))
+        if cfg.sync:
+            fourd_cfg["sync"] = cfg.sync
+        if ckpt["stage"] == "base" and fourd_cfg["sync"] not in TRAIN_FREE_SYNC_VARIANTS:
+            raise UserError("a base checkpoint has no synchronization layers; use --sync "
+                            f"{' / '.join(TRAIN_FREE_SYNC_VARIANTS)}, or pass a 4D checkpoint")
+        base = base_from_checkpoint(ckpt, cfg.checkpoint)
+        model = FourDModel(base, FourDConfig(**fourd_cfg))
+        if ckpt["stage"] == "4d":
+            # a checkpoint of another trained variant carries other sync layers: those may be missing
+            missing, unexpected = model.load_state_dict(sync_state(ckpt), strict=False)
+            if unexpected and fourd_cfg.get("sync") == ckpt.get("fourd_config", {}).get("sync"):
+                raise UserError(f"checkpoint '{cfg.checkpoint}' does not match the 4D model "
+                                f"(unexpected {unexpected[:3]})")
+        self.model = model.to(self.device).eval()
+        # The measured fast path (docs/performance.md): bf16 autocast and compiled blocks on GPUs.
+        self.autocast = self.device.type == "cuda"
+        if self.autocast:
+            self.model.compile_blocks()
+        self.window, self.size = checkpoint_geometry(ckpt)
+        self.sync = fourd_cfg["sync"]
+        self.shift = cfg.shift or base.cfg.flow_shift
+        # the training items (and the base's) when the checkpoint records them: evaluation refuses to score on them
+        self.data_items: dict[str, Any] | None = ckpt.get("data_items")
+        self.upsampler = None
+        if cfg.upsampler:
+            self.upsampler = upsampler_from_checkpoint(load_checkpoint(cfg.upsampler), cfg.upsampler)
+            self.upsampler.to(self.device).eval()
+
+    @torch.no_grad()
+    def generate(self, row: torch.Tensor, column: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """row [T, 3, H, W], column [V, 3, H, W] in [-1, 1] -> grid [V, T, 3, H', W'] and the given mask [V, T]."""
+        from model import rectified_flow as rf
+        from model.fourd import grid_condition_mask
+        from model.sliding_window import fill_grid
+        V, T = column.shape[0], row.shape[0]
+        grid = torch.zeros(1, V, T, *row.shape[1:])
+        grid[0, 0] = row
+        grid[0, :, 0] = column
+        grid[0, 0, 0] = row[0]  # the corner is the fixed-view video's first frame
+        known = grid_condition_mask(1, V, T)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def window_fn(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            x, mask = x.to(self.device), mask.to(self.device)
+            noise = torch.randn(x.shape, generator=gen).to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                out = rf.sample(lambda xt, t, c, m: self.model(xt, t, cond=c, mask=m).float(), noise,
+                                self.cfg.steps, method=self.cfg.method, cond=x, mask=mask, shift=self.shift)
+            return out.float().cpu()
+        filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
+        filled = filled[0].clamp(-1, 1)
+        if self.upsampler is not None:
+            # Every row is a fixed-view video: the rows go in as one batch [V, T, C, h, w] (clips inside,
+            # batched). Shared noise: all views start from the same draw, so views that agree at low res
+            # also agree in the detail the upsampler invents (independent draws flicker from view to view).
+            # The condition is corrupted at the level the upsampler was trained for (its sample_aug_level).
+            up_gen = torch.Generator(device=self.device).manual_seed(seed)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps, self.cfg.method,
+                                                 generator=up_gen, aug_level=self.upsampler.cfg.sample_aug_level,
+                                                 shared_noise=True).float().cpu()
+        return filled, known[0]
+
+
+def check_corner(row0: np.ndarray, col0: np.ndarray, size: tuple[int, int], min_psnr: float) -> float:
+    """The two inputs must start on the same frame (the grid's corner); returns their PSNR."""
+    from pipelines.eval_metrics import psnr
+    a = (frames_to_tensor(row0[None], *size) + 1) / 2
+    b = (frames_to_tensor(col0[None], *size) + 1) / 2
+    value = float(psnr(a, b)[0])
+    if value < min_psnr:
+        raise UserError(f"the fixed-view and freeze-time inputs do not share their first frame (PSNR {value:.1f} dB "
+                        f"< {min_psnr} dB); both must start at the grid's corner: the same moment from the same "
+                        "camera. Trim one input or pass --corner-psnr to loosen the check")
+    return value
+
+
+def write_outputs(grid: torch.Tensor, given: torch.Tensor, out: Path, fps: int, meta: dict[str, Any]) -> dict:
+    from PIL import Image
+
+    from pipelines.common.visuals import contact_sheet, grid_videos, to_uint8
+    out.mkdir(parents=True, exist_ok=True)
+    frames = to_uint8(grid)
+    (out / "frames").mkdir(exist_ok=True)
+    for v in range(frames.shape[0]):
+        for t in range(frames.shape[1]):
+            Image.fromarray(frames[v, t]).save(out / "frames" / f"v{v:02d}t{t:02d}.png")
+    sheet = contact_sheet(frames, out / "contact_sheet.png", given=given.numpy().astype(bool))
+    try:
+        videos = grid_videos(frames, out / "videos", fps=fps)
+        bullet = str(videos["bullet_time"][0])
+    except UserError as exc:  # no PyAV (e.g. a GPU node's image): the frames and the sheet are the result
+        print(f"[generate] no MP4s written: {exc}", file=sys.stderr)
+        meta = {**meta, "videos": f"not written: {exc}"}
+        bullet = ""
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return {"contact_sheet": str(sheet), "videos": str(out / "videos"), "bullet_time": bullet}
+
+
+def _first_grid(spec: str) -> tuple[np.ndarray, dict]:
+    from pipelines.common.shards import iter_tar_samples
+    from pipelines.common.shards import decode_grid, resolve_shards
+    for shard in resolve_shards(spec):
+        for _, files in iter_tar_samples(shard):
+            return decode_grid(files)
+    raise UserError(f"no grid samples in '{spec}'")
+
+
+def _inputs(cfg: GenerateConfig, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    if cfg.from_grid:
+        grid, meta = _first_grid(cfg.from_grid)
+        g = frames_to_tensor(grid, *size)
+        return g[0], g[:, 0], {"from_grid": cfg.from_grid, "source_item": meta.get("item_id")}
+    if not (cfg.fixed_view and cfg.freeze_time):
+        raise UserError("give both --fixed-view and --freeze-time (or --from-grid, or --manifest)")
+    row, col = read_frames(cfg.fixed_view), read_frames(cfg.freeze_time)
+    corner = check_corner(row[0], col[0], size, cfg.corner_psnr)
+    return frames_to_tensor(row, *size), frames_to_tensor(col, *size), {"corner_psnr_db": corner}
+
+
+def generate_one(gen: Generator4D, cfg: GenerateConfig, out: Path) -> dict:
+    t0 = time.time()
+    row, col, info = _inputs(cfg, gen.size)
+    if cfg.frames:
+        if cfg.frames > row.shape[0]:
+            raise UserError(f"--frames {cfg.frames} exceeds the fixed-view video's {row.shape[0]} frames")
+        row = row[:cfg.frames]
+    if cfg.views:
+        if cfg.views > col.shape[0]:
+            raise UserError(f"--views {cfg.views} exceeds the freeze-time video's {col.shape[0]} frames")
+        col = col[:cfg.views]
+    grid, given = gen.generate(row, col, cfg.seed)
+    meta = {"views": int(grid.shape[0]), "frames": int(grid.shape[1]), "window": list(gen.window),
+            "sync": gen.sync, "steps": cfg.steps, "method": cfg.method, "seconds": time.time() - t0, **info}
+    paths = write_outputs(grid, given, out, cfg.fps, meta)
+    return {**meta, **paths}
+
+
+class _BatchActor:
+    """Ray Data actor: one model per actor, many input pairs."""
+
+    def __init__(self, cfg_dict: dict) -> None:
+        from pipelines.common.config import from_dict
+        self.cfg = from_dict(GenerateConfig, cfg_dict)
+        self.gen = Generator4D(self.cfg)
+
+    def __call__(self, row: dict) -> dict:
+        cfg = dataclasses.replace(self.cfg, fixed_view=row["fixed_view"], freeze_time=row["freeze_time"],
+                                  manifest="", from_grid="")
+        out = Path(self.cfg.out) / str(row["name"])
+        try:
+            result = generate_one(self.gen, cfg, out)
+            return {"name": row["name"], "ok": True, "error": "", "contact_sheet": result["contact_sheet"]}
+        except UserError as exc:  # one bad pair never sinks the batch
+            return {"name": row["name"], "ok": False, "error": str(exc), "contact_sheet": ""}
+
+
+def run_batch(cfg: GenerateConfig) -> int:
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.common.config import to_dict
+    from pipelines.common.job import init_ray
+    table = pq.read_table(cfg.manifest)
+    missing = {"fixed_view", "freeze_time", "name"} - set(table.column_names)
+    if missing:
+        raise UserError(f"manifest {cfg.manifest} lacks columns {sorted(missing)}; it needs fixed_view, "
+                        "freeze_time and name")
+    init_ray()
+    ds = ray.data.from_arrow(table).map(_BatchActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
+                                        concurrency=cfg.concurrency, num_gpus=cfg.gpus_per_actor or None)
+    results = list(ds.iter_rows())
+    ok = sum(r["ok"] for r in results)
+    for r in results:
+        if not r["ok"]:
+            print(f"[generate] FAILED {r['name']}: {r['error']}", file=sys.stderr)
+    (Path(cfg.out) / "batch_results.json").write_text(json.dumps(results, indent=2))
+    print(f"[generate] {ok}/{len(results)} grids written under {cfg.out}")
+    return 0 if ok == len(results) else 1
