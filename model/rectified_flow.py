@@ -99,6 +99,10 @@ def training_loss(model_fn: ModelFn, x0: torch.Tensor, mask: torch.Tensor | None
     return loss, aux
 
 
+SAMPLER_METHODS = ("euler", "heun")
+"""Integrators of ``sample``: Euler (one model call per step) or Heun (two, second order)."""
+
+
 def timesteps(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
     """steps+1 flow times from 1 to 0; shift > 1 spends more steps at high noise (SD3's resolution shift)."""
     if steps < 1:
@@ -116,8 +120,8 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, steps: int, method: str = "eu
     Classifier-free guidance: v = v_u + guidance (v_c - v_u), with v_u from ``uncond_fn``
     (for example the same model without text, or with the context dropped).
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    if method not in SAMPLER_METHODS:
+        raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}")
     if guidance != 1.0 and uncond_fn is None:
         raise ValueError("guidance != 1 needs uncond_fn (the unconditional model)")
     B = noise.shape[0]

@@ -9,13 +9,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
 from model.fourd import TRAIN_FREE_SYNC_VARIANTS
-from pipelines.common.config import doc, flatten, write_resolved
+from model.rectified_flow import SAMPLER_METHODS
+from pipelines.common.config import check_choices, doc, ensure_output_dir, flatten, write_resolved
 from pipelines.common.errors import UserError
 
 
@@ -35,7 +36,7 @@ class EvalConfig:
     views: int = doc(0, "grid views evaluated (0 = the model's window)")
     frames: int = doc(0, "grid time steps evaluated (0 = the model's window)")
     steps: int = doc(20, "sampling steps")
-    method: str = doc("heun", "sampler: euler or heun")
+    method: Literal[SAMPLER_METHODS] = doc("heun", "sampler: Euler (one model call per step) or Heun (two)")
     shift: float = doc(0.0, "noise-level shift of the sampler (0 = each model's own flow_shift)")
     seed: int = doc(0, "noise seed (the same for every variant)")
     i3d_weights: str = doc("", "TorchScript I3D feature extractor for FVD (local path)")
@@ -47,6 +48,7 @@ class EvalConfig:
     device: str = doc("auto", "cuda, cpu or auto")
 
     def validate(self) -> None:
+        check_choices(self)
         if self.shift < 0:
             raise UserError(f"--shift must be positive (or 0 for each model's own), got {self.shift}")
 
@@ -251,8 +253,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from pipelines.generation import frames_to_tensor
 
     cfg.validate()  # parse_config already did, for the command line; evaluate() is also a library call
-    out = Path(cfg.out).resolve()
-    write_resolved(cfg, out)
+    # config.yaml is written with the report, not before: a failed run leaves the folder's config describing
+    # the report that is there
+    out = ensure_output_dir(Path(cfg.out).resolve())
     sets = parse_grid_sets(cfg.grids)
     variants = plan_variants(cfg)
     heldout = {name: _heldout(spec, cfg.max_grids) for name, spec in sets.items()}
@@ -350,6 +353,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     (out / "report.md").write_text(report)
     payload = {"sets": set_info, "results": results, "notes": notes}
     (out / "results.json").write_text(json.dumps(payload, indent=2, default=float))
+    write_resolved(cfg, out)
     _log_mlflow(cfg, out, results)
     print(report)
     print(f"[eval] report: {out / 'report.md'}")

@@ -17,19 +17,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
-from pipelines.common.config import parse_config, run_cli, write_resolved  # noqa: E402
+from pipelines.common.config import ensure_output_dir, parse_config, run_cli, write_resolved  # noqa: E402
 from pipelines.generation import GenerateConfig, Generator4D, generate_one, run_batch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(GenerateConfig, {"default": GenerateConfig}, argv, description=__doc__,
                           default_preset="default")
-    out = Path(cfg.out).resolve()
-    write_resolved(cfg, out)
+    out = ensure_output_dir(Path(cfg.out).resolve())  # an unusable output is one line, before a model loads
     if cfg.manifest:
+        write_resolved(cfg, out)
         return run_batch(dataclasses.replace(cfg, out=str(out)))
     gen = Generator4D(cfg)
     result = generate_one(gen, cfg, out)
+    write_resolved(cfg, out)  # after success: a failed run leaves the folder's config describing its outputs
     print(f"[generate] {result['views']}x{result['frames']} grid ({gen.sync}, window {gen.window[0]}x"
           f"{gen.window[1]}) in {result['seconds']:.1f}s")
     print(f"[generate] contact sheet: {result['contact_sheet']}")

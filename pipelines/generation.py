@@ -10,12 +10,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from pipelines.common.config import ConfigError, doc
+from model.rectified_flow import SAMPLER_METHODS
+from pipelines.common.config import ConfigError, check_choices, doc
 from pipelines.common.errors import UserError
 
 
@@ -35,7 +36,7 @@ class GenerateConfig:
     frames: int = doc(0, "grid time steps T (0 = length of the fixed-view video)")
     steps: int = doc(20, "sampling steps of the 4D model")
     upsampler_steps: int = doc(10, "sampling steps of the upsampler")
-    method: str = doc("heun", "sampler: euler or heun")
+    method: Literal[SAMPLER_METHODS] = doc("heun", "sampler: Euler (one model call per step) or Heun (two)")
     shift: float = doc(0.0, "noise-level shift of the 4D sampler's schedule (0 = the flow_shift the model was "
                        "trained with, from its checkpoint)")
     overlap: int = doc(1, "rows/columns shared by neighbouring sliding windows")
@@ -57,8 +58,7 @@ class GenerateConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.shift < 0:
             raise ConfigError(f"--shift must be positive (or 0 for the model's own), got {self.shift}")
-        if self.method not in ("euler", "heun"):
-            raise ConfigError(f"--method must be euler or heun, got {self.method!r}")
+        check_choices(self)
         if self.views == 1 or self.frames == 1:
             raise ConfigError("--views and --frames must be at least 2 (a 4D grid has a given first row and "
                               "column and something to generate), or 0 for the inputs' lengths")
@@ -199,9 +199,12 @@ def write_outputs(grid: torch.Tensor, given: torch.Tensor, out: Path, fps: int, 
     from PIL import Image
 
     from pipelines.common.visuals import contact_sheet, grid_videos, to_uint8
+    import shutil
     out.mkdir(parents=True, exist_ok=True)
     frames = to_uint8(grid)
-    (out / "frames").mkdir(exist_ok=True)
+    for stale in ("frames", "videos"):  # a smaller grid must not sit among an earlier run's cells
+        shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "frames").mkdir()
     for v in range(frames.shape[0]):
         for t in range(frames.shape[1]):
             Image.fromarray(frames[v, t]).save(out / "frames" / f"v{v:02d}t{t:02d}.png")
@@ -249,6 +252,9 @@ def generate_one(gen: Generator4D, cfg: GenerateConfig, out: Path) -> dict:
         if cfg.views > col.shape[0]:
             raise UserError(f"--views {cfg.views} exceeds the freeze-time video's {col.shape[0]} frames")
         col = col[:cfg.views]
+    if row.shape[0] < 2 or col.shape[0] < 2:
+        raise UserError(f"the first row has {row.shape[0]} frame(s) and the first column {col.shape[0]}; a 4D grid "
+                        "needs at least 2 of each (a given row and column and something to generate)")
     grid, given = gen.generate(row, col, cfg.seed)
     meta = {"views": int(grid.shape[0]), "frames": int(grid.shape[1]), "window": list(gen.window),
             "sync": gen.sync, "steps": cfg.steps, "method": cfg.method, "seconds": time.time() - t0, **info}

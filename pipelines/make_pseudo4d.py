@@ -35,7 +35,7 @@ from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_e
 from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
 from pipelines.common.errors import UserError
 from pipelines.common.errors import ItemError
-from pipelines.common.job import JobSpec, run_job
+from pipelines.common.job import JobSpec, exit_code, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.frame_codec import PNG_MODES, encode_jpeg, encode_png_fast, encode_png_pillow
 from pipelines.procedural_video import ProceduralConfig, make_video
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                    extra_summary={"views": cfg.views, "frames": cfg.frames, "height": cfg.height, "width": cfg.width})
     summary = run_job(spec)
     print(json.dumps({k: summary[k] for k in ("samples_total", "failures_total", "frames_per_second")}), flush=True)
-    return 0
+    return exit_code(summary)
 
 
 if __name__ == "__main__":

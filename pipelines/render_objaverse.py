@@ -28,7 +28,7 @@ from pipelines.common.config import ConfigError, check_same_content, doc, parse_
 from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
 from pipelines.common.errors import ItemError
-from pipelines.common.job import JobSpec, run_job
+from pipelines.common.job import JobSpec, exit_code, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.objaverse_source import DEFAULT_BASE_URL, AssetError, SourceError, ensure_asset, list_assets, read_uid_list
 from rendering.settings import (DEFAULT_ARC_DEG, DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING,
@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_spec(cfg)  # every listing/option error surfaces here, before Ray starts
     check_same_content(cfg, cfg.output, CONTENT_OPTIONS)  # new rows beside old ones of other settings: refused
     write_resolved(cfg, cfg.output)
-    summary = run_job(spec)
-    return 0 if summary["items_ok_this_run"] or not summary["items_failed_this_run"] else 1
+    return exit_code(run_job(spec))
 
 
 if __name__ == "__main__":

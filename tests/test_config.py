@@ -120,3 +120,23 @@ def test_jobs_refuse_an_output_that_is_a_file_in_one_line(tmp_path: Path, argv: 
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error:") and "is a file, not a folder" in lines[0]
     assert a_file.read_text() == "keep me"
+
+
+def test_choices_are_literal_fields_the_parser_checks_and_help_lists(capsys) -> None:
+    """A Literal field: the CLI value is matched to its choice (``--zero-stage 3`` is the int 3), a wrong one
+    is one line naming the choices, ``--help`` lists them, and configs built in code are checked alike."""
+    import dataclasses
+
+    from pipelines.common.config import check_choices
+    from training.config import TrainConfig, presets_for
+    cfg, _ = parse_config(TrainConfig, presets_for("4d"), ["--preset", "tiny", "--zero-stage", "3"],
+                          default_preset="tiny")
+    assert cfg.zero_stage == 3 and isinstance(cfg.zero_stage, int)
+    with pytest.raises(ConfigError, match=r"option 'sync' must be one of soft, hard, hard_channel, sequential; "
+                                          r"got 'soft2'"):
+        parse_config(TrainConfig, presets_for("4d"), ["--preset", "tiny", "--sync", "soft2"], default_preset="tiny")
+    with pytest.raises(ConfigError, match=r"option 'data.background' must be one of white, black, gray, random"):
+        check_choices(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, background="blue")))
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, presets_for("4d"), ["--help"], default_preset="tiny")
+    assert "--precision {bf16,fp32}" in capsys.readouterr().out

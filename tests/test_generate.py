@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,18 @@ def test_generate_a_larger_grid_with_sliding_windows(fourd_run, train_grids: Pat
     assert (out / "contact_sheet.png").stat().st_size > 0
     videos = {p.name for p in (out / "videos").glob("*.mp4")}
     assert {"row_v00.mp4", "row_v03.mp4", "col_t00.mp4", "col_t05.mp4", "bullet_time.mp4"} <= videos
+
+    # A smaller run into the same folder leaves none of the first run's cells or videos behind.
+    generate_one(gen, dataclasses.replace(cfg, views=2, frames=3), out)
+    assert len(list((out / "frames").glob("*.png"))) == 6 and not (out / "videos" / "row_v03.mp4").exists()
+    # A one-frame first row is refused in one line, before anything is written.
+    one = tmp_path / "one_frame"
+    one.mkdir()
+    first = sorted(Path(row).iterdir())[0]
+    (one / first.name).write_bytes(first.read_bytes())
+    with pytest.raises(UserError, match="needs at least 2 of each"):
+        generate_one(gen, dataclasses.replace(cfg, fixed_view=str(one)), tmp_path / "gen_one")
+    assert not (tmp_path / "gen_one").exists()
 
 
 def test_generate_with_the_upsampler(fourd_run, upsampler_run, train_grids: Path, tmp_path: Path) -> None:
@@ -153,13 +166,14 @@ def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_pat
     assert ckpt["data_items"]["items"]
     with pytest.raises(UserError, match="variant 'soft' was trained on item 'procedural-"):
         evaluate(dataclasses.replace(cfg, grids=[str(train_grids)], out=str(tmp_path / "eval_train")))
+    assert not (tmp_path / "eval_train" / "config.yaml").exists()  # a failed run writes no config for no report
 
 
 @pytest.mark.parametrize("flags,needle", [
     (["--views", "-4"], "--views must be 0 or more"),
     (["--frames", "1"], "at least 2"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--method", "rk4"], "--method must be euler or heun"),
+    (["--method", "rk4"], "option 'method' must be one of euler, heun; got 'rk4'"),
 ])
 def test_bad_generation_options_are_one_line_before_any_model_loads(tmp_path: Path, flags: list[str],
                                                                     needle: str) -> None:

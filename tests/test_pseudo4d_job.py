@@ -118,6 +118,15 @@ def test_job_writes_good_videos_and_records_bad_ones(ray_local, videos, tmp_path
     assert len(set(tar_keys)) == 4      # no grid sits in two shards
     assert _grids(out)[dot_key]["v02t03.png"] == s["v02t03.png"]      # the redone grid is bit-identical
 
+    # One exit-code rule for every data job (pipelines.common.job.exit_code): some failures exit 0 (above),
+    # a run whose every item failed exits 1, with the failures recorded.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("corrupt.mp4", "short.mp4"):
+        (bad / name).write_bytes((videos / name).read_bytes())
+    assert main(_args(bad, tmp_path / "bad_out")) == 1
+    assert len(pq.read_table(tmp_path / "bad_out" / "failures.parquet")) == 2
+
 
 def test_job_reads_a_webdataset_of_videos_and_procedural_source(ray_local, tmp_path):
     tar_path = tmp_path / "videos-000000.tar"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import mlflow
@@ -150,6 +151,35 @@ def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path
     steps = sorted({m.step for m in client.get_metric_history(rec.info.run_id, "samples_seen")})
     assert steps[-1] == cfg.total_steps
     assert summary["metrics"]["samples_seen"] == cfg.total_steps * cfg.samples_per_step
+    # the resumed attempt repeats the step the dead one had logged: each step is in the history once
+    history = [m.step for m in client.get_metric_history(rec.info.run_id, "loss")]
+    assert sorted(history) == sorted(set(history)) and max(history) == cfg.total_steps
+    jsonl = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert jsonl == sorted(set(jsonl))
+
+
+def test_a_restart_without_checkpoint_is_said_and_dead_runs_are_closed(ray_local, train_grids: Path,
+                                                                       tmp_path: Path) -> None:
+    """An attempt killed before its first checkpoint: the next one starts at step 1 in a new MLflow run, the
+    dead attempt's run is KILLED and its metrics are kept aside. A job that dies for good leaves FAILED."""
+    cfg = tiny("base", tmp_path / "restart", [str(train_grids)], total_samples=24, checkpoint_every=0,
+               fail_at_step=3, max_failures=1, log_every=1)
+    run(cfg)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(cfg.output).resolve()}/mlflow.db")
+    exp = client.get_experiment_by_name("4real-base")
+    runs = sorted(client.search_runs([exp.experiment_id]), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    assert len(list(Path(cfg.output).glob("metrics.attempt-*.jsonl"))) == 1
+    steps = [json.loads(line)["step"] for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and steps[-1] == cfg.total_steps
+
+    dies = tiny("base", tmp_path / "dies", [str(train_grids)], total_samples=24, checkpoint_every=0,
+                fail_at_step=3, max_failures=0, log_every=1)
+    with pytest.raises(Exception):
+        run(dies)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(dies.output).resolve()}/mlflow.db")
+    (rec,) = client.search_runs([client.get_experiment_by_name("4real-base").experiment_id])
+    assert rec.info.status == "FAILED"
 
 
 def test_zero3_checkpointing_accumulation_and_base_from_mlflow(ray_local, base_run: TrainConfig, train_grids: Path,

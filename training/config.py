@@ -7,10 +7,11 @@ workers or the batch size keeps the schedule's meaning.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 from model.fourd import SOFT_INITS, SYNC_VARIANTS, TRAINED_SYNC_VARIANTS
-from pipelines.common.config import ConfigError, doc
+from pipelines.common.config import ConfigError, check_choices, doc
+from pipelines.common.shards import BACKGROUNDS
 
 STAGES = ("base", "upsampler", "4d")
 
@@ -36,7 +37,8 @@ class DataConfig:
     width: int = doc(32, "training frame width")
     frames: int = doc(8, "frames per clip (base/upsampler) and time steps T of a grid window (4d)")
     views: int = doc(4, "views V of a grid window (4d)")
-    background: str = doc("white", "background for RGBA renders: white, black, gray or random")
+    background: Literal[(*BACKGROUNDS, "random")] = doc("white", "background for RGBA renders (random: a grey "
+                                                         "level drawn per sample)")
     freeze_time_fraction: float = doc(0.5, "base stage: share of clips that are freeze-time videos (grid columns, "
                                       "context 1); the rest are dynamic (rows, context 0). The 4D model's view "
                                       "stream runs the base in the freeze-time context, so it must be trained")
@@ -74,8 +76,9 @@ class TrainConfig:
     run_name: str = doc("", "Ray Train / MLflow run name (default: the stage); re-running with the same name resumes")
     model_preset: str = doc("tiny", "model size preset (model/: tiny, demo, proof, small, paper)")
     model: dict = doc(text="overrides of the model preset's fields, e.g. --set model.depth=4", factory=dict)
-    sync: str = doc("soft", f"4d: synchronization variant to train: {', '.join(TRAINED_SYNC_VARIANTS)}")
-    soft_init: str = doc("zero", "4d soft sync initialisation: zero or schedule (Eq. 13)")
+    sync: Literal[TRAINED_SYNC_VARIANTS] = doc("soft", "4d: synchronization variant to train (the training-free "
+                                               "ones run on a base checkpoint in generation and evaluation)")
+    soft_init: Literal[SOFT_INITS] = doc("zero", "4d soft sync initialisation (schedule: Eq. 13's weights)")
     base_checkpoint: str = doc("", "4d: base model weights: a checkpoint folder/model.pt or runs:/<mlflow run id>")
     init_from: str = doc("", "4d: start from this 4D checkpoint's weights (folder, model.pt or runs:/<id>) but "
                          "not its data position or step: the second phase of section 4.1 (pseudo-4D, then "
@@ -89,8 +92,8 @@ class TrainConfig:
     num_workers: int = doc(2, "Ray Train workers")
     use_gpu: bool = doc(False, "one GPU per worker (NCCL); otherwise CPU workers over gloo")
     cpus_per_worker: float = doc(1.0, "CPUs reserved per worker")
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3")
-    precision: str = doc("fp32", "bf16 or fp32 (bf16 autocast needs a GPU or a recent CPU)")
+    zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage")
+    precision: Literal["bf16", "fp32"] = doc("fp32", "bf16 autocast needs a GPU or a recent CPU")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
@@ -115,14 +118,6 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"unknown stage '{self.stage}'; choose one of {', '.join(STAGES)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision must be bf16 or fp32, got {self.precision}")
-        from pipelines.common.shards import BACKGROUNDS
-        if self.data.background not in (*BACKGROUNDS, "random"):
-            raise ConfigError(f"background must be one of {', '.join((*BACKGROUNDS, 'random'))}, "
-                              f"got {self.data.background}")
         if self.data.weights and len(self.data.weights) != len(self.data.grids):
             raise ConfigError(f"data.weights has {len(self.data.weights)} entries but data.grids has "
                               f"{len(self.data.grids)}; give one weight per grid folder")
@@ -135,13 +130,11 @@ class TrainConfig:
             lo, hi = self.total_samples // n * n, (self.total_samples // n + 1) * n
             raise ConfigError(f"total_samples={self.total_samples} is not a whole number of steps of {n} samples "
                               f"(batch_size x grad_accum x num_workers); use {lo or hi}" + (f" or {hi}" if lo else ""))
-        if self.stage == "4d" and self.sync not in TRAINED_SYNC_VARIANTS:
-            free = [v for v in SYNC_VARIANTS if v not in TRAINED_SYNC_VARIANTS]
+        if self.sync in SYNC_VARIANTS and self.sync not in TRAINED_SYNC_VARIANTS:
             raise ConfigError(f"sync variant '{self.sync}' cannot be trained; train one of "
-                              f"{', '.join(TRAINED_SYNC_VARIANTS)} (the training-free {', '.join(free)} run on a "
-                              "base checkpoint in generation and evaluation)")
-        if self.soft_init not in SOFT_INITS:
-            raise ConfigError(f"soft_init must be one of {', '.join(SOFT_INITS)}, got {self.soft_init}")
+                              f"{', '.join(TRAINED_SYNC_VARIANTS)} (the training-free ones run on a base "
+                              "checkpoint in generation and evaluation)")
+        check_choices(self)
         if not 0.0 <= self.data.freeze_time_fraction <= 1.0:
             raise ConfigError(f"data.freeze_time_fraction must be in [0, 1], got {self.data.freeze_time_fraction}")
         if not 0.0 <= self.data.first_frame_only_prob <= 1.0:

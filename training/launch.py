@@ -55,7 +55,7 @@ def run(cfg: TrainConfig) -> dict:
 
     from pipelines.common.job import init_ray
     from training.loop import train_loop_per_worker
-    from training.tracking import ensure_experiment, experiment_name, tracking_uri
+    from training.tracking import ensure_experiment, experiment_name, mark_run_ended, tracking_uri
 
     output = ensure_output_dir(Path(cfg.output).resolve())  # a file or read-only folder: one line, now
     cfg = dataclasses.replace(cfg, output=str(output))
@@ -100,8 +100,18 @@ def run(cfg: TrainConfig) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
-    result = trainer.fit()
+    # A job that dies does not leave its MLflow run RUNNING: Ctrl-C on the driver marks it KILLED, workers
+    # failing beyond max_failures (fit raises, or returns the error) FAILED.
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        mark_run_ended(cfg, "KILLED")
+        raise
+    except Exception:
+        mark_run_ended(cfg, "FAILED")
+        raise
     if result.error:
+        mark_run_ended(cfg, "FAILED")
         raise result.error
     final = output / "checkpoint_final" / "model.pt"
     summary = {"stage": cfg.stage, "output": str(output), "final_checkpoint": str(final),

@@ -40,6 +40,37 @@ def ensure_experiment(cfg: TrainConfig) -> str | None:
     return ensure_experiment_at(tracking_uri(cfg), experiment_name(cfg)) if tracking_enabled(cfg) else None
 
 
+RUN_ID_FILE = "mlflow_run_id.txt"
+"""In the run folder: the MLflow run the latest attempt logs to, so the driver can mark it FAILED or KILLED
+when the job dies, and a restart can close the run of an attempt that left no checkpoint."""
+
+
+def last_logged_step(metrics_file: Path) -> int:
+    """The highest step in a metrics.jsonl (0 when there is none)."""
+    if not metrics_file.is_file():
+        return 0
+    steps = [json.loads(line).get("step", 0) for line in metrics_file.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def mark_run_ended(cfg: TrainConfig, status: str) -> str | None:
+    """Set the MLflow run of the run folder's latest attempt to ``status`` (FAILED, KILLED) if it is still
+    RUNNING; returns its id. Called by the driver when the job dies, and at a restart without a checkpoint."""
+    path = Path(cfg.output) / RUN_ID_FILE
+    if not tracking_enabled(cfg) or not path.is_file():
+        return None
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(cfg))
+    run_id = path.read_text().strip()
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+            return run_id
+    except Exception:  # a deleted run or another store: nothing to close
+        pass
+    return None
+
+
 class Tracker:
     def __init__(self, cfg: TrainConfig, rank: int, run_id: str | None,
                  extra_params: dict[str, Any] | None = None) -> None:
@@ -50,6 +81,19 @@ class Tracker:
         # (e.g. a GPU machine without it, --mlflow-uri none) and plot with a few lines of Python.
         self.metrics_file = Path(cfg.output) / "metrics.jsonl"
         self.active = rank == 0 and tracking_enabled(cfg)  # rank 0 prints status lines either way
+        # A resumed attempt repeats the steps after its checkpoint that the killed one had logged (bit-identical,
+        # so the same values): they are logged once. A fresh start where an attempt left metrics but no
+        # checkpoint says so, keeps that attempt's metrics aside and closes its MLflow run.
+        self.logged_through = 0
+        if rank == 0 and run_id:
+            self.logged_through = last_logged_step(self.metrics_file)
+        elif rank == 0 and self.metrics_file.is_file() and last_logged_step(self.metrics_file) > 0:
+            gone = last_logged_step(self.metrics_file)
+            self.metrics_file.rename(self.metrics_file.with_name(f"metrics.attempt-{int(time.time())}.jsonl"))
+            closed = mark_run_ended(cfg, "KILLED")
+            say(f"[train] {cfg.output}: an earlier attempt logged {gone} steps but left no checkpoint to resume "
+                f"(it stopped before its first checkpoint_every={cfg.checkpoint_every}); starting at step 1"
+                + (f"; its MLflow run {closed} is marked KILLED" if closed else ""))
         if not self.active:
             return
         import mlflow
@@ -61,13 +105,17 @@ class Tracker:
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                                run_name=cfg.run_name or cfg.stage, log_system_metrics=True)
         self.run_id = run.info.run_id
+        (Path(cfg.output) / RUN_ID_FILE).write_text(self.run_id)
+        if run_id:
+            history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+            self.logged_through = max([self.logged_through, *(m.step for m in history)])
         if run_id is None:
             params = {**flatten(cfg), **(extra_params or {})}
             mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in params.items()})
             mlflow.set_tags({"stage": cfg.stage, "model_preset": cfg.model_preset, "sync": cfg.sync})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.rank != 0:
+        if self.rank != 0 or step <= self.logged_through:
             return
         if self.active:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -74,9 +74,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return str(value)
         if origin is typing.Literal:
             choices = typing.get_args(tp)
-            if value not in choices:
-                raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
-            return value
+            for c in choices:  # a CLI value is a string: "2" is the Literal 2
+                if value == c or (not isinstance(value, bool) and str(value) == str(c)):
+                    return c
+            raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
         if origin in (list, tuple):
             (item_tp, *_) = typing.get_args(tp) or (str,)
             if isinstance(value, str):
@@ -97,6 +98,26 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def literal_choices(cls: type, name: str) -> tuple[Any, ...] | None:
+    """The allowed values of a ``Literal`` field of dataclass ``cls`` (None for other fields)."""
+    tp, _ = _unwrap_optional(_field_types(cls).get(name))
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of ``cfg`` (nested dataclasses too) holds one of its values: the parser checks
+    the CLI and YAML, this checks configs built in code (``dataclasses.replace``, tests, recipes)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{prefix}{f.name}.")
+            continue
+        choices = literal_choices(type(cfg), f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"option '{prefix}{f.name}' must be one of {', '.join(map(str, choices))}; "
+                              f"got {value!r}")
 
 
 def apply_overrides(cfg: T, overrides: Mapping[str, Any], prefix: str = "") -> T:
@@ -250,8 +271,10 @@ def _add_flags(parser: argparse.ArgumentParser, cfg: Any, prefix: str = "") -> N
         flag = "--" + name.replace("_", "-")
         aliases = [flag] if flag == f"--{name}" else [flag, f"--{name}"]
         text = f.metadata.get("doc", "")
-        parser.add_argument(*aliases, dest=f"override:{name}", metavar="V", default=argparse.SUPPRESS,
-                            help=f"{text} [default: {value!r}]")
+        choices = literal_choices(type(cfg), f.name)
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else "V"  # --help lists a choice's values
+        parser.add_argument(*aliases, dest=f"override:{name}", metavar=metavar, default=argparse.SUPPRESS,
+                            help=f"{text} [default: {value!r}]".replace("%", "%%"))  # argparse formats help with %
 
 
 def parse_config(cls: type[T], presets: Mapping[str, Callable[[], T]], argv: list[str] | None = None,

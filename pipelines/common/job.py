@@ -155,3 +155,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
           f"{totals.samples} samples, {totals.frames} frames ({summary['frames_per_second']:.1f} frames/s); "
           f"output holds {index.num_rows} samples, {failures.num_rows} failures -> {output}", flush=True)
     return summary
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """The one exit-code rule of the data jobs: 1 when this run attempted items and every one failed (nothing
+    was produced, so a pipeline step after it must not go on), else 0. Partial failures exit 0: they are
+    recorded in failures.parquet and counted in the summary, and one bad item never sinks a job."""
+    return 1 if summary["items_failed_this_run"] and not summary["items_ok_this_run"] else 0
