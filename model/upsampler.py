@@ -69,7 +69,7 @@ class UpsamplerConfig:
     same bottleneck (Li and He 2025, "Back to Basics: Let Denoising Generative Models Denoise")."""
     residual: bool = True
     """x-prediction only ("v" models ignore it: a velocity has no bicubic part): the clip is the bicubic
-    upsampling of the condition as given (noise-augmented or not) plus the network's output, which starts at
+    upsampling of the condition (see ``residual_base``) plus the network's output, which starts at
     zero. So the untrained model is bicubic of its condition, and training adds only what bicubic misses.
     Predicting the whole clip made the proof upsampler's best single-step estimate worse than bicubic (21 dB
     against 25 dB, docs/results.md, run 4): its width went on re-drawing the low frequencies."""

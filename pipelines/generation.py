@@ -202,9 +202,10 @@ def write_outputs(grid: torch.Tensor, given: torch.Tensor, out: Path, fps: int, 
     import shutil
     out.mkdir(parents=True, exist_ok=True)
     frames = to_uint8(grid)
-    for stale in ("frames", "videos"):  # a smaller grid must not sit among an earlier run's cells
-        shutil.rmtree(out / stale, ignore_errors=True)
-    (out / "frames").mkdir()
+    if (out / "meta.json").is_file():  # an earlier generation's folder: a smaller grid must not sit among its cells
+        for stale in ("frames", "videos"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "frames").mkdir(exist_ok=True)
     for v in range(frames.shape[0]):
         for t in range(frames.shape[1]):
             Image.fromarray(frames[v, t]).save(out / "frames" / f"v{v:02d}t{t:02d}.png")

@@ -137,6 +137,8 @@ def test_choices_are_literal_fields_the_parser_checks_and_help_lists(capsys) -> 
         parse_config(TrainConfig, presets_for("4d"), ["--preset", "tiny", "--sync", "soft2"], default_preset="tiny")
     with pytest.raises(ConfigError, match=r"option 'data.background' must be one of white, black, gray, random"):
         check_choices(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, background="blue")))
+    with pytest.raises(ConfigError, match=r"option 'zero_stage' must be one of 0, 1, 2, 3; got True"):
+        check_choices(dataclasses.replace(cfg, zero_stage=True))  # YAML's yes is not ZeRO stage 1
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, presets_for("4d"), ["--help"], default_preset="tiny")
     assert "--precision {bf16,fp32}" in capsys.readouterr().out

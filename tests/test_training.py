@@ -158,6 +158,18 @@ def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path
     assert jsonl == sorted(set(jsonl))
 
 
+def test_a_resume_with_tracking_off_keeps_its_loss_history(ray_local, train_grids: Path, tmp_path: Path) -> None:
+    """--mlflow-uri none (the proof recipe's setting): a run continued from its checkpoint is a resume, not a
+    restart; metrics.jsonl keeps the first half and gets the rest, each step once."""
+    cfg = tiny("base", tmp_path, [str(train_grids)], total_samples=24, steps_this_run=3, mlflow_uri="none",
+               log_every=1)
+    run(cfg)
+    run(cfg)
+    assert not list(tmp_path.glob("metrics.attempt-*.jsonl"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, cfg.total_steps + 1))
+
+
 def test_a_restart_without_checkpoint_is_said_and_dead_runs_are_closed(ray_local, train_grids: Path,
                                                                        tmp_path: Path) -> None:
     """An attempt killed before its first checkpoint: the next one starts at step 1 in a new MLflow run, the

@@ -150,7 +150,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loader = make_loader(cfg.stage, cfg.data, cfg.batch_size, rank, world, data_state)
     batches = prefetch(iter(loader), cfg.data.prefetch)
     tracker = Tracker(cfg, rank, state.get("mlflow_run_id"),
-                      {"trainable_parameters": n_trainable, "total_parameters": n_total})
+                      {"trainable_parameters": n_trainable, "total_parameters": n_total},
+                      resumed_at=state["step"] if ckpt is not None else 0)
     if rank == 0:
         what = f"sync '{cfg.sync}'" if cfg.stage == "4d" else cfg.model_preset
         say(f"[train {cfg.stage}] {what}: {n_trainable:,} trainable of {n_total:,} parameters")

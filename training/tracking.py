@@ -45,12 +45,21 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 when the job dies, and a restart can close the run of an attempt that left no checkpoint."""
 
 
+def _metric_rows(metrics_file: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line cut short by a kill mid-write is skipped, not fatal."""
+    rows = []
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def last_logged_step(metrics_file: Path) -> int:
     """The highest step in a metrics.jsonl (0 when there is none)."""
-    if not metrics_file.is_file():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in metrics_file.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    return max((int(r.get("step", 0)) for r in _metric_rows(metrics_file)), default=0)
 
 
 def mark_run_ended(cfg: TrainConfig, status: str) -> str | None:
@@ -73,7 +82,9 @@ def mark_run_ended(cfg: TrainConfig, status: str) -> str | None:
 
 class Tracker:
     def __init__(self, cfg: TrainConfig, rank: int, run_id: str | None,
-                 extra_params: dict[str, Any] | None = None) -> None:
+                 extra_params: dict[str, Any] | None = None, resumed_at: int = 0) -> None:
+        """``run_id``: the MLflow run to continue (None: a new one); ``resumed_at``: the step of the checkpoint
+        this attempt resumed from (0: it starts at step 1)."""
         self.cfg, self.rank, self.run_id = cfg, rank, run_id
         self.t0 = time.time()
         self.mlflow = None
@@ -81,13 +92,16 @@ class Tracker:
         # (e.g. a GPU machine without it, --mlflow-uri none) and plot with a few lines of Python.
         self.metrics_file = Path(cfg.output) / "metrics.jsonl"
         self.active = rank == 0 and tracking_enabled(cfg)  # rank 0 prints status lines either way
-        # A resumed attempt repeats the steps after its checkpoint that the killed one had logged (bit-identical,
-        # so the same values): they are logged once. A fresh start where an attempt left metrics but no
-        # checkpoint says so, keeps that attempt's metrics aside and closes its MLflow run.
-        self.logged_through = 0
-        if rank == 0 and run_id:
-            self.logged_through = last_logged_step(self.metrics_file)
-        elif rank == 0 and self.metrics_file.is_file() and last_logged_step(self.metrics_file) > 0:
+        # A resumed attempt redoes the steps after its checkpoint that the killed one had logged. metrics.jsonl
+        # keeps what precedes the checkpoint and takes the redone steps (so a rewind with resume_from, or
+        # --force with other options, shows the new values); MLflow cannot drop history, so there the
+        # redone steps of a plain resume, the same values bit for bit, are not logged twice. A fresh start
+        # where an attempt left metrics but no checkpoint says so, keeps them aside and closes its MLflow run.
+        self.logged_through = 0  # MLflow only
+        if rank == 0 and resumed_at:
+            kept = [r for r in _metric_rows(self.metrics_file) if int(r.get("step", 0)) <= resumed_at]
+            self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif rank == 0 and last_logged_step(self.metrics_file) > 0:
             gone = last_logged_step(self.metrics_file)
             self.metrics_file.rename(self.metrics_file.with_name(f"metrics.attempt-{int(time.time())}.jsonl"))
             closed = mark_run_ended(cfg, "KILLED")
@@ -106,18 +120,18 @@ class Tracker:
                                run_name=cfg.run_name or cfg.stage, log_system_metrics=True)
         self.run_id = run.info.run_id
         (Path(cfg.output) / RUN_ID_FILE).write_text(self.run_id)
-        if run_id:
+        if run_id and resumed_at and not (cfg.force or cfg.resume_from):
             history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
-            self.logged_through = max([self.logged_through, *(m.step for m in history)])
+            self.logged_through = max([0, *(m.step for m in history)])
         if run_id is None:
             params = {**flatten(cfg), **(extra_params or {})}
             mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in params.items()})
             mlflow.set_tags({"stage": cfg.stage, "model_preset": cfg.model_preset, "sync": cfg.sync})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.rank != 0 or step <= self.logged_through:
+        if self.rank != 0:
             return
-        if self.active:
+        if self.active and step > self.logged_through:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}) + "\n")

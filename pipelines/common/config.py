@@ -74,8 +74,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return str(value)
         if origin is typing.Literal:
             choices = typing.get_args(tp)
-            for c in choices:  # a CLI value is a string: "2" is the Literal 2
-                if value == c or (not isinstance(value, bool) and str(value) == str(c)):
+            for c in choices:  # a CLI value is a string: "2" is the Literal 2 (but YAML's yes is not 1)
+                if isinstance(value, bool) == isinstance(c, bool) and (value == c or str(value) == str(c)):
                     return c
             raise ConfigError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
         if origin in (list, tuple):
@@ -115,7 +115,8 @@ def check_choices(cfg: Any, prefix: str = "") -> None:
             check_choices(value, f"{prefix}{f.name}.")
             continue
         choices = literal_choices(type(cfg), f.name)
-        if choices is not None and value not in choices:
+        if choices is not None and not any(value == c and isinstance(value, bool) == isinstance(c, bool)
+                                           for c in choices):
             raise ConfigError(f"option '{prefix}{f.name}' must be one of {', '.join(map(str, choices))}; "
                               f"got {value!r}")
 

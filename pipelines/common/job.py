@@ -158,7 +158,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
 
 def exit_code(summary: dict[str, Any]) -> int:
-    """The one exit-code rule of the data jobs: 1 when this run attempted items and every one failed (nothing
-    was produced, so a pipeline step after it must not go on), else 0. Partial failures exit 0: they are
-    recorded in failures.parquet and counted in the summary, and one bad item never sinks a job."""
-    return 1 if summary["items_failed_this_run"] and not summary["items_ok_this_run"] else 0
+    """The one exit-code rule of the data jobs: 1 when the output holds nothing after a run whose items all
+    failed (a pipeline step after it must not go on), else 0. Partial failures exit 0: they are recorded in
+    failures.parquet and counted in the summary, and one bad item never sinks a job; nor does a re-run whose
+    few remaining items fail again beside an earlier run's good samples."""
+    nothing = summary["items_failed_this_run"] and not summary["items_ok_this_run"] and not summary["samples_total"]
+    return 1 if nothing else 0

@@ -243,7 +243,7 @@ def _phase2_samples(cfg: ProofConfig) -> int:
     p = presets_for("4d")[cfg.train_preset]()
     # The renders' part is a quarter of phase 1 whatever the mix: mixing adds pseudo-4D grids, it does not take
     # render grids away.
-    n = cfg.phase2_samples or int((cfg.phase1_samples or p.total_samples) / 4 / (1 - cfg.phase2_pseudo_share))
+    n = cfg.phase2_samples or round((cfg.phase1_samples or p.total_samples) / 4 / (1 - cfg.phase2_pseudo_share))
     return max(p.samples_per_step, n // p.samples_per_step * p.samples_per_step)
 
 
