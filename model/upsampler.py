@@ -46,7 +46,9 @@ class UpsamplerConfig:
     batch_clips: int = 8
     """Clips sampled together by ``upsample`` (bounds peak memory)."""
     steps: int = 10
-    """Default sampling steps of ``upsample``."""
+    """Default sampling steps of ``upsample`` (saved with the model; generation and evaluation use it unless
+    told otherwise). Few steps keep more of the network's mean estimate, many add more invented detail: the
+    proof upsampler's SSIM against the truth peaks at 2 (validation clips, docs/results.md, run 6)."""
     checkpointing: bool = False
     """Recompute block activations in the backward pass."""
     aug_max: float = 0.3
@@ -83,6 +85,25 @@ class UpsamplerConfig:
     x_pred_min_t: float = 0.05
     """Smallest t in the x-to-velocity division (x_t - x) / t: keeps the velocity, and the loss it enters,
     bounded near the data end of the path."""
+    precond: str = "edm"
+    """Residual x-prediction only: "edm", the residual is c_skip(t) z + c_out(t) F with z = x_t - (1 - t) bicubic
+    the noisy residual and F the network (Karras et al. 2022, EDM, written for the rectified-flow path); or
+    "none", the residual is F (runs 4, 5). Near the data end the residual is almost all in z, and without the
+    skip the network must carry z's full-resolution detail through its patch bottleneck (192 values into 128
+    channels at the proof size); the weight 1/t^2 of those times in the velocity loss then spends the
+    network on that copy. Run 5's upsampler, trained so, estimated worse than bicubic even on its own
+    training clips (docs/results.md, run 6). With the skip, copying z is free, F starts at zero as a
+    unit-variance correction, and the untrained model is the Wiener estimate of the residual."""
+    residual_std: float = 0.1
+    """EDM's sigma_data for the residual (truth minus bicubic of its 4x box filter), in the [-1, 1] pixel scale;
+    measured 0.08-0.12 on the procedural clips. Sets how much of z the skip keeps at each t."""
+    head_channels: int = 0
+    """Channels of a small convolutional head at the full resolution (0: none). It sees, per frame, the noisy
+    clip, the bicubic base and the transformer's output, and adds a correction to the latter: local detail a
+    patch-8 token cannot draw (the super-resolution nets of the field are convolutional for this reason). Its
+    last layer starts at zero, so a model with a head starts as the model without."""
+    head_layers: int = 3
+    """Convolutions of that head (3x3 each, FiLM-conditioned on t); at least 2."""
 
     def dit(self) -> DiTConfig:
         return DiTConfig(patch_size=self.patch_size, width=self.width, depth=self.depth, heads=self.heads,
@@ -94,8 +115,10 @@ class UpsamplerConfig:
 UPSAMPLER_PRESETS: dict[str, UpsamplerConfig] = {
     "tiny": UpsamplerConfig(patch_size=4, width=32, depth=2, heads=2, mlp_ratio=2.0, clip_frames=4, batch_clips=4,
                             steps=2),
-    # The GPU proof run: 64x64 -> 256x256, 4-frame clips of 32x32 tokens, ~1.3M parameters (docs/results.md).
-    "proof": UpsamplerConfig(patch_size=8, width=128, depth=4, heads=2, mlp_ratio=2.5, clip_frames=4, batch_clips=16),
+    # The GPU proof run: 64x64 -> 256x256, 4-frame clips of 32x32 tokens and a 48-channel convolutional head,
+    # ~1.5M parameters (docs/results.md).
+    "proof": UpsamplerConfig(patch_size=8, width=128, depth=4, heads=2, mlp_ratio=2.5, clip_frames=4, batch_clips=16,
+                             head_channels=48, head_layers=4, steps=2),
     "small": UpsamplerConfig(patch_size=8, width=384, depth=8, heads=6),
     # 8x8 grid at 288x512: 8 clips of 8 frames x 2304 tokens, ~150 M parameters; fits an 80 GB GPU in bf16.
     "paper": UpsamplerConfig(patch_size=8, width=768, depth=12, heads=6),
@@ -110,14 +133,15 @@ def upsampler_config(preset: str, **overrides) -> UpsamplerConfig:
 
 PREDICTIONS = ("x", "v")
 RESIDUAL_BASES = ("clean", "condition")
+PRECONDS = ("edm", "none")
 
 
 def upsampler_from_config(model_config: dict) -> "VideoUpsampler":
     """The upsampler a checkpoint's ``model_config`` describes. Checkpoints from before ``prediction`` existed
     hold v-predicting models, so a missing field means "v", not today's default; likewise a missing
-    ``residual`` means a model that predicts the whole clip, and a missing ``residual_base`` one whose residual
-    adds to the augmented condition."""
-    legacy = {"prediction": "v", "residual": False, "residual_base": "condition"}
+    ``residual`` means a model that predicts the whole clip, a missing ``residual_base`` one whose residual
+    adds to the augmented condition, and a missing ``precond`` one without the skip."""
+    legacy = {"prediction": "v", "residual": False, "residual_base": "condition", "precond": "none"}
     return VideoUpsampler(UpsamplerConfig(**{**legacy, **model_config}))
 
 
@@ -133,8 +157,16 @@ class VideoUpsampler(nn.Module):
         for name in ("aug_max", "aug_prob", "sample_aug_level"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+        if cfg.precond not in PRECONDS:
+            raise ValueError(f"precond must be one of {PRECONDS}, got {cfg.precond!r}")
+        if cfg.residual_std <= 0:
+            raise ValueError(f"residual_std must be > 0, got {cfg.residual_std}")
+        if cfg.head_channels < 0 or (cfg.head_channels and cfg.head_layers < 2):
+            raise ValueError(f"head_channels must be >= 0 and head_layers >= 2, got {cfg.head_channels}, "
+                             f"{cfg.head_layers}")
         self.cfg = cfg = replace(cfg)  # own copy: loading a pre-augmentation checkpoint changes sample_aug_level
         self.dit = VideoDiT(cfg.dit())
+        self.head = ConvHead(cfg.in_channels, cfg.head_channels, cfg.head_layers) if cfg.head_channels else None
         # The augmentation level's embedding lives here, not in the DiT, so the DiT's parameter names (and
         # checkpoints) stay as they are; it reaches the blocks through VideoDiT's extra_cond.
         self.aug_embed = TimestepEmbedder(cfg.width)
@@ -177,12 +209,34 @@ class VideoUpsampler(nn.Module):
             return out
         # x-prediction: the network's output is the clean clip (or what bicubic misses of it); the sampler and
         # the loss work in velocities.
+        base = None
         if self.cfg.residual:
             base = lowres if clean is None or self.cfg.residual_base == "condition" else clean
             if tuple(base.shape) != want:
                 raise ValueError(f"clean must be the shape of lowres {want}, got {tuple(base.shape)}")
-            out = out.float() + self.bicubic(base)
+            base = self.bicubic(base)
+        if self.head is not None:
+            out = out.float() + self.head(x_hr_noisy, base if base is not None else self.upsample_input(lowres),
+                                          out, t)
+        if base is not None:
+            if self.cfg.precond == "edm":
+                out = self.precondition(x_hr_noisy, base, out, t)
+            out = out.float() + base
         return rf.velocity_from_x0(x_hr_noisy, out, t, self.cfg.x_pred_min_t)
+
+    def precondition(self, x_t: torch.Tensor, base: torch.Tensor, net: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """EDM's c_skip z + c_out F for the residual r = x - base on the rectified-flow path.
+
+        z = x_t - (1 - t) base = (1 - t) r + t eps is the noisy residual; with sigma = residual_std,
+        c_skip = (1 - t) sigma^2 / ((1 - t)^2 sigma^2 + t^2) is the Wiener (least-squares linear) estimate of r
+        from z and c_out = t sigma / sqrt((1 - t)^2 sigma^2 + t^2) the remaining error's scale, so F's target has
+        unit variance at every t. In fp32: z is a small difference of large terms at small t.
+        """
+        tt = t.float().view(-1, *([1] * (x_t.dim() - 1)))
+        sd = self.cfg.residual_std
+        z = x_t.float() - (1 - tt) * base
+        denom = (1 - tt) ** 2 * sd ** 2 + tt ** 2
+        return (1 - tt) * sd ** 2 / denom * z + tt * sd / denom.sqrt() * net.float()
 
     def bicubic(self, lowres: torch.Tensor) -> torch.Tensor:
         """Plain x4 bicubic upsampling of [B, F, C, h, w] (fp32, clamped to the data range [-1, 1])."""
@@ -278,10 +332,41 @@ class VideoUpsampler(nn.Module):
         clip = self.cfg.clip_frames
         full, rest = divmod(frames, clip)
         total = full * self.dit.flops_per_sample(clip, height, width)
-        return total + (self.dit.flops_per_sample(rest, height, width) if rest else 0.0)
+        total += self.dit.flops_per_sample(rest, height, width) if rest else 0.0
+        if self.head is not None:  # 2 FLOPs per multiply-add of every 3x3 kernel at every pixel of every frame
+            macs = sum(c.weight.numel() for c in (*self.head.convs, self.head.out))
+            total += 2.0 * macs * height * width * frames
+        return total
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class ConvHead(nn.Module):
+    """Per-frame 3x3 convolutions at the full resolution over [noisy clip, bicubic base, transformer output],
+    FiLM-conditioned on the flow time; returns a correction to the transformer output (zero at init)."""
+
+    def __init__(self, channels: int, width: int, layers: int):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3 * channels, width, 3, padding=1)] +
+                                   [nn.Conv2d(width, width, 3, padding=1) for _ in range(layers - 2)])
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.t_embed = TimestepEmbedder(width)
+        self.film = nn.Linear(width, 2 * width * len(self.convs))
+        nn.init.zeros_(self.film.weight)  # FiLM starts as the identity: scale 1 + 0, shift 0
+        nn.init.zeros_(self.film.bias)
+
+    def forward(self, x_t: torch.Tensor, base: torch.Tensor, net: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B, Fr = x_t.shape[:2]
+        dtype = self.out.weight.dtype
+        h = torch.cat([x_t, base, net], dim=2).flatten(0, 1).to(dtype)
+        film = self.film(F.silu(self.t_embed(t))).repeat_interleave(Fr, 0).to(dtype)
+        for i, conv in enumerate(self.convs):
+            scale, shift = film[:, 2 * i * conv.out_channels:(2 * i + 2) * conv.out_channels].chunk(2, dim=1)
+            h = F.silu(conv(h) * (1 + scale[..., None, None]) + shift[..., None, None])
+        return self.out(h).view(B, Fr, *net.shape[2:])
 
 
 def _fill_missing_aug_embed(module: VideoUpsampler, state_dict: dict, prefix: str, *_) -> None:

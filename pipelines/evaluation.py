@@ -16,7 +16,7 @@ import torch
 
 from model.fourd import TRAIN_FREE_SYNC_VARIANTS
 from model.rectified_flow import SAMPLER_METHODS
-from pipelines.common.config import check_choices, doc, ensure_output_dir, flatten, write_resolved
+from pipelines.common.config import ConfigError, check_choices, doc, ensure_output_dir, flatten, write_resolved
 from pipelines.common.errors import UserError
 
 
@@ -50,7 +50,7 @@ class EvalConfig:
     def validate(self) -> None:
         check_choices(self)
         if self.shift < 0:
-            raise UserError(f"--shift must be positive (or 0 for each model's own), got {self.shift}")
+            raise ConfigError(f"--shift must be positive (or 0 for each model's own), got {self.shift}")
 
 
 # ---------------------------------------------------------------- held-out sets
@@ -153,9 +153,6 @@ BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 """Model-free variants ((row [T, 3, H, W], column [V, 3, H, W]) -> grid [V, T, 3, H, W]): the floor any 4D
 model must clear. They run through the same loop and metrics as the models."""
 
-TRAIN_FREE_VARIANTS = TRAIN_FREE_SYNC_VARIANTS
-"""Evaluated on the first checkpoint's frozen base."""
-
 # (row [T, 3, H, W], column [V, 3, H, W] in [-1, 1], seed) -> (grid [V, T, 3, H, W], given [V, T])
 Filler = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
@@ -182,7 +179,7 @@ def plan_variants(cfg: EvalConfig) -> list[Variant]:
     if not out:
         raise UserError("give at least one --checkpoints name=path (the training-free variants reuse its base)")
     if cfg.train_free:
-        out += [Variant(sync, out[0].checkpoint, sync) for sync in TRAIN_FREE_VARIANTS]
+        out += [Variant(sync, out[0].checkpoint, sync) for sync in TRAIN_FREE_SYNC_VARIANTS]
     out += [Variant(name, baseline=name) for name in BASELINES]
     names = [v.name for v in out]
     for v in out:
@@ -190,7 +187,7 @@ def plan_variants(cfg: EvalConfig) -> list[Variant]:
             raise UserError(f"variant name '{v.name}' may hold only letters, digits, '_', '-' and '.'")
         if names.count(v.name) > 1:
             raise UserError(f"two variants are named '{v.name}'; rename the --checkpoints entry (the names "
-                            f"{', '.join(TRAIN_FREE_VARIANTS + tuple(BASELINES))} are taken)")
+                            f"{', '.join(TRAIN_FREE_SYNC_VARIANTS + tuple(BASELINES))} are taken)")
     return out
 
 

@@ -35,7 +35,8 @@ class GenerateConfig:
     views: int = doc(0, "grid views V to generate (0 = length of the freeze-time video)")
     frames: int = doc(0, "grid time steps T (0 = length of the fixed-view video)")
     steps: int = doc(20, "sampling steps of the 4D model")
-    upsampler_steps: int = doc(10, "sampling steps of the upsampler")
+    upsampler_steps: int = doc(0, "sampling steps of the upsampler (0 = its own default, saved with it: 2 for "
+                               "the proof upsampler, chosen on validation clips; docs/results.md, run 6)")
     method: Literal[SAMPLER_METHODS] = doc("heun", "sampler: Euler (one model call per step) or Heun (two)")
     shift: float = doc(0.0, "noise-level shift of the 4D sampler's schedule (0 = the flow_shift the model was "
                        "trained with, from its checkpoint)")
@@ -53,7 +54,9 @@ class GenerateConfig:
         for name in ("views", "frames", "overlap"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("steps", "upsampler_steps", "fps", "concurrency"):
+        if self.upsampler_steps < 0:
+            raise ConfigError(f"--upsampler-steps must be 0 (the upsampler's own) or more, got {self.upsampler_steps}")
+        for name in ("steps", "fps", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.shift < 0:
@@ -176,7 +179,7 @@ class Generator4D:
             # The condition is corrupted at the level the upsampler was trained for (its sample_aug_level).
             up_gen = torch.Generator(device=self.device).manual_seed(seed)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps, self.cfg.method,
+                filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps or None, self.cfg.method,
                                                  generator=up_gen, aug_level=self.upsampler.cfg.sample_aug_level,
                                                  shared_noise=True).float().cpu()
         return filled, known[0]

@@ -62,6 +62,9 @@ def test_grid_sets_and_variants_are_parsed() -> None:
                      "copy_first_row", "copy_first_column"]
     with pytest.raises(UserError, match="two variants are named 'copy_first_row'"):
         plan_variants(EvalConfig(checkpoints=["copy_first_row=c1"]))
+    from pipelines.common.config import ConfigError
+    with pytest.raises(ConfigError, match="--shift must be positive"):  # an option error, as in generation
+        EvalConfig(checkpoints=["soft=c1"], shift=-1.0).validate()
 
 
 def test_object_mask_follows_the_colour_resize() -> None:

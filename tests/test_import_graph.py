@@ -15,6 +15,7 @@ Layers, lowest first; a module may import its own layer and those below it:
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def imports(path: Path) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            # "from pipelines import generate_4d" imports the module pipelines.generate_4d: name each imported
+            # name under its module, so the layer and entry-script checks see what is really imported
+            names = [f"{node.module}.{a.name}" for a in node.names]
         else:
             continue
         out += [(node.lineno, n) for n in names if n.split(".")[0] in PACKAGES]
@@ -82,13 +85,31 @@ def test_no_library_module_imports_an_entry_script() -> None:
     """The jobs' entry scripts (files under pipelines/ and training/ with a ``__main__`` block) are thin CLIs;
     libraries import libraries. (rendering/'s worker and procedural scene builder are also Blender's
     programs, run in a subprocess: those are imported on purpose.)"""
-    scripts = {module_name(p) for p in project_modules() if 'if __name__ == "__main__"' in p.read_text()
+    scripts = {module_name(p) for p in project_modules() if MAIN_GUARD.search(p.read_text())
                and layer(module_name(p)) in ("pipelines", "training")}
     assert "pipelines.generate_4d" in scripts and "pipelines.evaluate_4d" in scripts
     bad = [f"{p.relative_to(ROOT)}:{line}: imports the entry script {target}"
            for p in project_modules() if layer(module_name(p)) not in ("benchmarks", "cluster")
-           for line, target in imports(p) if target in scripts]
+           for line, target in imports(p) if imports_script(target, scripts)]
     assert bad == []
+
+
+MAIN_GUARD = re.compile(r"""^if __name__ == ['"]__main__['"]""", re.M)
+
+
+def imports_script(target: str, scripts: set[str]) -> bool:
+    """``target`` (a module, or a name in one) is one of the entry scripts or a name inside one."""
+    return target in scripts or target.rsplit(".", 1)[0] in scripts
+
+
+def test_entry_script_detection_sees_every_spelling() -> None:
+    assert MAIN_GUARD.search("x = 1\nif __name__ == '__main__':\n    main()\n")
+    assert MAIN_GUARD.search('if __name__ == "__main__":\n    main()\n')
+    assert not MAIN_GUARD.search("# if __name__ == '__main__' is not a guard in a comment\n")
+    scripts = {"pipelines.generate_4d"}
+    assert imports_script("pipelines.generate_4d", scripts)  # import pipelines.generate_4d
+    assert imports_script("pipelines.generate_4d.main", scripts)  # from pipelines.generate_4d import main
+    assert not imports_script("pipelines.generation.Generator4D", scripts)
 
 
 @pytest.mark.parametrize("src, line, expected", [
@@ -96,6 +117,8 @@ def test_no_library_module_imports_an_entry_script() -> None:
     ("rendering/x.py", "from pipelines.affine import draw_path", "rendering imports pipelines.affine"),
     ("pipelines/common/x.py", "    from pipelines.video_io import encode_video", "core imports pipelines.video_io"),
     ("pipelines/x.py", "import training.data", "pipelines imports training.data"),
+    ("pipelines/x.py", "from training import data", "pipelines imports training.data"),
+    ("model/x.py", "from pipelines.common import checkpoints", "model imports pipelines.common.checkpoints"),
 ])
 def test_the_check_catches_each_kind_of_back_edge(tmp_path: Path, monkeypatch, src: str, line: str,
                                                  expected: str) -> None:

@@ -131,8 +131,9 @@ def test_training_loss_is_seeded_and_augments_the_condition():
     assert not torch.allclose(losses[0], losses[1])
 
 
-def test_training_loss_gives_every_parameter_a_gradient():
-    model = tiny_upsampler(aug_prob=1.0)
+@pytest.mark.parametrize("head_channels", [0, 8])
+def test_training_loss_gives_every_parameter_a_gradient(head_channels: int):
+    model = tiny_upsampler(aug_prob=1.0, head_channels=head_channels)
     loss, _ = model.training_loss(torch.randn(2, 2, 3, 8, 12), torch.randn(2, 2, 3, 2, 3), gen())
     loss.backward()
     names = [name for name, _ in model.named_parameters()]
@@ -152,8 +153,9 @@ def test_zero_initialised_level_embedding_still_learns():
     assert out_layer.weight.grad.abs().sum() > 0 and out_layer.bias.grad.abs().sum() > 0
 
 
-def test_flop_formula_matches_torch_flop_counter():
-    model = VideoUpsampler(upsampler_config("tiny", width=64, heads=4, depth=3))
+@pytest.mark.parametrize("head_channels", [0, 8])
+def test_flop_formula_matches_torch_flop_counter(head_channels: int):
+    model = VideoUpsampler(upsampler_config("tiny", width=64, heads=4, depth=3, head_channels=head_channels))
     x, lowres = torch.randn(2, 4, 3, 16, 24), torch.randn(2, 4, 3, 4, 6)
     # The math backend runs attention as plain matmuls, which the counter sees on CPU.
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
@@ -210,12 +212,13 @@ def test_residual_upsampler_starts_as_bicubic_and_old_checkpoints_predict_the_wh
     condition, from any noise; checkpoints without the field are whole-clip models."""
     from model.upsampler import VideoUpsampler, upsampler_from_config
     torch.manual_seed(0)
-    model = VideoUpsampler(upsampler_config("tiny", steps=3))  # zero-initialised output: predicts residual 0
+    # zero-initialised output: predicts residual 0 (without the EDM skip, which keeps part of z)
+    model = VideoUpsampler(upsampler_config("tiny", steps=3, precond="none"))
     low = torch.rand(2, 3, 3, 4, 5) * 2 - 1
     want = F.interpolate(low.flatten(0, 1), scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
     got = model.upsample(low, generator=gen(1), aug_level=0.0)
     torch.testing.assert_close(got.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
-    whole = VideoUpsampler(upsampler_config("tiny", steps=3, residual=False)).upsample(low, aug_level=0.0)
+    whole = VideoUpsampler(upsampler_config("tiny", steps=3, residual=False, precond="none")).upsample(low, aug_level=0.0)
     assert (whole.flatten(0, 1) - want).abs().mean() > 0.1  # predicting the whole clip starts from zero instead
     cfg = dict(vars(upsampler_config("tiny")))
     assert upsampler_from_config(cfg).cfg.residual
@@ -232,9 +235,9 @@ def test_clean_residual_base_keeps_augmentation_noise_out_of_the_output():
     torch.manual_seed(0)
     low = torch.rand(2, 3, 3, 4, 5) * 2 - 1
     want = F.interpolate(low.flatten(0, 1), scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
-    clean = VideoUpsampler(upsampler_config("tiny", steps=3)).upsample(low, generator=gen(1), aug_level=0.3)
+    clean = VideoUpsampler(upsampler_config("tiny", steps=3, precond="none")).upsample(low, generator=gen(1), aug_level=0.3)
     torch.testing.assert_close(clean.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
-    noisy = VideoUpsampler(upsampler_config("tiny", steps=3, residual_base="condition")).upsample(
+    noisy = VideoUpsampler(upsampler_config("tiny", steps=3, residual_base="condition", precond="none")).upsample(
         low, generator=gen(1), aug_level=0.3)
     assert (noisy.flatten(0, 1) - want).abs().mean() > 0.05
     cfg = dict(vars(upsampler_config("tiny")))
@@ -243,6 +246,61 @@ def test_clean_residual_base_keeps_augmentation_noise_out_of_the_output():
     assert upsampler_from_config(cfg).cfg.residual_base == "condition"
     with pytest.raises(ValueError, match="residual_base"):
         VideoUpsampler(upsampler_config("tiny", residual_base="lowres"))
+
+
+def test_edm_skip_makes_the_untrained_model_the_wiener_estimate_and_an_oracle_exact():
+    """precond="edm": with F = 0 the clean-clip estimate is bicubic + c_skip z (z = x_t - (1 - t) bicubic, the
+    noisy residual), which is bicubic at t = 1 and tends to x_t as t -> 0; an oracle F = (r - c_skip z) / c_out
+    returns the exact velocity. Checkpoints without the field load without the skip."""
+    from model import rectified_flow as rf
+    from model.upsampler import upsampler_from_config
+    torch.manual_seed(0)
+    model = VideoUpsampler(upsampler_config("tiny"))
+    assert model.cfg.precond == "edm"
+    low, hr, noise = torch.rand(3, 2, 3, 2, 3) * 2 - 1, torch.rand(3, 2, 3, 8, 12) * 2 - 1, torch.randn(3, 2, 3, 8, 12)
+    t = torch.tensor([1.0, 0.5, 0.06])
+    xt = rf.add_noise(hr, noise, t.view(-1, 1, 1, 1, 1))
+    base = model.bicubic(low)
+    x0 = xt - t.view(-1, 1, 1, 1, 1) * model(xt, t, low)  # the estimate the velocity implies
+    sd, tt = model.cfg.residual_std, t.view(-1, 1, 1, 1, 1)
+    z = xt - (1 - tt) * base
+    c_skip = (1 - tt) * sd ** 2 / ((1 - tt) ** 2 * sd ** 2 + tt ** 2)
+    torch.testing.assert_close(x0, base + c_skip * z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x0[0], base[0], rtol=1e-4, atol=1e-4)  # pure noise: the residual's mean, 0
+    assert (x0[2] - xt[2]).abs().mean() < (base[2] - xt[2]).abs().mean() / 2  # near the data: mostly x_t itself
+    # oracle: the network output that makes the estimate the truth gives the exact velocity
+    c_out = tt * sd / ((1 - tt) ** 2 * sd ** 2 + tt ** 2).sqrt()
+    oracle = (hr - base - c_skip * z) / c_out
+    model.dit.forward = lambda *a, **k: oracle
+    torch.testing.assert_close(model(xt, t, low), rf.velocity_target(hr, noise), rtol=1e-3, atol=1e-3)
+    cfg = dict(vars(upsampler_config("tiny")))
+    del cfg["precond"]
+    assert upsampler_from_config(cfg).cfg.precond == "none"
+    with pytest.raises(ValueError, match="precond"):
+        VideoUpsampler(upsampler_config("tiny", precond="karras"))
+
+
+def test_conv_head_starts_as_no_head_and_sees_every_pixel():
+    """A model with a convolutional head outputs exactly what the same model without one does until the head
+    learns (zero last layer); once it has weights, its correction is local detail at the full resolution."""
+    torch.manual_seed(0)
+    plain = VideoUpsampler(upsampler_config("tiny"))
+    torch.manual_seed(0)
+    headed = VideoUpsampler(upsampler_config("tiny", head_channels=8, head_layers=3))
+    headed.load_state_dict(plain.state_dict(), strict=False)
+    randomize_(plain.dit)
+    headed.dit.load_state_dict(plain.dit.state_dict())
+    x, low, t = torch.randn(2, 2, 3, 8, 12), torch.randn(2, 2, 3, 2, 3), torch.rand(2)
+    torch.testing.assert_close(headed(x, t, low), plain(x, t, low))
+    torch.nn.init.normal_(headed.head.out.weight, std=0.1)
+    fixed = torch.randn(2, 2, 3, 8, 12)
+    headed.dit.forward = lambda *a, **k: fixed  # hold the transformer's (global) answer fixed
+    x2 = x.clone()
+    x2[..., 0, 0] += 1.0  # one corner pixel: three 3x3 layers reach 3 pixels away, no further
+    diff = (headed(x2, t, low) - headed(x, t, low)).abs().sum(dim=(0, 1, 2))
+    assert diff[1:4, 1:4].sum() > 0 and diff[4:, :].sum() == 0 and diff[:, 4:].sum() == 0
+    with pytest.raises(ValueError, match="head_layers"):
+        VideoUpsampler(upsampler_config("tiny", head_channels=8, head_layers=1))
 
 
 def _disc_clips(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

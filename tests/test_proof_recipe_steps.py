@@ -25,6 +25,41 @@ def test_a_lane_runs_its_commands_in_order_beside_other_jobs(tmp_path: Path) -> 
     assert log.count("$ -c") == 2  # both commands logged in the lane's one log
 
 
+def test_a_background_lane_runs_beside_the_next_step_until_a_step_drains_it(tmp_path: Path) -> None:
+    """The upsampler's lane: phase 1 returns when its 4D jobs end, and the export waits for the lane."""
+    cfg = ProofConfig(out=str(tmp_path))
+    marks = tmp_path / "marks"
+    write = "import sys, time; time.sleep({}); open(sys.argv[1], 'a').write('{}\\n')"
+    proof._jobs(cfg, {"slow": ["-c", write.format(8, "slow"), str(marks)],
+                      "fast": ["-c", write.format(0, "fast"), str(marks)]}, background=("slow",))
+    assert marks.read_text().split() == ["fast"] and "slow" in proof._LANES  # returned with the lane running
+    proof._jobs(cfg, {"next": ["-c", write.format(0, "next"), str(marks)]})  # a later step's jobs run beside it
+    assert marks.read_text().split() == ["fast", "next"]
+    proof._drain(cfg)
+    assert marks.read_text().split() == ["fast", "next", "slow"] and not proof._LANES
+    # run one after another, nothing is left behind
+    proof._jobs(ProofConfig(out=str(tmp_path), parallel=False),
+                {"slow2": ["-c", write.format(1, "slow2"), str(marks)]}, background=("slow2",))
+    assert marks.read_text().split()[-1] == "slow2" and not proof._LANES
+
+
+def test_a_failing_step_still_waits_for_a_background_lane(tmp_path: Path, monkeypatch) -> None:
+    """Run 6: a phase-2 job failed while the upsampler's lane ran; the recipe must not exit and orphan it."""
+    marks = tmp_path / "marks"
+    write = "import sys, time; time.sleep(4); open(sys.argv[1], 'a').write('lane\\n')"
+
+    def start_lane(cfg: ProofConfig) -> None:
+        proof._jobs(cfg, {"lane": ["-c", write, str(marks)]}, background=("lane",))
+
+    def fail(cfg: ProofConfig) -> None:
+        raise UserError("phase 2 failed")
+
+    monkeypatch.setattr(proof, "STEPS", {"start": start_lane, "fail": fail})
+    with pytest.raises(UserError, match="phase 2 failed"):
+        proof.main(["--out", str(tmp_path / "run"), "--steps", "start,fail"])
+    assert marks.read_text().split() == ["lane"] and not proof._LANES
+
+
 def test_a_failed_command_ends_its_lane_and_the_step_names_it(tmp_path: Path) -> None:
     cfg = ProofConfig(out=str(tmp_path))
     never = tmp_path / "never"
@@ -45,7 +80,7 @@ def test_a_carried_base_replaces_the_base_step(tmp_path: Path, capsys) -> None:
 
 def test_a_carried_upsampler_replaces_its_training_everywhere(tmp_path: Path, monkeypatch) -> None:
     seen: dict = {}
-    monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs: seen.update(jobs))
+    monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs, **kw: seen.update(jobs))
     cfg = ProofConfig(out=str(tmp_path), base_from="b.pt", upsampler_from="weights/proof/upsampler.pt.gz")
     proof.step_phase1(cfg)
     assert "upsampler" not in seen and {"4d_soft_p1", "4d_hard_p1", "4d_sequential_p1"} <= set(seen)
@@ -61,7 +96,7 @@ def test_a_carried_upsampler_replaces_its_training_everywhere(tmp_path: Path, mo
 
 def test_phase_two_schedule_defaults_and_flags(tmp_path: Path, monkeypatch) -> None:
     seen = {}
-    monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs: seen.update(jobs))
+    monkeypatch.setattr(proof, "_jobs", lambda cfg, jobs, **kw: seen.update(jobs))
     proof.step_phase2(ProofConfig(out=str(tmp_path)))
     cmd = seen["4d_soft_p2"]
     # renders and pseudo-4D half and half, the renders' part a quarter of the preset's 9,600 grids
@@ -69,12 +104,23 @@ def test_phase_two_schedule_defaults_and_flags(tmp_path: Path, monkeypatch) -> N
     assert cmd[cmd.index("--data.weights") + 1] == "0.5,0.5"
     grids = cmd[cmd.index("--data.grids") + 1].split(",")
     assert [Path(g).name for g in grids] == ["render", "pseudo4d"]
+    seen.clear()
+    proof.step_phase2(ProofConfig(out=str(tmp_path), render_assets=168))  # run 6: three folders of 56 assets
+    cmd = seen["4d_soft_p2"]
+    assert cmd[cmd.index("--data.weights") + 1] == "0.166667,0.166667,0.166667,0.5"
+    grids = cmd[cmd.index("--data.grids") + 1].split(",")
+    assert [Path(g).name for g in grids] == ["render", "render_p1", "render_p2", "pseudo4d"]
+    seen.clear()
+    proof.step_phase2(ProofConfig(out=str(tmp_path), render_assets=70))  # a short last part weighs less
+    cmd = seen["4d_hard_p2"]
+    assert cmd[cmd.index("--data.weights") + 1] == "0.4,0.1,0.5"
+    assert proof.render_parts(ProofConfig(render_assets=70)) == {"render": (0, 56), "render_p1": (56, 14)}
     assert "--optim.lr" not in cmd  # phase 1's learning rate
     seen.clear()
     proof.step_phase2(ProofConfig(out=str(tmp_path), phase2_pseudo_share=0.0))  # the paper's: renders alone
     cmd = seen["4d_hard_p2"]
-    assert cmd[cmd.index("--total-samples") + 1] == "2400" and "--data.weights" not in cmd
-    assert Path(cmd[cmd.index("--data.grids") + 1]).name == "render"
+    assert cmd[cmd.index("--total-samples") + 1] == "2400" and cmd[cmd.index("--data.weights") + 1] == "1"
+    assert [Path(g).name for g in cmd[cmd.index("--data.grids") + 1].split(",")] == ["render"]
     with pytest.raises(UserError, match="phase2-pseudo-share"):
         proof.main(["--out", str(tmp_path / "x"), "--phase2-pseudo-share", "1"])
     seen.clear()

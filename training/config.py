@@ -198,7 +198,9 @@ def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
                          compile_blocks=True, log_every=50 if not four else 20, checkpoint_every=500 if not four else 100,
                          output=f"outputs/proof/{stage}",
                          total_samples={"base": 576_000, "upsampler": 48_000, "4d": 9_600}[stage],
-                         batch_size={"base": 64, "upsampler": 32, "4d": 8}[stage],
+                         # the upsampler's 32 clips per step as 2 x 16: with its 256 x 256 convolutional head a
+                         # batch of 32 took 25 GB, and beside the four phase-2 jobs the GPU ran out (run 6)
+                         batch_size={"base": 64, "upsampler": 16, "4d": 8}[stage], grad_accum=2 if up else 1,
                          data=dict(frames=8 if not up else 4, views=8, height=256 if up else 64,
                                    width=256 if up else 64, shuffle_buffer=64, prefetch=4,
                                    loader_processes=8),

@@ -43,7 +43,10 @@ class ProofConfig:
     out: str = doc("outputs/proof", "run folder: data/, one folder per training run, eval/, weights/, logs/")
     train_preset: str = doc("proof", "training preset of every stage (proof on a GPU; tiny for a CPU smoke run)")
     steps: list[str] = doc(text="steps to run (default: all, in order, skipping finished ones)", factory=list)
-    render_assets: int = doc(56, "procedural assets rendered for training (two actions each)")
+    render_assets: int = doc(56, "procedural assets rendered for training (two actions each); run 6 tried 168 "
+                             "in phase 2 and gained nothing on held-out renders (docs/results.md)")
+    render_part_assets: int = doc(56, "assets per render output folder (data/render, data/render_p1, ...): one "
+                                  "folder must travel in one GPU call, and 56 assets are ~31 MB of shards")
     render_heldout_assets: int = doc(12, "procedural assets rendered for the held-out set (other seeds)")
     render_preset: str = doc("proof", "render job preset (resolution, views, frames, samples)")
     render_args: list[str] = doc(text="extra flags for the render job", factory=list)
@@ -85,36 +88,45 @@ def _log(cfg: ProofConfig, name: str) -> Path:
     return path
 
 
-def _jobs(cfg: ProofConfig, jobs: dict[str, list[str] | list[list[str]]]) -> None:
+_LANES: dict[str, tuple[subprocess.Popen, float, object, list]] = {}
+"""Lanes still running (name -> process, start, log, commands left): a step may leave a lane running in the
+background (``background``) for a later step to wait for (``_drain``)."""
+
+
+def _jobs(cfg: ProofConfig, jobs: dict[str, list[str] | list[list[str]]], background: tuple[str, ...] = (),
+          wait_all: bool = False) -> None:
     """Run named jobs (side by side if cfg.parallel); one status line each; fail naming the log.
 
     A job is one command, or a list of commands run one after another in its own lane (e.g. make the
     upsampler's data, then train it, while the 4D jobs run beside it); a failed command ends its lane.
+    Returns when every lane is done except those named in ``background`` (and those a step before left
+    running), which go on beside the next steps until a step waits for them (``wait_all``); run one after
+    another (``parallel`` off), every lane is waited for.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     pending = [(name, list(cmd) if cmd and isinstance(cmd[0], list) else [cmd]) for name, cmd in jobs.items()]
-    running: dict[str, tuple[subprocess.Popen, float, object, list]] = {}
+    waited = {name for name, _ in pending if not (cfg.parallel and name in background)}
     failed = []
 
     def start(name: str, cmds: list, t0: float | None = None) -> None:
         log = _log(cfg, name).open("a")
         log.write(f"\n$ {' '.join(cmds[0])}\n")
         log.flush()
-        running[name] = (subprocess.Popen([sys.executable, *cmds[0]], cwd=ROOT, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT), t0 or time.time(), log, cmds[1:])
+        _LANES[name] = (subprocess.Popen([sys.executable, *cmds[0]], cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT), t0 or time.time(), log, cmds[1:])
         if t0 is None:
             print(f"[proof] {name}: started (log {_log(cfg, name)})", flush=True)
 
-    while pending or running:
-        while pending and (cfg.parallel or not running):
+    while pending or (set(_LANES) if wait_all else waited & set(_LANES)):
+        while pending and (cfg.parallel or not _LANES):
             start(*pending.pop(0))
         time.sleep(2)
-        for name, (proc, t0, log, rest) in list(running.items()):
+        for name, (proc, t0, log, rest) in list(_LANES.items()):
             if proc.poll() is None:
                 continue
             log.close()  # type: ignore[attr-defined]
-            del running[name]
+            del _LANES[name]
             if proc.returncode == 0 and rest:
                 start(name, rest, t0)
                 continue
@@ -125,6 +137,13 @@ def _jobs(cfg: ProofConfig, jobs: dict[str, list[str] | list[list[str]]]) -> Non
     if failed:
         tails = "; ".join(f"{n}: {_tail(_log(cfg, n))}" for n in failed)
         raise UserError(f"proof step failed: {tails} (full logs in {Path(cfg.out) / 'logs'})")
+
+
+def _drain(cfg: ProofConfig) -> None:
+    """Wait for the lanes an earlier step left running (e.g. the upsampler, before the export and evaluation)."""
+    if _LANES:
+        print(f"[proof] waiting for {', '.join(_LANES)}", flush=True)
+        _jobs(cfg, {}, wait_all=True)
 
 
 def _tail(path: Path) -> str:
@@ -147,10 +166,23 @@ def _done(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ steps
 
+def render_parts(cfg: ProofConfig) -> dict[str, tuple[int, int]]:
+    """Training render folders: name -> (first asset seed, assets). Part 0 keeps the name "render", so runs
+    made before the split read the same folder."""
+    step = max(1, cfg.render_part_assets)
+    return {("render" if i == 0 else f"render_p{i // step}"): (i, min(step, cfg.render_assets - i))
+            for i in range(0, cfg.render_assets, step)}
+
+
+def _renders(cfg: ProofConfig) -> str:
+    """The training renders as one --data.grids entry list (every part, comma-separated)."""
+    return ",".join(str(_data(cfg, name)) for name in render_parts(cfg))
+
+
 def step_renders(cfg: ProofConfig) -> None:
     jobs = {}
-    for name, seed, count, actions in (("render", 0, cfg.render_assets, 2),
-                                       ("render_heldout", cfg.heldout_seed, cfg.render_heldout_assets, 1)):
+    sets = [(name, seed, count, 2) for name, (seed, count) in render_parts(cfg).items()]
+    for name, seed, count, actions in [*sets, ("render_heldout", cfg.heldout_seed, cfg.render_heldout_assets, 1)]:
         if not _done(_data(cfg, name)):
             jobs[name] = ["pipelines/render_objaverse.py", "--preset", cfg.render_preset, "--output",
                           str(_data(cfg, name)), "--count", str(count), "--seed", str(seed),
@@ -200,8 +232,11 @@ def step_base(cfg: ProofConfig) -> None:
         return
     if _done(out):
         return
-    grids = f"{_data(cfg, 'pseudo4d')},{_data(cfg, 'render')}"
-    weights = f"{1 - cfg.render_weight},{cfg.render_weight}"
+    parts = render_parts(cfg)
+    grids = f"{_data(cfg, 'pseudo4d')},{_renders(cfg)}"
+    # the renders' share spread over their folders by asset count (a source's weight is per folder)
+    weights = ",".join([str(1 - cfg.render_weight)] + [str(cfg.render_weight * n / cfg.render_assets)
+                                                        for _, n in parts.values()])
     _jobs(cfg, {"base": _train(cfg, "base", out, "--data.grids", grids, "--data.weights", weights,
                                *_length(cfg.base_samples))})
 
@@ -231,7 +266,8 @@ def step_phase1(cfg: ProofConfig) -> None:
         jobs["upsampler"] = [*_upsampler_sets(cfg).values(),
                              _train(cfg, "upsampler", out, "--data.grids", str(_data(cfg, "upsampler")),
                                     *_length(cfg.upsampler_samples))]
-    _jobs(cfg, jobs)
+    # Nothing before the export needs the upsampler: phase 2 starts when the 4D jobs end, beside it.
+    _jobs(cfg, jobs, background=("upsampler", "upsampler_heldout"))
 
 
 def _length(samples: int) -> list[str]:
@@ -258,11 +294,11 @@ def step_phase2(cfg: ProofConfig) -> None:
         share = cfg.phase2_pseudo_share
         if sync not in TRAINED:  # ablation 2: pseudo-4D alone
             data = ["--data.grids", str(_data(cfg, "pseudo4d"))]
-        elif share > 0:
-            data = ["--data.grids", f"{_data(cfg, 'render')},{_data(cfg, 'pseudo4d')}",
-                    "--data.weights", f"{1 - share},{share}"]
         else:
-            data = ["--data.grids", str(_data(cfg, "render"))]
+            counts = [n for _, n in render_parts(cfg).values()]
+            weights = [(1 - share) * n / cfg.render_assets for n in counts] + ([share] if share > 0 else [])
+            data = ["--data.grids", _renders(cfg) + (f",{_data(cfg, 'pseudo4d')}" if share > 0 else ""),
+                    "--data.weights", ",".join(f"{w:.6g}" for w in weights)]
         if not _done(out):
             jobs[out.name] = _train(cfg, "4d", out, "--sync", variant,
                                     "--init-from", str(_run(cfg, f"4d_{variant}_p1") / "checkpoint_final"),
@@ -279,6 +315,7 @@ def variants(cfg: ProofConfig) -> dict[str, Path]:
 
 
 def step_eval(cfg: ProofConfig) -> None:
+    _drain(cfg)
     out = Path(cfg.out) / "eval"
     jobs = {}
     if not (out / "results.json").is_file():
@@ -301,6 +338,7 @@ def step_eval(cfg: ProofConfig) -> None:
 
 
 def step_weights(cfg: ProofConfig) -> None:
+    _drain(cfg)
     from pipelines.common.checkpoints import slim_export
     out = Path(cfg.out) / "weights"
     ckpts = {k: str(v) for k, v in variants(cfg).items()}
@@ -321,7 +359,8 @@ def _presets() -> dict[str, Callable[[], ProofConfig]]:
     return {
         "proof": ProofConfig,
         # The same chain on CPU in a few minutes: what the tests run.
-        "tiny": lambda: ProofConfig(out="outputs/proof-tiny", train_preset="tiny", render_assets=2, render_heldout_assets=1,
+        "tiny": lambda: ProofConfig(out="outputs/proof-tiny", train_preset="tiny", render_assets=2, render_part_assets=2,
+                                    render_heldout_assets=1,
                                     render_preset="tiny", render_args=["--views", "4", "--frames", "4"],
                                     pseudo_videos=4, pseudo_heldout_videos=2, pseudo_preset="tiny",
                                     pseudo_args=["--views", "4", "--frames", "4"], upsampler_videos=2, upsampler_heldout_videos=1,
@@ -335,18 +374,31 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in cfg.steps if s not in STEPS]
     if unknown:
         raise UserError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    if cfg.render_assets < 1 or cfg.render_part_assets < 1:
+        raise UserError(f"--render-assets and --render-part-assets must be >= 1, got {cfg.render_assets} and "
+                        f"{cfg.render_part_assets}")
     if not 0 <= cfg.phase2_pseudo_share < 1:
         raise UserError(f"--phase2-pseudo-share must be in [0, 1) (the rest are renders), got {cfg.phase2_pseudo_share}")
     cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
     write_resolved(cfg, cfg.out, name="proof_config.yaml")
     t0 = time.time()
-    for name, fn in STEPS.items():
-        if cfg.steps and name not in cfg.steps:
-            continue
-        t = time.time()
-        print(f"[proof] step {name} ...", flush=True)
-        fn(cfg)
-        print(f"[proof] step {name} finished in {time.time() - t:.0f}s", flush=True)
+    try:
+        for name, fn in STEPS.items():
+            if cfg.steps and name not in cfg.steps:
+                continue
+            t = time.time()
+            print(f"[proof] step {name} ...", flush=True)
+            fn(cfg)
+            print(f"[proof] step {name} finished in {time.time() - t:.0f}s", flush=True)
+    except BaseException:
+        # A lane left running (the upsampler) is waited for even when a step failed: exiting would orphan it,
+        # and the next run would start a second job into the same folder beside it.
+        try:
+            _drain(cfg)
+        except UserError as e:
+            print(f"[proof] {e}", flush=True)
+        raise
+    _drain(cfg)  # a lane the last step asked for left running
     print(f"[proof] all requested steps done in {time.time() - t0:.0f}s; outputs under {cfg.out}", flush=True)
     return 0
 

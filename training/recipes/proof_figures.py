@@ -69,6 +69,9 @@ def loss_figure(run: Path, out: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+        else:  # e.g. a base carried in with --base-from: say so rather than draw an empty frame
+            ax.text(0.5, 0.5, "not trained in this run", ha="center", va="center", transform=ax.transAxes,
+                    color="0.4")
     fig.tight_layout()
     path = out / "proof_loss_curves.png"
     fig.savefig(path, dpi=90)
