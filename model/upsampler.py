@@ -161,6 +161,8 @@ class VideoUpsampler(nn.Module):
             raise ValueError(f"precond must be one of {PRECONDS}, got {cfg.precond!r}")
         if cfg.residual_std <= 0:
             raise ValueError(f"residual_std must be > 0, got {cfg.residual_std}")
+        if cfg.head_channels and cfg.prediction != "x":
+            raise ValueError("head_channels needs prediction='x': the head corrects a clean-clip estimate")
         if cfg.head_channels < 0 or (cfg.head_channels and cfg.head_layers < 2):
             raise ValueError(f"head_channels must be >= 0 and head_layers >= 2, got {cfg.head_channels}, "
                              f"{cfg.head_layers}")

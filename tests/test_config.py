@@ -139,6 +139,9 @@ def test_choices_are_literal_fields_the_parser_checks_and_help_lists(capsys) -> 
         check_choices(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, background="blue")))
     with pytest.raises(ConfigError, match=r"option 'zero_stage' must be one of 0, 1, 2, 3; got True"):
         check_choices(dataclasses.replace(cfg, zero_stage=True))  # YAML's yes is not ZeRO stage 1
+    # a config built in code with a training-free variant is told where those run, not just the choices
+    with pytest.raises(ConfigError, match="'train_free_soft' cannot be trained.*generation and evaluation"):
+        dataclasses.replace(cfg, sync="train_free_soft").validate()
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, presets_for("4d"), ["--help"], default_preset="tiny")
     assert "--precision {bf16,fp32}" in capsys.readouterr().out

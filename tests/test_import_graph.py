@@ -94,7 +94,7 @@ def test_no_library_module_imports_an_entry_script() -> None:
     assert bad == []
 
 
-MAIN_GUARD = re.compile(r"""^if __name__ == ['"]__main__['"]""", re.M)
+MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]""", re.M)
 
 
 def imports_script(target: str, scripts: set[str]) -> bool:
@@ -105,6 +105,7 @@ def imports_script(target: str, scripts: set[str]) -> bool:
 def test_entry_script_detection_sees_every_spelling() -> None:
     assert MAIN_GUARD.search("x = 1\nif __name__ == '__main__':\n    main()\n")
     assert MAIN_GUARD.search('if __name__ == "__main__":\n    main()\n')
+    assert MAIN_GUARD.search('if __name__=="__main__":\n    main()\n')
     assert not MAIN_GUARD.search("# if __name__ == '__main__' is not a guard in a comment\n")
     scripts = {"pipelines.generate_4d"}
     assert imports_script("pipelines.generate_4d", scripts)  # import pipelines.generate_4d

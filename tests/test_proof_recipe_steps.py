@@ -37,6 +37,10 @@ def test_a_background_lane_runs_beside_the_next_step_until_a_step_drains_it(tmp_
     assert marks.read_text().split() == ["fast", "next"]
     proof._drain(cfg)
     assert marks.read_text().split() == ["fast", "next", "slow"] and not proof._LANES
+    # a background lane that fails is reported by whichever step is polling, named as such
+    proof._jobs(cfg, {"bad": ["-c", "import time, sys; time.sleep(3); sys.exit(3)"]}, background=("bad",))
+    with pytest.raises(UserError, match=r"bad \(background lane of an earlier step\)"):
+        proof._jobs(cfg, {"ok": ["-c", write.format(5, "ok"), str(marks)]})
     # run one after another, nothing is left behind
     proof._jobs(ProofConfig(out=str(tmp_path), parallel=False),
                 {"slow2": ["-c", write.format(1, "slow2"), str(marks)]}, background=("slow2",))

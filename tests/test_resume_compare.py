@@ -29,13 +29,15 @@ def test_a_faithful_resume_passes_and_each_kind_of_fault_fails(tmp_path: Path) -
     wrong_lr = ref[:10] + [dict(r, lr=ref[0]["lr"]) for r in ref[10:]]  # schedule restarted
     wrong_data = ref[:10] + [dict(r, loss=ref[i - 1]["loss"]) for i, r in enumerate(ref[10:], 10)]  # batches shifted
     short = ref[:15]
-    runs = {"good": good, "replayed": replayed, "wrong_lr": wrong_lr, "wrong_data": wrong_data, "short": short}
+    diverged = good[:15] + [dict(good[15], loss=float("nan"))] + good[16:]  # max() alone would skip the NaN
+    runs = {"good": good, "replayed": replayed, "wrong_lr": wrong_lr, "wrong_data": wrong_data, "short": short,
+            "diverged": diverged}
     paths = ",".join(f"{k}={_write(tmp_path / f'{k}.jsonl', v)}" for k, v in runs.items())
     out = tmp_path / "cmp.json"
     assert resume_compare.main(["--reference", str(a), "--runs", paths, "--out", str(out)]) == 1
     res = json.loads(out.read_text())
     assert res["good"]["ok"] and res["good"]["max_loss_rel_diff"] < 2e-3
-    assert [k for k, r in res.items() if not r["ok"]] == ["replayed", "wrong_lr", "wrong_data", "short"]
+    assert [k for k, r in res.items() if not r["ok"]] == ["replayed", "wrong_lr", "wrong_data", "short", "diverged"]
     assert res["replayed"]["steps_logged"] == 22 and res["replayed"]["steps_unique"] == 20
     assert res["wrong_data"]["max_loss_rel_diff"] > 0.05
     assert resume_compare.main(["--reference", str(a), "--runs", f"good={tmp_path / 'good.jsonl'}"]) == 0

@@ -96,10 +96,38 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
 
+STALE_BUILD_LOCK_S = 600.0
+"""Age after which a JIT build lock is taken as left by a killed process (a build takes about a minute here)."""
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch JIT-extension build locks older than ``max_age_s``; returns those removed.
+
+    DeepSpeed builds its CPU communication op through torch's cpp_extension, which holds
+    ``<extensions dir>/<op>/lock`` while it checks or builds and makes every other process wait for the file
+    to go, with no timeout. A process killed in that window leaves the file, and every later training job on
+    the machine then hangs before its first step. Younger locks are left alone: another worker may be
+    building right now.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in list(root.glob("*/*/lock")) + list(root.glob("*/lock")):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink(missing_ok=True)
+                removed.append(lock)
+        except FileNotFoundError:  # another worker removed it first
+            continue
+    return removed
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: runs on every worker."""
     cfg = from_dict(TrainConfig, loop_config["config"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
+    for lock in clear_stale_build_locks():
+        print(f"[train] removed a stale build lock left by a killed process: {lock}", flush=True)
     import deepspeed
     import ray.train
     from ray.train import Checkpoint

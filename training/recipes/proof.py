@@ -135,7 +135,9 @@ def _jobs(cfg: ProofConfig, jobs: dict[str, list[str] | list[list[str]]], backgr
             if proc.returncode:
                 failed.append(name)
     if failed:
-        tails = "; ".join(f"{n}: {_tail(_log(cfg, n))}" for n in failed)
+        # a lane an earlier step left running is named as such: this step's own jobs may all have succeeded
+        tails = "; ".join(f"{n}{'' if n in jobs else ' (background lane of an earlier step)'}: "
+                          f"{_tail(_log(cfg, n))}" for n in failed)
         raise UserError(f"proof step failed: {tails} (full logs in {Path(cfg.out) / 'logs'})")
 
 
@@ -390,7 +392,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[proof] step {name} ...", flush=True)
             fn(cfg)
             print(f"[proof] step {name} finished in {time.time() - t:.0f}s", flush=True)
-    except BaseException:
+    except KeyboardInterrupt:
+        # Stopped by hand: end the lanes too (their jobs resume from their checkpoints on the next run) rather
+        # than wait silently for them, or leave them to run beside the next one.
+        for name, (proc, *_rest) in list(_LANES.items()):
+            proc.terminate()
+            print(f"[proof] {name}: stopped", flush=True)
+        _LANES.clear()
+        raise
+    except Exception:
         # A lane left running (the upsampler) is waited for even when a step failed: exiting would orphan it,
         # and the next run would start a second job into the same folder beside it.
         try:

@@ -100,9 +100,13 @@ def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
     contact_sheet(to_uint8(sheet), out / "upsampler_vs_bicubic.png")
     results = {m: {k: spread(v) for k, v in d.items()} for m, d in per.items()}
     # Paired: on how many frames the upsampler beats bicubic of the same low-res frame (a mean can hide a
-    # few large wins).
+    # few large wins). Sharpness wins by being nearer the truth's (|log ratio| smaller), so added noise or
+    # over-sharpening past the truth does not count as a win.
+    import math
+    near = {m: [abs(math.log(max(r, 1e-12))) for r in per[m]["hf_ratio"]] for m in per}
     results["upsampler_wins"] = {k: sum(u > b for u, b in zip(per["upsampler"][k], per["bicubic"][k]))
-                                 / len(per["bicubic"][k]) for k in ("psnr", "ssim", "hf_ratio")}
+                                 / len(per["bicubic"][k]) for k in ("psnr", "ssim")}
+    results["upsampler_wins"]["hf_ratio"] = sum(u < b for u, b in zip(near["upsampler"], near["bicubic"])) / len(near["bicubic"])
     results["clips"] = sum(g.shape[0] for g in grids)
     results["frames"] = len(per["bicubic"]["psnr"])
     results["seconds"] = time.time() - t0
