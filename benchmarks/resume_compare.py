@@ -16,15 +16,17 @@ import json
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file on the GPU machine
+    sys.path.insert(0, str(ROOT))
+
+from training.tracking import read_metric_rows  # noqa: E402
+
 
 def read(path: Path) -> tuple[dict[int, dict], list[int]]:
     """Step -> the last row logged for it, and every logged step in order (to find duplicates)."""
     rows, order = {}, []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed writer
+    for row in read_metric_rows(path):
         if "loss" in row:
             rows[row["step"]] = row
             order.append(row["step"])

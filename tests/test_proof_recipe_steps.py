@@ -147,7 +147,8 @@ def test_figures_from_a_run_folder(tmp_path: Path) -> None:
     rows = [{"step": s, "loss": 1.0 / s, "samples_seen": 64.0 * s} for s in range(1, 40)]
     rows.insert(5, {"step": 3, "loss": 9.0, "samples_seen": 192.0})  # a resumed run logs step 3 again
     rows.append({"step": 39, "system/cpu": 1.0})  # rows without a loss are skipped
-    (run / "base" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    # a killed run's last line can be cut short mid-write
+    (run / "base" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 40, "lo')
     x, y = proof_figures.read_losses(run / "base" / "metrics.jsonl")
     assert len(x) == 39 and y[2] == 9.0 and x[-1] == 64 * 39  # one point per step, the last logged value
     (run / "eval").mkdir()

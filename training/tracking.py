@@ -45,8 +45,9 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 when the job dies, and a restart can close the run of an attempt that left no checkpoint."""
 
 
-def _metric_rows(metrics_file: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a line cut short by a kill mid-write is skipped, not fatal."""
+def read_metric_rows(metrics_file: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, in order; a line cut short by a kill mid-write is skipped, not fatal. The
+    one reader of the file (the Tracker's resume, the proof figures, the resume comparison)."""
     rows = []
     if metrics_file.is_file():
         for line in metrics_file.read_text().splitlines():
@@ -59,7 +60,7 @@ def _metric_rows(metrics_file: Path) -> list[dict[str, Any]]:
 
 def last_logged_step(metrics_file: Path) -> int:
     """The highest step in a metrics.jsonl (0 when there is none)."""
-    return max((int(r.get("step", 0)) for r in _metric_rows(metrics_file)), default=0)
+    return max((int(r.get("step", 0)) for r in read_metric_rows(metrics_file)), default=0)
 
 
 def mark_run_ended(cfg: TrainConfig, status: str) -> str | None:
@@ -99,7 +100,7 @@ class Tracker:
         # where an attempt left metrics but no checkpoint says so, keeps them aside and closes its MLflow run.
         self.logged_through = 0  # MLflow only
         if rank == 0 and resumed_at:
-            kept = [r for r in _metric_rows(self.metrics_file) if int(r.get("step", 0)) <= resumed_at]
+            kept = [r for r in read_metric_rows(self.metrics_file) if int(r.get("step", 0)) <= resumed_at]
             self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif rank == 0 and last_logged_step(self.metrics_file) > 0:
             gone = last_logged_step(self.metrics_file)

@@ -11,7 +11,6 @@ grid). Writes ``proof_loss_curves.png`` and ``proof_<set>_variants.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,9 +30,9 @@ VARIANT_ORDER = ["soft", "hard", "sequential", "soft_pseudo_only", "train_free_s
 
 def read_losses(metrics: Path) -> tuple[np.ndarray, np.ndarray]:
     """(samples seen, loss) of one run's metrics.jsonl; a resumed run's repeated steps keep their last value."""
+    from training.tracking import read_metric_rows
     by_step: dict[int, tuple[float, float]] = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metric_rows(metrics):
         if "loss" in row and "step" in row:
             by_step[int(row["step"])] = (float(row.get("samples_seen", row["step"])), float(row["loss"]))
     pts = [by_step[k] for k in sorted(by_step)]

@@ -12,6 +12,7 @@ and a picture: low-res (nearest), bicubic, upsampler, truth.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -102,7 +103,6 @@ def evaluate_upsampler(cfg: UpsamplerEvalConfig) -> dict:
     # Paired: on how many frames the upsampler beats bicubic of the same low-res frame (a mean can hide a
     # few large wins). Sharpness wins by being nearer the truth's (|log ratio| smaller), so added noise or
     # over-sharpening past the truth does not count as a win.
-    import math
     near = {m: [abs(math.log(max(r, 1e-12))) for r in per[m]["hf_ratio"]] for m in per}
     results["upsampler_wins"] = {k: sum(u > b for u, b in zip(per["upsampler"][k], per["bicubic"][k]))
                                  / len(per["bicubic"][k]) for k in ("psnr", "ssim")}
