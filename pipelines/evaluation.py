@@ -39,6 +39,10 @@ class EvalConfig:
     method: Literal[SAMPLER_METHODS] = doc("heun", "sampler: Euler (one model call per step) or Heun (two)")
     shift: float = doc(0.0, "noise-level shift of the sampler (0 = each model's own flow_shift)")
     seed: int = doc(0, "noise seed (the same for every variant)")
+    compile: bool = doc(False, "torch.compile the models on a GPU (off: a few batches per variant do not repay "
+                        "a compile per variant and batch shape, and parallel compiles starve other jobs' CPUs)")
+    batch: int = doc(16, "held-out grids sampled together, one model call per step for all of them (a grid's "
+                     "noise comes from its own seed, so the scores do not depend on it)")
     i3d_weights: str = doc("", "TorchScript I3D feature extractor for FVD (local path)")
     lpips_weights: str = doc("", "TorchScript LPIPS model (local path)")
     out: str = doc("outputs/eval", "report folder")
@@ -51,6 +55,8 @@ class EvalConfig:
         check_choices(self)
         if self.shift < 0:
             raise ConfigError(f"--shift must be positive (or 0 for each model's own), got {self.shift}")
+        if self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1 (grids sampled together), got {self.batch}")
 
 
 # ---------------------------------------------------------------- held-out sets
@@ -153,8 +159,8 @@ BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 """Model-free variants ((row [T, 3, H, W], column [V, 3, H, W]) -> grid [V, T, 3, H, W]): the floor any 4D
 model must clear. They run through the same loop and metrics as the models."""
 
-# (row [T, 3, H, W], column [V, 3, H, W] in [-1, 1], seed) -> (grid [V, T, 3, H, W], given [V, T])
-Filler = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (rows [B, T, 3, H, W], columns [B, V, 3, H, W] in [-1, 1], seeds) -> (grids [B, V, T, 3, H, W], given [V, T])
+Filler = Callable[[torch.Tensor, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -236,12 +242,14 @@ def _checkpoint_info(spec: str, cache: dict[str, dict[str, Any]]) -> dict[str, A
 def _filler(variant: Variant, info: dict[str, Any] | None, cfg: EvalConfig) -> Filler:
     if variant.baseline:
         copy = BASELINES[variant.baseline]
-        return lambda row, column, seed: (copy(row, column), given_mask(column.shape[0], row.shape[0]))
+        return lambda rows, columns, seeds: (torch.stack([copy(r, c) for r, c in zip(rows, columns)]),
+                                             given_mask(columns.shape[1], rows.shape[1]))
     from pipelines.generation import GenerateConfig, Generator4D
     assert info is not None
     gen = Generator4D(GenerateConfig(checkpoint=info["path"], sync=variant.sync, steps=cfg.steps,
-                                     method=cfg.method, shift=cfg.shift, device=cfg.device))
-    return gen.generate
+                                     method=cfg.method, shift=cfg.shift, device=cfg.device,
+                                     compile=cfg.compile))
+    return gen.generate_batch
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -315,15 +323,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         for set_name, grids in heldout.items():
             t0 = time.time()
             reports, samples = [], []
-            for i in range(len(grids)):
-                truth, objects = truth_of(set_name, i, V, T, size)
-                filled, given = fill(truth[0], truth[:, 0], cfg.seed + i)
-                sample = GridSample((filled + 1) / 2, (truth + 1) / 2, given, objects)
-                reports.append(grid_report(sample.gen, sample.truth, given, objects))
-                samples.append(sample)
-                if i == 0:
-                    contact_sheet(to_uint8(torch.cat([truth, filled])), out / f"{set_name}__{variant.name}_grid0.png",
-                                  given=torch.cat([given, given]).numpy().astype(bool))
+            for start in range(0, len(grids), cfg.batch):
+                idx = range(start, min(start + cfg.batch, len(grids)))
+                batch = [truth_of(set_name, i, V, T, size) for i in idx]
+                truth = torch.stack([t for t, _ in batch])
+                filled, given = fill(truth[:, 0], truth[:, :, 0], [cfg.seed + i for i in idx])
+                for i, (one, (cells, objects)) in zip(idx, zip(filled, batch)):
+                    sample = GridSample((one + 1) / 2, (cells + 1) / 2, given, objects)
+                    reports.append(grid_report(sample.gen, sample.truth, given, objects))
+                    samples.append(sample)
+                    if i == 0:
+                        contact_sheet(to_uint8(torch.cat([cells, one])), out / f"{set_name}__{variant.name}_grid0.png",
+                                      given=torch.cat([given, given]).numpy().astype(bool))
             row: dict[str, Any] = {"grids": len(reports), "views": V, "frames": T,
                                    "kind": "baseline" if variant.baseline else "model",
                                    "checkpoint": variant.checkpoint, "sync": variant.sync or None,

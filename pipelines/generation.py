@@ -45,6 +45,8 @@ class GenerateConfig:
     fps: int = doc(8, "frame rate of the MP4s")
     seed: int = doc(0, "noise seed")
     device: str = doc("auto", "cuda, cpu or auto")
+    compile: bool = doc(True, "torch.compile the model's blocks on a GPU: pays off over many grids of one size "
+                        "(each new batch or grid shape compiles again)")
     concurrency: int = doc(1, "batch mode: model actors")
     gpus_per_actor: float = doc(0.0, "batch mode: GPUs per actor (1 on GPU nodes)")
 
@@ -137,7 +139,7 @@ class Generator4D:
         self.model = model.to(self.device).eval()
         # The measured fast path (docs/performance.md): bf16 autocast and compiled blocks on GPUs.
         self.autocast = self.device.type == "cuda"
-        if self.autocast:
+        if self.autocast and cfg.compile:
             self.model.compile_blocks()
         self.window, self.size = checkpoint_geometry(ckpt)
         self.sync = fourd_cfg["sync"]
@@ -152,36 +154,55 @@ class Generator4D:
     @torch.no_grad()
     def generate(self, row: torch.Tensor, column: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """row [T, 3, H, W], column [V, 3, H, W] in [-1, 1] -> grid [V, T, 3, H', W'] and the given mask [V, T]."""
+        grids, known = self.generate_batch(row[None], column[None], [seed])
+        return grids[0], known
+
+    @torch.no_grad()
+    def generate_batch(self, rows: torch.Tensor, columns: torch.Tensor,
+                       seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [B, T, 3, H, W], columns [B, V, 3, H, W] -> grids [B, V, T, 3, H', W'] and the given mask [V, T].
+
+        The B grids are sampled together, one model call per step for all of them: a proof-size grid leaves a
+        GPU mostly idle, so evaluating 16 grids at once costs little more than one. Each grid draws its noise
+        from its own seed, so a grid comes out the same whatever batch it is sampled in (up to the arithmetic's
+        rounding; ``generate`` is a batch of one).
+        """
         from model import rectified_flow as rf
         from model.fourd import grid_condition_mask
         from model.sliding_window import fill_grid
-        V, T = column.shape[0], row.shape[0]
-        grid = torch.zeros(1, V, T, *row.shape[1:])
-        grid[0, 0] = row
-        grid[0, :, 0] = column
-        grid[0, 0, 0] = row[0]  # the corner is the fixed-view video's first frame
-        known = grid_condition_mask(1, V, T)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        B, V, T = rows.shape[0], columns.shape[1], rows.shape[1]
+        if columns.shape[0] != B or len(seeds) != B:
+            raise ValueError(f"{B} rows need as many columns and seeds, got {columns.shape[0]} and {len(seeds)}")
+        grid = torch.zeros(B, V, T, *rows.shape[2:])
+        grid[:, 0] = rows
+        grid[:, :, 0] = columns
+        grid[:, 0, 0] = rows[:, 0]  # the corner is the fixed-view video's first frame
+        known = grid_condition_mask(B, V, T)
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
         def window_fn(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             x, mask = x.to(self.device), mask.to(self.device)
-            noise = torch.randn(x.shape, generator=gen).to(self.device)
+            noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 out = rf.sample(lambda xt, t, c, m: self.model(xt, t, cond=c, mask=m).float(), noise,
                                 self.cfg.steps, method=self.cfg.method, cond=x, mask=mask, shift=self.shift)
             return out.float().cpu()
         filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
-        filled = filled[0].clamp(-1, 1)
+        filled = filled.clamp(-1, 1)
         if self.upsampler is not None:
-            # Every row is a fixed-view video: the rows go in as one batch [V, T, C, h, w] (clips inside,
+            # Every row is a fixed-view video: a grid's rows go in as one batch [V, T, C, h, w] (clips inside,
             # batched). Shared noise: all views start from the same draw, so views that agree at low res
             # also agree in the detail the upsampler invents (independent draws flicker from view to view).
             # The condition is corrupted at the level the upsampler was trained for (its sample_aug_level).
-            up_gen = torch.Generator(device=self.device).manual_seed(seed)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                filled = self.upsampler.upsample(filled.to(self.device), self.cfg.upsampler_steps or None, self.cfg.method,
-                                                 generator=up_gen, aug_level=self.upsampler.cfg.sample_aug_level,
-                                                 shared_noise=True).float().cpu()
+            ups = []
+            for b in range(B):
+                up_gen = torch.Generator(device=self.device).manual_seed(seeds[b])
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    ups.append(self.upsampler.upsample(filled[b].to(self.device), self.cfg.upsampler_steps or None,
+                                                       self.cfg.method, generator=up_gen,
+                                                       aug_level=self.upsampler.cfg.sample_aug_level,
+                                                       shared_noise=True).float().cpu())
+            filled = torch.stack(ups)
         return filled, known[0]
 
 

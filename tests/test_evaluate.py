@@ -165,3 +165,19 @@ def test_cli_reports_sets_and_refuses_in_one_line(heldout: dict[str, Path], tmp_
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(saved["results"]) == {"render", "pseudo"}
     assert set(saved["results"]["pseudo"]) == {"base", "copy_first_row", "copy_first_column"}
+
+
+def test_grids_sampled_together_score_as_sampled_alone(heldout: dict[str, Path], tmp_path: Path) -> None:
+    """--batch: the held-out grids share each model call, but each draws its noise from its own seed."""
+    ckpt = _base_ckpt(tmp_path / "base", data_items=None)
+    cfg = EvalConfig(grids=[f"pseudo={heldout['pseudo']}"], checkpoints=[f"base={ckpt}"], max_grids=2, steps=2,
+                     method="heun", device="cpu", train_free=False, mlflow_uri="none")
+    alone = evaluate(dataclasses.replace(cfg, batch=1, out=str(tmp_path / "alone")))["results"]["pseudo"]["base"]
+    together = evaluate(dataclasses.replace(cfg, batch=2, out=str(tmp_path / "together")))["results"]["pseudo"]["base"]
+    a, b = [g["psnr"] for g in alone["per_grid"]], [g["psnr"] for g in together["per_grid"]]
+    assert a == pytest.approx(b, abs=1e-3) and a[0] != pytest.approx(a[1], abs=1e-3)  # per grid, not one grid twice
+    other = evaluate(dataclasses.replace(cfg, batch=2, seed=7, out=str(tmp_path / "seed7")))["results"]["pseudo"]["base"]
+    assert [g["psnr"] for g in other["per_grid"]] != pytest.approx(b, abs=1e-3)  # the seed reaches the noise
+    from pipelines.common.config import ConfigError
+    with pytest.raises(ConfigError, match="--batch must be >= 1"):
+        dataclasses.replace(cfg, batch=0).validate()

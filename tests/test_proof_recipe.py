@@ -19,7 +19,8 @@ def test_tiny_recipe_runs_every_step_and_continues(tmp_path: Path, capsys) -> No
 
     out = tmp_path / "proof"
     assert main(["--preset", "tiny", "--out", str(out)]) == 0
-    for name in ("render", "render_heldout", "pseudo4d", "pseudo4d_heldout", "upsampler", "upsampler_heldout"):
+    for name in ("render", "render_heldout", "render_val", "pseudo4d", "pseudo4d_heldout", "pseudo4d_val",
+                 "upsampler", "upsampler_heldout"):
         assert (out / "data" / name / "summary.json").is_file(), name
     # the base saw both contexts and both sources, and says so in its metrics
     metrics = [json.loads(line) for line in (out / "base" / "metrics.jsonl").read_text().splitlines()]
@@ -35,6 +36,17 @@ def test_tiny_recipe_runs_every_step_and_continues(tmp_path: Path, capsys) -> No
         assert c["stage"] == "4d", name
         items = set(c["data_items"]["items"])
         assert items >= base_items and not any(i.startswith("proc-1000") for i in items), name  # held out
+    # the sampler was chosen on the validation sets among the candidates, and evaluation used it
+    choice = json.loads((out / "sampler" / "choice.json").read_text())
+    assert set(choice["scores"]) == {"euler:1", "euler:2"} and choice["sampler"] in choice["scores"]
+    assert choice["scores"][choice["sampler"]]["mean"] == max(s["mean"] for s in choice["scores"].values())
+    val = json.loads((out / "sampler" / "euler_1" / "results.json").read_text())
+    assert set(val["results"]["render"]) == {"soft", "hard", "sequential", "copy_first_row", "copy_first_column"}
+    assert not set(val["sets"]["render"]["items"]) & set(json.loads((out / "eval" / "results.json").read_text())
+                                                         ["sets"]["render"]["items"])  # not the held-out assets
+    method, steps = choice["sampler"].split(":")
+    used = (out / "eval" / "config.yaml").read_text()
+    assert f"steps: {steps}\n" in used and f"method: {method}\n" in used
     # evaluation: both held-out sets, trained + training-free variants + copy baselines
     results = json.loads((out / "eval" / "results.json").read_text())["results"]
     assert set(results) == {"render", "pseudo4d"}

@@ -91,7 +91,8 @@ def test_a_carried_upsampler_replaces_its_training_everywhere(tmp_path: Path, mo
     assert "upsampler_heldout" in seen  # its held-out clips are still made for the evaluation
     seen.clear()
     proof.step_eval(cfg)
-    assert seen["eval_upsampler"][seen["eval_upsampler"].index("--checkpoint") + 1] == cfg.upsampler_from
+    scoring = seen["eval_upsampler"][-1]  # the lane's last command (after its data, when that is missing)
+    assert scoring[scoring.index("--checkpoint") + 1] == cfg.upsampler_from
     assert seen["generate_x4"][seen["generate_x4"].index("--upsampler") + 1] == cfg.upsampler_from
     seen.clear()
     proof.step_phase1(ProofConfig(out=str(tmp_path), base_from="b.pt"))
@@ -160,3 +161,31 @@ def test_figures_from_a_run_folder(tmp_path: Path) -> None:
     assert sheet.shape[1] == 3 * (270 + 8)  # truth, soft, copy first row
     assert (tmp_path / "figs" / "proof_loss_curves.png").stat().st_size > 10_000
     assert proof_figures.main(["--run", str(tmp_path / "missing")]) == 2
+
+
+def test_samplers_are_parsed_and_bad_ones_refused() -> None:
+    assert proof.parse_sampler("heun:20") == {"method": "heun", "steps": 20, "shift": 0.0}
+    assert proof.parse_sampler("euler:50:2") == {"method": "euler", "steps": 50, "shift": 2.0}
+    for bad in ("heun", "rk4:20", "euler:0", "euler:x", "euler:20:-1", "euler:20:1:3"):
+        with pytest.raises(UserError, match="must read method:steps"):
+            proof.parse_sampler(bad)
+
+
+def test_evaluation_uses_the_chosen_sampler_and_shipped_weights(tmp_path: Path, monkeypatch) -> None:
+    cfg = ProofConfig(out=str(tmp_path), variants_from="weights/proof", eval_sampler="euler:20")
+    assert proof.chosen_sampler(cfg) == ("euler:20", {"method": "euler", "steps": 20, "shift": 0.0})
+    (tmp_path / "sampler").mkdir()
+    (tmp_path / "sampler" / "choice.json").write_text('{"sampler": "heun:50", "scores": {}}')
+    assert proof.chosen_sampler(cfg)[0] == "heun:50"
+    assert proof.variants(cfg)["soft"] == Path("weights/proof/soft.pt.gz")
+    seen = {}
+    monkeypatch.setattr(proof, "_jobs", lambda c, jobs, **kw: seen.update(jobs))
+    proof.step_eval(cfg)
+    ev = seen["eval"]
+    assert ev[ev.index("--method") + 1] == "heun" and ev[ev.index("--steps") + 1] == "50"
+    assert "soft=weights/proof/soft.pt.gz" in ev[ev.index("--checkpoints") + 1]
+    gen = seen["generate_x4"]
+    assert gen[gen.index("--method") + 1] == "heun" and gen[gen.index("--steps") + 1] == "50"
+    # no upsampler data yet (phase 1 skipped): the evaluation lane makes its held-out clips first
+    lane = seen["eval_upsampler"]
+    assert "pipelines/make_pseudo4d.py" in lane[0] and "training.recipes.upsampler_eval" in lane[1]

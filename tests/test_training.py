@@ -231,6 +231,32 @@ def test_second_phase_starts_from_4d_weights_not_its_data_position(ray_local, fo
     assert items and items >= set(first["data_items"]["items"])
 
 
+def test_a_base_continues_from_base_weights_with_its_own_schedule(ray_local, base_run: TrainConfig,
+                                                                   fourd_run: TrainConfig, train_grids: Path,
+                                                                   tmp_path: Path) -> None:
+    """--init-from on the base stage: a pretrained (or shorter) base trained further, weights only."""
+    from pipelines.common.errors import UserError
+    first_path = str(Path(base_run.output) / "checkpoint_final")
+    with pytest.raises(UserError, match="holds a '4d' model; the base stage continues a base-stage checkpoint"):
+        run(tiny("base", tmp_path / "wrong", [str(train_grids)], init_from=str(Path(fourd_run.output) /
+                                                                                "checkpoint_final")))
+    with pytest.raises(UserError, match="drop the model overrides"):
+        run(tiny("base", tmp_path / "wrong2", [str(train_grids)], init_from=first_path, model={"depth": 3}))
+    with pytest.raises(UserError, match="the upsampler stage cannot start from one"):
+        run(tiny("upsampler", tmp_path / "wrong3", [str(train_grids)], init_from=first_path))
+    # lr 0: the exported weights must be exactly the first run's, so they were taken over
+    cfg = tiny("base", tmp_path / "more", [str(train_grids)], init_from=first_path, total_samples=8,
+               **{"optim.lr": 0.0})
+    summary = run(cfg)
+    first = load_checkpoint(first_path)
+    second = load_checkpoint(str(Path(cfg.output) / "checkpoint_final"))
+    assert second["model_config"] == first["model_config"]
+    for k, v in first["state_dict"].items():
+        assert torch.equal(second["state_dict"][k], v), k
+    assert summary["metrics"]["samples_seen"] == cfg.total_samples  # its own schedule from step 0
+    assert set(second["data_items"]["items"]) >= set(first["data_items"]["items"])
+
+
 def test_flow_shift_reaches_base_and_4d_training_and_generation(tmp_path: Path) -> None:
     """The model's noise-level shift is drawn in training (base and 4D stage, which inherits the base's) and
     sampled with in generation, from the checkpoint (run 4 of docs/results.md: without it the proof base

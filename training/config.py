@@ -80,9 +80,12 @@ class TrainConfig:
                                                "ones run on a base checkpoint in generation and evaluation)")
     soft_init: Literal[SOFT_INITS] = doc("zero", "4d soft sync initialisation (schedule: Eq. 13's weights)")
     base_checkpoint: str = doc("", "4d: base model weights: a checkpoint folder/model.pt or runs:/<mlflow run id>")
-    init_from: str = doc("", "4d: start from this 4D checkpoint's weights (folder, model.pt or runs:/<id>) but "
-                         "not its data position or step: the second phase of section 4.1 (pseudo-4D, then "
-                         "renders); its base is used, so --base-checkpoint is not needed")
+    init_from: str = doc("", "start from this checkpoint's weights (folder, model.pt, .pt.gz or runs:/<id>) but "
+                         "not its data position, step or optimizer. 4d: a 4D checkpoint of the same variant, the "
+                         "second phase of section 4.1 (pseudo-4D, then renders); its base is used, so "
+                         "--base-checkpoint is not needed. base: a base checkpoint to train further with a new "
+                         "schedule (a pretrained video model, or a longer run); its model config replaces the "
+                         "preset's")
     resume_from: str = doc("", "start from this Ray Train checkpoint folder when the run folder has none")
     total_samples: int = doc(256, "training length in samples seen (all workers together)")
     steps_this_run: int = doc(0, "stop after this many optimizer steps and checkpoint (0 = train to the end); "

@@ -79,6 +79,20 @@ def run(cfg: TrainConfig) -> dict:
             raise UserError(f"base_checkpoint '{cfg.base_checkpoint}' holds a '{start['stage']}' model; pass a "
                             "base-stage checkpoint (or a 4D one with --init-from)")
         inherited = list(start.get("data_items", {}).get("items", []))
+    elif cfg.init_from:
+        from pipelines.common.checkpoints import load_checkpoint, resolve_checkpoint
+        if cfg.stage != "base":
+            raise UserError(f"--init-from continues a base or 4D model; the {cfg.stage} stage cannot start from one")
+        if cfg.model:
+            raise UserError("--init-from takes the model (its architecture too) from the checkpoint; drop the "
+                            f"model overrides ({', '.join(sorted(cfg.model))})")
+        local = resolve_checkpoint(cfg.init_from, cfg.mlflow_uri, output / "init_checkpoint")
+        cfg = dataclasses.replace(cfg, init_from=str(local))
+        start = load_checkpoint(str(local))
+        if start["stage"] != "base":
+            raise UserError(f"init_from '{cfg.init_from}' holds a '{start['stage']}' model; the base stage continues "
+                            "a base-stage checkpoint")
+        inherited = list((start.get("data_items") or {}).get("items", []))
     from training.data import check_sources
     descs = check_sources(cfg.stage, cfg.data)
     check_resume(cfg, output)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from model import rectified_flow as rf
-from model.dit import DIT_PRESETS, DiTConfig, VideoDiT
+from model.dit import DIT_PRESETS, VideoDiT
 from pipelines.common.errors import UserError
 from pipelines.common.checkpoints import base_from_checkpoint, load_checkpoint, sync_state
 from training.config import TrainConfig
@@ -69,9 +69,13 @@ class BaseStage(Stage):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__()
-        mcfg: DiTConfig = _preset(DIT_PRESETS, cfg.model_preset, "model", cfg.model)
+        if cfg.init_from:  # weights (and so the architecture) from a base checkpoint, a fresh schedule
+            self.net = load_base_model(cfg.init_from, "init_from")
+            mcfg = self.net.cfg
+        else:
+            mcfg = _preset(DIT_PRESETS, cfg.model_preset, "model", cfg.model)
+            self.net = VideoDiT(mcfg)
         mcfg.checkpointing = cfg.activation_checkpointing
-        self.net = VideoDiT(mcfg)
         self.patch_size = mcfg.patch_size
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -122,11 +126,12 @@ class UpsamplerStage(Stage):
         return float(self.net.flops_per_sample(f, h, w))
 
 
-def load_base_model(spec: str) -> VideoDiT:
-    """The frozen base of the 4D stage, from a base-stage checkpoint (path or runs:/<id>)."""
+def load_base_model(spec: str, option: str = "base_checkpoint") -> VideoDiT:
+    """A base video DiT from a base-stage checkpoint (path or runs:/<id>): the 4D stage's frozen base, or the
+    base stage's starting weights (``option`` names the flag in the error)."""
     ckpt = load_checkpoint(spec)
     if ckpt["stage"] != "base":
-        raise UserError(f"base_checkpoint '{spec}' holds a '{ckpt['stage']}' model; pass a base-stage checkpoint")
+        raise UserError(f"{option} '{spec}' holds a '{ckpt['stage']}' model; pass a base-stage checkpoint")
     return base_from_checkpoint(ckpt, spec)
 
 

@@ -29,14 +29,14 @@ for d in outputs/proof/data/*; do [ -e "$d" ] && [ ! -e "$RUN/data/$(basename "$
 for d in outputs/proof/carry/*; do [ -e "$d" ] && [ ! -e "$RUN/$(basename "$d")" ] && cp -r "$d" "$RUN/"; done
 
 # The recipe skips finished steps, so starting it again when it is not running is always safe.
-if ! pgrep -f "training.recipes.proof --out $RUN" >/dev/null; then
+if ! pgrep -f "training.recipes.proof --out $RUN( |$)" >/dev/null; then
     seen=$(wc -l < "$RUN/driver.log" 2>/dev/null || echo 0)
     setsid nohup python3 -m training.recipes.proof --out "$RUN" "$@" >> "$RUN/driver.log" 2>&1 < /dev/null &
     echo "[device] recipe started: steps ${*:-all}"
     sleep 2
 fi
 seen=${seen:-0}
-while [ $(( $(date +%s) - t0 )) -lt "$BUDGET" ] && pgrep -f "training.recipes.proof --out $RUN" >/dev/null; do
+while [ $(( $(date +%s) - t0 )) -lt "$BUDGET" ] && pgrep -f "training.recipes.proof --out $RUN( |$)" >/dev/null; do
     sleep 5
     n=$(wc -l < "$RUN/driver.log" 2>/dev/null || echo 0)
     [ "$n" -gt "$seen" ] && sed -n "$((seen + 1)),${n}p" "$RUN/driver.log" && seen=$n
@@ -61,6 +61,6 @@ for f in "$OUT"/pictures.tgz "$OUT"/weights.tar; do
     [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 15728640 ] && split -b 15M "$f" "$f.part-" && rm "$f"
 done
 ls -la "$OUT"
-pgrep -f "training.recipes.proof --out $RUN" >/dev/null && echo "[device] recipe still running; call again" \
+pgrep -f "training.recipes.proof --out $RUN( |$)" >/dev/null && echo "[device] recipe still running; call again" \
     || echo "[device] recipe not running: $(tail -1 "$RUN/driver.log" 2>/dev/null)"
 exit 0

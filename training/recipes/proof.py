@@ -10,7 +10,8 @@ held-out evaluation and shippable weights, each step through the real jobs.
 Steps, in order (``STEPS``): renders and pseudo-4D data (train and held-out sets from disjoint seeds), the
 base model, phase 1 of the 4D model on pseudo-4D grids for soft, hard and sequential sync (and the upsampler,
 beside them), phase 2 (a short fine-tune from phase 1 on renders; plus soft continued on pseudo-4D alone for
-the same steps: the paper's ablation 2), evaluation on the held-out sets, and the export of slim bf16 weights.
+the same steps: the paper's ablation 2), the export of slim bf16 weights, the choice of the 4D sampler on
+validation sets (seeds neither trained on nor held out), and evaluation on the held-out sets with it.
 A step whose output exists is skipped, and the training jobs resume from their last checkpoint, so running
 the same command again continues where a stopped call left off. Jobs of one step run side by side: these
 models are too small to fill a GPU alone. One status line per job; full logs in <out>/logs/.
@@ -59,6 +60,10 @@ class ProofConfig:
     upsampler_heldout_videos: int = doc(16, "procedural videos for the upsampler's held-out clips")
     upsampler_size: int = doc(256, "high-resolution side of the upsampler data (4x the proof resolution)")
     heldout_seed: int = doc(1_000_000, "first seed of every held-out set: far from the training seeds")
+    val_seed: int = doc(5_000_000, "first seed of the validation sets, on which sampling settings are chosen "
+                        "(step 'sampler'): neither training nor held-out, so the held-out table stays unseen")
+    render_val_assets: int = doc(12, "procedural assets rendered for the validation set")
+    pseudo_val_videos: int = doc(16, "procedural videos for the validation pseudo-4D grids")
     render_weight: float = doc(0.3, "base stage: share of examples drawn from the renders (the rest pseudo-4D)")
     base_samples: int = doc(0, "base training length in clips (0 = the preset's)")
     phase1_samples: int = doc(0, "4D phase 1 length in grids (0 = the preset's)")
@@ -72,10 +77,19 @@ class ProofConfig:
                                      "on ~15k assets; on the proof's 56 a renders-only phase 2 passes each grid "
                                      "~20 times and forgot pseudo-4D (run 4: soft 21.1 -> 17.8 dB there)")
     base_from: str = doc("", "take this base checkpoint (e.g. weights/proof/base.pt.gz) instead of training one")
+    base_init: str = doc("", "start the base from these weights (e.g. weights/proof/base.pt.gz) and train it "
+                         "--base-samples more with a fresh schedule: a longer base over several leases")
+    variants_from: str = doc("", "take the trained 4D variants from this exported weights folder (e.g. "
+                             "weights/proof: soft.pt.gz, ...) instead of the phase-2 runs: evaluate shipped "
+                             "weights (with --base-from and --upsampler-from)")
     upsampler_from: str = doc("", "take this upsampler checkpoint (e.g. weights/proof/upsampler.pt.gz) instead of "
                               "making its data and training it in phase 1 (a run that changes only the 4D side)")
     eval_grids: int = doc(16, "held-out grids evaluated per set")
-    eval_steps: int = doc(20, "sampling steps in evaluation")
+    eval_sampler: str = doc("euler:20", "the 4D sampler of evaluation and generation, method:steps[:shift], when "
+                            "step 'sampler' has not chosen one (runs 1-6 used euler:20)")
+    samplers: list[str] = doc(text="candidate 4D samplers (method:steps[:shift]) that step 'sampler' scores on "
+                              "the validation sets; the best mean PSNR over the trained variants and both sets "
+                              "becomes evaluation's", factory=lambda: ["euler:20", "heun:20", "euler:50", "heun:50"])
     parallel: bool = doc(True, "run the jobs of one step side by side")
     mlflow_uri: str = doc("none", "MLflow tracking URI for the training jobs ('none': off; metrics.jsonl is "
                           "always written in each run folder)")
@@ -184,7 +198,8 @@ def _renders(cfg: ProofConfig) -> str:
 def step_renders(cfg: ProofConfig) -> None:
     jobs = {}
     sets = [(name, seed, count, 2) for name, (seed, count) in render_parts(cfg).items()]
-    for name, seed, count, actions in [*sets, ("render_heldout", cfg.heldout_seed, cfg.render_heldout_assets, 1)]:
+    for name, seed, count, actions in [*sets, ("render_heldout", cfg.heldout_seed, cfg.render_heldout_assets, 1),
+                                       ("render_val", cfg.val_seed, cfg.render_val_assets, 1)]:
         if not _done(_data(cfg, name)):
             jobs[name] = ["pipelines/render_objaverse.py", "--preset", cfg.render_preset, "--output",
                           str(_data(cfg, name)), "--count", str(count), "--seed", str(seed),
@@ -211,7 +226,8 @@ def _upsampler_sets(cfg: ProofConfig) -> dict[str, list[str]]:
 def step_pseudo4d(cfg: ProofConfig) -> None:
     """The 4D model's pseudo-4D sets (train and held-out). The upsampler's sets are made in phase 1, beside
     the 4D jobs, since nothing before the upsampler needs them."""
-    sets = {"pseudo4d": (0, cfg.pseudo_videos), "pseudo4d_heldout": (cfg.heldout_seed, cfg.pseudo_heldout_videos)}
+    sets = {"pseudo4d": (0, cfg.pseudo_videos), "pseudo4d_heldout": (cfg.heldout_seed, cfg.pseudo_heldout_videos),
+            "pseudo4d_val": (cfg.val_seed, cfg.pseudo_val_videos)}
     jobs = {name: _pseudo4d(cfg, name, seed, count, cfg.pseudo_args) for name, (seed, count) in sets.items()
             if not _done(_data(cfg, name))}
     _jobs(dataclasses.replace(cfg, parallel=False), jobs)  # each job already spreads over the cores
@@ -234,13 +250,14 @@ def step_base(cfg: ProofConfig) -> None:
         return
     if _done(out):
         return
+    init = ["--init-from", cfg.base_init] if cfg.base_init else []
     parts = render_parts(cfg)
     grids = f"{_data(cfg, 'pseudo4d')},{_renders(cfg)}"
     # the renders' share spread over their folders by asset count (a source's weight is per folder)
     weights = ",".join([str(1 - cfg.render_weight)] + [str(cfg.render_weight * n / cfg.render_assets)
                                                         for _, n in parts.values()])
     _jobs(cfg, {"base": _train(cfg, "base", out, "--data.grids", grids, "--data.weights", weights,
-                               *_length(cfg.base_samples))})
+                               *_length(cfg.base_samples), *init)})
 
 
 def _upsampler(cfg: ProofConfig) -> str:
@@ -311,36 +328,103 @@ def step_phase2(cfg: ProofConfig) -> None:
 
 
 def variants(cfg: ProofConfig) -> dict[str, Path]:
-    """Trained variant name -> its final checkpoint folder (what evaluation and the export take)."""
+    """Trained variant name -> its final checkpoint (what evaluation and the export take): the phase-2 runs'
+    folders, or the exported files of ``variants_from``."""
+    if cfg.variants_from:
+        return {k: Path(cfg.variants_from) / f"{k}.pt.gz" for k in (*TRAINED, "soft_pseudo_only")}
     names = {s: f"4d_{s}_p2" for s in TRAINED} | {"soft_pseudo_only": "4d_soft_pseudo_only"}
     return {k: _run(cfg, v) / "checkpoint_final" for k, v in names.items()}
 
 
+def parse_sampler(text: str) -> dict[str, object]:
+    """'heun:20' or 'euler:50:2' -> {"method", "steps", "shift"} (shift 0: the model's own flow_shift)."""
+    from model.rectified_flow import SAMPLER_METHODS
+    parts = text.split(":")
+    try:
+        method, steps, shift = parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
+    except (IndexError, ValueError):
+        method = steps = shift = None
+    if len(parts) > 3 or method not in SAMPLER_METHODS or not steps or steps < 1 or shift < 0:
+        raise UserError(f"sampler '{text}' must read method:steps[:shift] with method one of "
+                        f"{', '.join(SAMPLER_METHODS)}, steps >= 1 and shift >= 0 (e.g. heun:20 or euler:50:2)")
+    return {"method": method, "steps": steps, "shift": shift}
+
+
+def _sampler_flags(sampler: dict[str, object]) -> list[str]:
+    return ["--method", str(sampler["method"]), "--steps", str(sampler["steps"]), "--shift", str(sampler["shift"])]
+
+
+def chosen_sampler(cfg: ProofConfig) -> tuple[str, dict[str, object]]:
+    """The 4D sampler of evaluation: step 'sampler''s choice when it ran, else ``eval_sampler``."""
+    choice = Path(cfg.out) / "sampler" / "choice.json"
+    text = json.loads(choice.read_text())["sampler"] if choice.is_file() else cfg.eval_sampler
+    return text, parse_sampler(text)
+
+
+def _eval_cmd(cfg: ProofConfig, sets: str, ckpts: dict[str, Path], sampler: dict[str, object], out: Path,
+              *extra: str) -> list[str]:
+    return ["pipelines/evaluate_4d.py", "--grids", sets, "--checkpoints", ",".join(f"{k}={v}" for k, v in ckpts.items()),
+            "--max-grids", str(cfg.eval_grids), *_sampler_flags(sampler), "--out", str(out),
+            "--mlflow-uri", "none" if cfg.mlflow_uri == "none" else cfg.mlflow_uri, *extra]
+
+
+def step_sampler(cfg: ProofConfig) -> None:
+    """Choose the 4D sampler on the validation sets (other seeds than training and held-out): every candidate
+    of ``samplers`` scores the trained variants there; the best mean PSNR (over variants, the two sets weighed
+    alike) is written to sampler/choice.json, which evaluation and generation then use."""
+    _drain(cfg)
+    root = Path(cfg.out) / "sampler"
+    if (root / "choice.json").is_file():
+        return
+    candidates = {text: parse_sampler(text) for text in cfg.samplers}
+    if not candidates:
+        raise UserError("step 'sampler' needs at least one --samplers candidate")
+    sets = f"render={_data(cfg, 'render_val')},pseudo4d={_data(cfg, 'pseudo4d_val')}"
+    trained = {k: v for k, v in variants(cfg).items() if k in TRAINED}
+    jobs = {f"sampler_{text.replace(':', '_')}": _eval_cmd(cfg, sets, trained, s, root / text.replace(":", "_"),
+                                                            "--train-free", "false")
+            for text, s in candidates.items() if not (root / text.replace(":", "_") / "results.json").is_file()}
+    _jobs(cfg, jobs)
+    scores: dict[str, dict[str, float]] = {}
+    for text in candidates:
+        results = json.loads((root / text.replace(":", "_") / "results.json").read_text())["results"]
+        per_set = {name: sum(rows[k]["psnr"] for k in trained) / len(trained) for name, rows in results.items()}
+        scores[text] = {**per_set, "mean": sum(per_set.values()) / len(per_set)}
+    best = max(scores, key=lambda t: scores[t]["mean"])
+    (root / "choice.json").write_text(json.dumps({"sampler": best, "scores": scores}, indent=1))
+    table = ", ".join(f"{t} {s['mean']:.2f}" for t, s in scores.items())
+    print(f"[proof] sampler: {best} (validation PSNR, mean of sets and trained variants: {table})", flush=True)
+
+
 def step_eval(cfg: ProofConfig) -> None:
     _drain(cfg)
+    text, sampler = chosen_sampler(cfg)
+    print(f"[proof] eval: 4D sampler {text}", flush=True)
     out = Path(cfg.out) / "eval"
-    jobs = {}
+    jobs: dict[str, list[str] | list[list[str]]] = {}
     if not (out / "results.json").is_file():
         sets = f"render={_data(cfg, 'render_heldout')},pseudo4d={_data(cfg, 'pseudo4d_heldout')}"
-        ckpts = ",".join(f"{k}={v}" for k, v in variants(cfg).items())
-        jobs["eval"] = ["pipelines/evaluate_4d.py", "--grids", sets, "--checkpoints", ckpts,
-                        "--max-grids", str(cfg.eval_grids), "--steps", str(cfg.eval_steps), "--method", "euler",
-                        "--out", str(out), "--mlflow-uri", "none" if cfg.mlflow_uri == "none" else cfg.mlflow_uri]
+        jobs["eval"] = _eval_cmd(cfg, sets, variants(cfg), sampler, out)
     up = Path(cfg.out) / "eval_upsampler"
     if not (up / "results.json").is_file():
-        jobs["eval_upsampler"] = ["-m", "training.recipes.upsampler_eval", "--checkpoint", _upsampler(cfg),
-                                  "--grids", str(_data(cfg, "upsampler_heldout")), "--out", str(up)]
+        # its held-out clips are made in phase 1; a run that skips phase 1 (shipped weights) makes them here
+        data = [cmd for name, cmd in _upsampler_sets(cfg).items() if name == "upsampler_heldout"]
+        jobs["eval_upsampler"] = [*data, ["-m", "training.recipes.upsampler_eval", "--checkpoint", _upsampler(cfg),
+                                          "--grids", str(_data(cfg, "upsampler_heldout")), "--out", str(up)]]
     gen = Path(cfg.out) / "generated_x4"
     if not (gen / "meta.json").is_file():
         jobs["generate_x4"] = ["pipelines/generate_4d.py", "--checkpoint", str(variants(cfg)["soft"]),
                                "--upsampler", _upsampler(cfg),
-                               "--from-grid", str(_data(cfg, "render_heldout")), "--method", "euler",
+                               "--from-grid", str(_data(cfg, "render_heldout")), *_sampler_flags(sampler),
                                "--out", str(gen)]
-    _jobs(cfg, jobs)  # side by side: each is latency-bound (one grid or clip at a time) and leaves the GPU idle
+    _jobs(cfg, jobs)  # side by side: each leaves most of a GPU idle
 
 
 def step_weights(cfg: ProofConfig) -> None:
     _drain(cfg)
+    if cfg.variants_from:
+        print(f"[proof] weights: evaluating the exported {cfg.variants_from}, nothing to export", flush=True)
+        return
     from pipelines.common.checkpoints import slim_export
     out = Path(cfg.out) / "weights"
     ckpts = {k: str(v) for k, v in variants(cfg).items()}
@@ -353,7 +437,7 @@ def step_weights(cfg: ProofConfig) -> None:
 STEPS: dict[str, Callable[[ProofConfig], None]] = {
     "renders": step_renders, "pseudo4d": step_pseudo4d, "base": step_base, "phase1": step_phase1,
     # weights before eval: the export takes seconds, and a run cut short during evaluation still has them
-    "phase2": step_phase2, "weights": step_weights, "eval": step_eval,
+    "phase2": step_phase2, "weights": step_weights, "sampler": step_sampler, "eval": step_eval,
 }
 
 
@@ -366,7 +450,8 @@ def _presets() -> dict[str, Callable[[], ProofConfig]]:
                                     render_preset="tiny", render_args=["--views", "4", "--frames", "4"],
                                     pseudo_videos=4, pseudo_heldout_videos=2, pseudo_preset="tiny",
                                     pseudo_args=["--views", "4", "--frames", "4"], upsampler_videos=2, upsampler_heldout_videos=1,
-                                    upsampler_size=32, eval_grids=1, eval_steps=2, parallel=False),
+                                    upsampler_size=32, eval_grids=1, eval_sampler="euler:2", parallel=False,
+                                    render_val_assets=1, pseudo_val_videos=2, samplers=["euler:1", "euler:2"]),
     }
 
 
