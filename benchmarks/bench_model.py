@@ -229,9 +229,10 @@ def case_generate(args, device, dtype) -> dict:
         for _ in range(args.iters):
             hr = generate(args.steps_4d, args.steps_up, record=True)
     assert hr.shape == (V, T, 3, h * 4, w * 4) and torch.isfinite(hr).all()
-    calls = 2 if args.method == "heun" else 1
-    f4 = fourd.flops_per_sample(V, T, h, w) * args.steps_4d * calls
-    fu = up.flops_per_sample(V * T, h * 4, w * 4) * args.steps_up * calls
+    def calls(steps: int) -> int:  # model calls of a sampler: Heun's last step is Euler (model/rectified_flow.py)
+        return 2 * steps - 1 if args.method == "heun" else steps
+    f4 = fourd.flops_per_sample(V, T, h, w) * calls(args.steps_4d)
+    fu = up.flops_per_sample(V * T, h * 4, w * 4) * calls(args.steps_up)
     out = {k: statistics.median(v) for k, v in timings.items()}
     out.update({"steps_4d": args.steps_4d, "steps_up": args.steps_up, "method": args.method, "output": list(hr.shape),
                 "fourd_tflops_per_s": f4 / out["fourd_s"] / 1e12, "up_tflops_per_s": fu / out["upsample_s"] / 1e12,

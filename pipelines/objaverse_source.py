@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import time
@@ -28,6 +29,16 @@ from typing import Any, Iterable
 
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 GLB_MAGIC = b"glTF"
+
+LISTS_DIR = Path(__file__).resolve().parent / "data" / "objaverse"
+ANIMATED_LIST = LISTS_DIR / "animated_15k.txt"
+"""The shipped training list: Diffusion4D's curated OR Puppet-Master's HQ animated uids (15,081; README there)."""
+TEST_LIST = LISTS_DIR / "sv4d_test.txt"
+"""SV4D's 20 published test uids: left out of training renders, rendered alone for evaluation."""
+SPLITS = ("train", "test", "all")
+TRAINABLE_LICENSES = ("cc0", "by", "by-sa")
+"""Creative Commons licences (as normalised by ``normalize_license``) that permit training on an object and
+redistributing renders of it with attribution; NC and ND licences are left out by default."""
 
 
 class AssetError(Exception):
@@ -87,13 +98,85 @@ def _cached_json_gz(base_url: str, rel: str, cache_dir: Path, retries: int, time
         raise SourceError(f"Objaverse index {rel} is not valid gzipped JSON ({exc}); re-run to fetch it again") from None
 
 
+def normalize_license(text: Any) -> str:
+    """An annotation's licence as a short CC slug: 'CC-BY-SA 4.0', 'by-sa' and 'Attribution-ShareAlike' all
+    read 'by-sa'; 'CC0 1.0' and 'Public Domain' read 'cc0'; an empty one reads '', an unknown one itself,
+    lower-cased."""
+    t = str(text or "").strip().lower().replace("_", "-").replace(" ", "-")
+    for phrase, word in (("non-commercial", "nc"), ("noncommercial", "nc"), ("share-alike", "sa"),
+                         ("sharealike", "sa"), ("no-derivatives", "nd"), ("noderivatives", "nd"),
+                         ("noderivs", "nd"), ("attribution", "by"), ("creative-commons", "cc"),
+                         ("public-domain", "cc0"), ("publicdomain", "cc0")):
+        t = t.replace(phrase, word)
+    noise = {"", "cc", "international", "license", "licence", "unported", "generic", "deed"}
+    # versions, and two-letter jurisdiction ports (3.0-US) other than the licence elements themselves
+    parts = [w for w in t.split("-") if w not in noise and not re.fullmatch(r"v?\d+(\.\d+)*", w)
+             and not (len(w) == 2 and w not in ("by", "nc", "sa", "nd"))]
+    if not parts:
+        return ""
+    if parts[0] in ("cc0", "zero"):
+        return "cc0"
+    return "-".join(parts)
+
+
+def split_uids(split: str, uids: list[str] | None) -> tuple[list[str] | None, int]:
+    """The uids a split renders, and how many it left out. ``uids`` None means "no list given": every animated
+    object in the annotations for train (the test uids are then left out by the caller, after listing), and
+    all 20 test uids for test."""
+    if split not in SPLITS:
+        raise SourceError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    test = read_uid_list(TEST_LIST)
+    if split == "test":  # the 20 test uids; of an explicit list, those it holds
+        return (test, 0) if uids is None else ([u for u in test if u in set(uids)], 0)
+    if split == "all" or uids is None:
+        return uids, 0
+    held = set(test)
+    kept = [u for u in uids if u not in held]
+    return kept, len(uids) - len(kept)
+
+
+def write_uid_lists(table: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """Derive the shipped lists from the merged table of public lists (a CSV with a uid column and 0/1 columns
+    diffusion4d_curated, puppetmaster_hq and sv4d_test): training = curated OR HQ; test = sv4d_test."""
+    import csv
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    need = {"uid", "diffusion4d_curated", "puppetmaster_hq", "sv4d_test"}
+    if not rows or need - set(rows[0]):
+        raise SourceError(f"{table} lacks the columns {sorted(need - set(rows[0] if rows else ()))}")
+    train = sorted(r["uid"] for r in rows if r["diffusion4d_curated"] == "1" or r["puppetmaster_hq"] == "1")
+    test = sorted(r["uid"] for r in rows if r["sv4d_test"] == "1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ANIMATED_LIST.name).write_text(
+        "# Animated Objaverse 1.0 uids: Diffusion4D's curated list (VITA-Group/Diffusion4D, rendering/src/"
+        "ObjV1_curated.txt)\n# OR Puppet-Master's high-quality list (RuiningLi/puppet-master, data/objaverse-"
+        f"animation-HQ.json): {len(train):,} uids,\n# the paper's ~15k. {len(set(train) & set(test))} of them are "
+        "SV4D test uids (sv4d_test.txt), which --split train leaves out.\n" + "\n".join(train) + "\n")
+    (out / TEST_LIST.name).write_text(
+        f"# The {len(test)} ObjaverseDy test uids SV4D's authors published (Stability-AI/generative-models issue "
+        "432);\n# 4Real-Video-V2 evaluates on held-out assets following SV4D. --split test renders exactly these.\n"
+        + "\n".join(test) + "\n")
+    return {"train": len(train), "test": len(test)}
+
+
 def list_assets(base_url: str, cache_dir: str | Path, uids: Iterable[str] | None = None, limit: int = 0,
-                min_animations: int = 1, retries: int = 4, timeout: float = 60.0) -> list[dict[str, Any]]:
+                min_animations: int = 1, retries: int = 4, timeout: float = 60.0,
+                licenses: Iterable[str] | None = None, exclude: Iterable[str] = (),
+                stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Items for the render job: animated objects (or exactly ``uids``), in a stable order.
 
-    Only the small per-item dict is kept per asset; annotation files are read one
-    group at a time so memory stays bounded by the largest group.
+    ``licenses`` (normalised slugs, see ``normalize_license``) keeps only objects whose annotation carries one
+    of them (an object without an annotation has no known licence and is left out); ``exclude`` drops uids
+    (the test split). ``stats`` receives how many each filter dropped. Only the small per-item dict is kept
+    per asset; annotation files are read one group at a time so memory stays bounded by the largest group.
     """
+    allowed = None if licenses is None else {normalize_license(x) for x in licenses}
+    excluded = set(exclude)
+    stats = stats if stats is not None else {}
+    stats.setdefault("dropped_license", 0)
+    stats.setdefault("dropped_excluded", 0)
+    annotated: set[str] = set()  # requested uids that had an annotation (kept or filtered)
     cache = Path(cache_dir)
     paths: dict[str, str] = _cached_json_gz(base_url, "object-paths.json.gz", cache, retries, timeout)
     wanted = set(uids) if uids is not None else None
@@ -113,10 +196,18 @@ def list_assets(base_url: str, cache_dir: str | Path, uids: Iterable[str] | None
             if wanted is not None:
                 if uid not in wanted:
                     continue
+                annotated.add(uid)
             elif int(ann.get("animationCount") or 0) < min_animations:
                 continue
+            if uid in excluded:
+                stats["dropped_excluded"] += 1
+                continue
+            license_ = normalize_license(ann.get("license"))
+            if allowed is not None and license_ not in allowed:
+                stats["dropped_license"] += 1
+                continue
             item = {"item_id": uid, "uid": uid, "rel_path": paths[uid], "name": str(ann.get("name", ""))[:200],
-                    "animation_count": int(ann.get("animationCount") or 0)}
+                    "animation_count": int(ann.get("animationCount") or 0), "license": license_}
             if ann.get("sha256"):
                 item["sha256"] = ann["sha256"]
             items.append(item)
@@ -124,9 +215,14 @@ def list_assets(base_url: str, cache_dir: str | Path, uids: Iterable[str] | None
                 return items
     if wanted is not None:
         # A uid without an annotation still has a path: render it, the list was explicit.
-        have = {i["uid"] for i in items}
-        for uid in sorted(wanted & paths.keys() - have):
-            items.append({"item_id": uid, "uid": uid, "rel_path": paths[uid], "name": "", "animation_count": -1})
+        for uid in sorted(wanted & paths.keys() - annotated):
+            if uid in excluded:
+                continue
+            if allowed is not None:  # no annotation, no known licence
+                stats["dropped_license"] += 1
+                continue
+            items.append({"item_id": uid, "uid": uid, "rel_path": paths[uid], "name": "", "animation_count": -1,
+                          "license": ""})
     return items[:limit] if limit else items
 
 

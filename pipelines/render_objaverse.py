@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 if __package__ in (None, ""):  # run as a script (ray job submit ... python pipelines/render_objaverse.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +30,9 @@ from pipelines.common.inputs import list_files
 from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
-from pipelines.objaverse_source import DEFAULT_BASE_URL, AssetError, SourceError, ensure_asset, list_assets, read_uid_list
+from pipelines.objaverse_source import (ANIMATED_LIST, DEFAULT_BASE_URL, SPLITS, TEST_LIST, TRAINABLE_LICENSES,  # noqa: E402
+                                        AssetError, SourceError, ensure_asset, list_assets, read_uid_list,
+                                        split_uids)
 from rendering.settings import (DEFAULT_ARC_DEG, DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING,
                                 RenderSettings)
 
@@ -42,8 +44,15 @@ class RenderJobConfig:
     """Options of the render job (every field is also a --flag)."""
 
     source: str = doc("procedural", "where assets come from: objaverse | local | procedural")
-    input: str = doc("", "objaverse: optional UID list (.txt/.json/.parquet with 'uid'); "
-                         "local: a directory, a glob, or a Parquet manifest with a 'path' column; procedural: unused")
+    input: str = doc("", "objaverse: a uid list (.txt/.json/.parquet with 'uid'; default: the shipped 15,081 "
+                         "animated uids, pipelines/data/objaverse/), or 'annotations' for every object whose "
+                         "annotation counts an animation; local: a directory, a glob, or a Parquet manifest with "
+                         "a 'path' column; procedural: unused")
+    split: Literal[SPLITS] = doc("train", "objaverse: train leaves SV4D's 20 test uids out; test renders exactly "
+                                 "those (for evaluation); all renders the list as given")
+    licenses: list[str] = doc(text="objaverse: licences to keep, from each object's annotation (CC slugs: cc0, by, "
+                              "by-sa, by-nc, ...; 'any' keeps every object)",
+                              factory=lambda: list(TRAINABLE_LICENSES))
     output: str = doc("outputs/render", "output directory (shards/, index.parquet, failures.parquet)")
     count: int = doc(3, "procedural: number of assets to generate")
     limit: int = doc(0, "render at most this many assets (0 = all listed)")
@@ -51,6 +60,8 @@ class RenderJobConfig:
     cache_dir: str = doc("", "where downloaded/generated assets are cached (default: <tmp>/render-asset-cache)")
     download_retries: int = doc(4, "objaverse: retries per download (exponential backoff)")
     download_timeout_s: float = doc(60.0, "objaverse: socket timeout per download attempt")
+    prefetch: int = doc(2, "objaverse: assets of a part downloaded ahead while Blender renders (0 = each just "
+                        "before its render); at most this many downloads in flight per worker")
     views: int = doc(8, "cameras on the circle (V)")
     frames: int = doc(16, "frames sampled from each action (T)")
     height: int = doc(144, "image height in pixels (default: the training frame's 9:16 aspect, 72x128 x2)")
@@ -125,6 +136,7 @@ class RenderJobConfig:
                  f"(vertical) view of a {self.width}x{self.height} frame below {closest:.2f}; use 0 for automatic")
         need(self.max_actions >= 1, f"--max-actions must be >= 1; got {self.max_actions}")
         need(self.timeout_s > 0, f"--timeout-s must be > 0; got {self.timeout_s}")
+        need(self.prefetch >= 0, f"--prefetch must be 0 or more; got {self.prefetch}")
         need(self.concurrency >= 1, f"--concurrency must be >= 1; got {self.concurrency}")
         need(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0; got {self.cpus_per_worker}")
         need(self.items_per_part >= 1, f"--items-per-part must be >= 1; got {self.items_per_part}")
@@ -145,12 +157,12 @@ class RenderJobConfig:
             normals=self.normals, max_actions=self.max_actions, multiview=self.multiview, seed=self.seed)
 
 
-CONTENT_OPTIONS = ("source", "views", "frames", "height", "width", "fps", "samples", "engine", "denoise",
+CONTENT_OPTIONS = ("source", "split", "views", "frames", "height", "width", "fps", "samples", "engine", "denoise",
                    "denoise_quality", "denoise_prefilter", "elevation", "distance", "fov", "random_azimuth", "arc",
                    "lighting", "light_strength", "ambient", "depth", "normals", "max_actions", "multiview", "seed")
 """Options that shape a rendered sample: a re-run into an existing output must keep them (what it renders,
-and how many workers, may change). Every RenderSettings field the job sets but ``threads`` (speed only), by
-option name."""
+and how many workers, may change). The source and the split (train and test renders must not share an
+output), then every RenderSettings field the job sets but ``threads`` (speed only), by option name."""
 
 
 PRESETS = {
@@ -192,7 +204,8 @@ def _local_items(spec: str, limit: int) -> list[dict[str, Any]]:
     return items[:limit] if limit else items
 
 
-def list_items(cfg: RenderJobConfig) -> list[dict[str, Any]]:
+def list_items(cfg: RenderJobConfig, stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The job's items; ``stats`` receives what the objaverse filters (split, licence) dropped."""
     if cfg.source == "procedural":
         from rendering.procedural import kind_for
         n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
@@ -204,16 +217,28 @@ def list_items(cfg: RenderJobConfig) -> list[dict[str, Any]]:
         if not cfg.input:
             raise UserError("--source local needs --input (a directory, a glob or a Parquet manifest)")
         return _local_items(cfg.input, cfg.limit)
-    uids = None
-    if cfg.input:
-        if not Path(cfg.input).is_file():
-            raise UserError(f"UID list {cfg.input} does not exist; pass a .txt/.json/.parquet file to --input")
-        uids = read_uid_list(cfg.input)
+    stats = stats if stats is not None else {}
+    if cfg.input == "annotations":
+        uids = None
+    else:
+        if cfg.input and not Path(cfg.input).is_file():
+            raise UserError(f"UID list {cfg.input} does not exist; pass a .txt/.json/.parquet file to --input (or "
+                            "'annotations'; leave it out for the shipped list)")
+        # the test split takes SV4D's uids whole unless a list was given explicitly (6 of them are not in the
+        # shipped training list)
+        uids = read_uid_list(cfg.input) if cfg.input else None if cfg.split == "test" else read_uid_list(ANIMATED_LIST)
+    uids, stats["dropped_test_split"] = split_uids(cfg.split, uids)
+    licenses = None if [x.lower() for x in cfg.licenses] == ["any"] else cfg.licenses
+    # listing every animated object by its annotations: the test split is dropped as it is met
+    exclude = read_uid_list(TEST_LIST) if cfg.input == "annotations" and cfg.split == "train" else ()
     try:
-        return list_assets(cfg.base_url, _cache_dir(cfg) / "objaverse", uids=uids, limit=cfg.limit,
-                           retries=cfg.download_retries, timeout=cfg.download_timeout_s)
+        items = list_assets(cfg.base_url, _cache_dir(cfg) / "objaverse", uids=uids, limit=cfg.limit,
+                            retries=cfg.download_retries, timeout=cfg.download_timeout_s, licenses=licenses,
+                            exclude=exclude, stats=stats)
     except SourceError as exc:
         raise UserError(str(exc)) from None
+    stats["dropped_test_split"] += stats.pop("dropped_excluded", 0)
+    return items
 
 
 def _cache_dir(cfg: RenderJobConfig) -> Path:
@@ -253,15 +278,43 @@ class RenderProcessor:
         # Auto threads follow the actor's CPU reservation, so several actors on a node do not oversubscribe it.
         threads = self.cfg.threads or max(1, int(round(self.cfg.cpus_per_worker)))
         self.worker = BlenderWorker(threads=threads)
+        self._pool: Any = None  # download threads, started by the first prefetch
+        self._ahead: list[dict[str, Any]] = []  # the part's items not yet handed to the pool, in order
+        self._fetching: dict[str, Any] = {}  # item id -> future of its verified path
+
+    def _download(self, item: dict[str, Any]) -> str:
+        cfg = self.cfg
+        return str(ensure_asset(item, cfg.base_url, self.cache / "objaverse", retries=cfg.download_retries,
+                                timeout=cfg.download_timeout_s))
+
+    def prefetch(self, items: list[dict[str, Any]]) -> None:
+        """A part's items, in the order they will be processed: their downloads start ahead of the renders
+        (at most ``prefetch`` in flight or waiting), so the network works while Blender does."""
+        if self.cfg.source != "objaverse" or self.cfg.prefetch < 1:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=self.cfg.prefetch, thread_name_prefix="prefetch")
+        self._ahead = list(items)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self._ahead and len(self._fetching) < self.cfg.prefetch:
+            item = self._ahead.pop(0)
+            self._fetching[item["item_id"]] = self._pool.submit(self._download, item)
 
     def _asset_path(self, item: dict[str, Any]) -> str:
         cfg = self.cfg
         if cfg.source == "local":
             return item["path"]
         if cfg.source == "objaverse":
+            future = self._fetching.pop(item["item_id"], None)
+            if self._pool is not None:
+                self._ahead = [i for i in self._ahead if i["item_id"] != item["item_id"]]
+                self._top_up()  # the next download starts before this render
             try:
-                return str(ensure_asset(item, cfg.base_url, self.cache / "objaverse", retries=cfg.download_retries,
-                                        timeout=cfg.download_timeout_s))
+                # the same retries, verification and cache as without prefetching, on another thread
+                return future.result() if future is not None else self._download(item)
             except AssetError as exc:
                 raise ItemError(exc.stage, str(exc)) from None
         from rendering.procedural import VERSION
@@ -287,6 +340,9 @@ class RenderProcessor:
             result = self.worker.call(request, timeout=self.cfg.timeout_s)
         except WorkerFailure as exc:
             raise ItemError(exc.stage, str(exc)) from None
+        if "license" in item:  # what the annotation said: renders of CC-BY assets must credit them
+            for s in result["samples"]:
+                s["meta"]["license"] = item["license"]
         samples = to_samples(item["uid"], result)
         print(f"[render] {item['uid']}: {len(samples)} of {result['actions_total']} actions rendered, "
               f"{sum(s.views * s.frames for s in samples)} frames in {result['seconds']:.1f}s", flush=True)
@@ -296,6 +352,9 @@ class RenderProcessor:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.close()
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 _FAKE_PNG: bytes | None = None
@@ -348,9 +407,15 @@ def build_spec(cfg: RenderJobConfig) -> JobSpec:
                   "use --engine cycles on CPU nodes", file=sys.stderr, flush=True)
     if (cfg.depth or cfg.normals) and cfg.engine == "eevee":
         raise UserError("--depth/--normals are rendered with Cycles; use --engine cycles or cycles-gpu")
-    items = list_items(cfg)
+    listing: dict[str, int] = {}
+    items = list_items(cfg, listing)
     if not items:
-        raise UserError(f"source {cfg.source} listed no assets; check --input/--count/--limit")
+        why = f" (dropped: {listing})" if any(listing.values()) else ""
+        raise UserError(f"source {cfg.source} listed no assets{why}; check --input/--split/--licenses/--count/--limit")
+    if any(listing.values()):
+        print(f"[render] listed {len(items)} assets; left out: " +
+              ", ".join(f"{n} by {k.removeprefix('dropped_').replace('_', ' ')}" for k, n in listing.items()),
+              flush=True)
     if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         # A private local Ray has os.cpu_count() CPUs: asking an actor for more would never schedule.
         cfg = replace(cfg, cpus_per_worker=min(cfg.cpus_per_worker, float(os.cpu_count() or 1)))
@@ -359,7 +424,7 @@ def build_spec(cfg: RenderJobConfig) -> JobSpec:
                    make_processor=partial(make_processor, values), items_per_part=cfg.items_per_part,
                    concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_worker, retry_failed=cfg.retry_failed,
                    ray_address=cfg.ray_address,
-                   extra_summary={"source": cfg.source, "views": cfg.views, "frames": cfg.frames,
+                   extra_summary={"source": cfg.source, **listing, "views": cfg.views, "frames": cfg.frames,
                                   "height": cfg.height, "width": cfg.width, "arc": cfg.arc, "engine": cfg.engine,
                                   "dry_run": cfg.dry_run})
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -166,7 +168,7 @@ def test_figures_from_a_run_folder(tmp_path: Path) -> None:
 def test_samplers_are_parsed_and_bad_ones_refused() -> None:
     assert proof.parse_sampler("heun:20") == {"method": "heun", "steps": 20, "shift": 0.0}
     assert proof.parse_sampler("euler:50:2") == {"method": "euler", "steps": 50, "shift": 2.0}
-    for bad in ("heun", "rk4:20", "euler:0", "euler:x", "euler:20:-1", "euler:20:1:3"):
+    for bad in ("heun", "rk4:20", "euler:0", "euler:x", "euler:20:-1", "euler:20:1:3", "euler:20:nan", "euler:20:inf"):
         with pytest.raises(UserError, match="must read method:steps"):
             proof.parse_sampler(bad)
 
@@ -175,8 +177,14 @@ def test_evaluation_uses_the_chosen_sampler_and_shipped_weights(tmp_path: Path, 
     cfg = ProofConfig(out=str(tmp_path), variants_from="weights/proof", eval_sampler="euler:20")
     assert proof.chosen_sampler(cfg) == ("euler:20", {"method": "euler", "steps": 20, "shift": 0.0})
     (tmp_path / "sampler").mkdir()
-    (tmp_path / "sampler" / "choice.json").write_text('{"sampler": "heun:50", "scores": {}}')
+    inputs = proof._sampler_inputs(cfg)
+    (tmp_path / "sampler" / "choice.json").write_text(json.dumps({"sampler": "heun:50", "scores": {},
+                                                                  "inputs": inputs}))
     assert proof.chosen_sampler(cfg)[0] == "heun:50"
+    # a choice made for other variants or candidates is stale: the configured sampler is used instead
+    other = ProofConfig(out=str(tmp_path), variants_from="elsewhere", eval_sampler="euler:20")
+    assert proof.chosen_sampler(other)[0] == "euler:20"
+    assert proof.chosen_sampler(dataclasses.replace(cfg, samplers=["euler:20"]))[0] == "euler:20"
     assert proof.variants(cfg)["soft"] == Path("weights/proof/soft.pt.gz")
     seen = {}
     monkeypatch.setattr(proof, "_jobs", lambda c, jobs, **kw: seen.update(jobs))

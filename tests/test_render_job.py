@@ -360,7 +360,7 @@ def test_rerun_with_other_render_settings_is_refused_before_any_work(tmp_path):
 
     from pipelines.common.config import check_same_content, write_resolved
     from pipelines.common.errors import UserError
-    from pipelines.render_objaverse import CONTENT_OPTIONS, PRESETS, RenderJobConfig
+    from pipelines.render_objaverse import CONTENT_OPTIONS, PRESETS
     from rendering.settings import RenderSettings
     out = tmp_path / "out"
     cfg = dataclasses.replace(PRESETS["tiny"](), output=str(out))
@@ -374,7 +374,8 @@ def test_rerun_with_other_render_settings_is_refused_before_any_work(tmp_path):
     from dataclasses import asdict
     base = asdict(cfg.render_settings())
     covered = set()
-    for opt in CONTENT_OPTIONS[1:]:  # source is no render setting: it picks the assets
+    assert CONTENT_OPTIONS[:2] == ("source", "split")
+    for opt in CONTENT_OPTIONS[2:]:  # source and split are no render settings: they pick the assets
         value = getattr(cfg, opt)
         other = (not value) if isinstance(value, bool) else value + 1 if isinstance(value, (int, float)) \
             else value + "x"

@@ -231,6 +231,13 @@ def test_second_phase_starts_from_4d_weights_not_its_data_position(ray_local, fo
     assert items and items >= set(first["data_items"]["items"])
 
 
+def test_activation_checkpointing_reaches_the_base_model(tmp_path: Path) -> None:
+    from training.stages import BaseStage
+    for flag in (True, False):
+        stage = BaseStage(tiny("base", tmp_path, ["unused"], activation_checkpointing=flag))
+        assert stage.net.cfg.checkpointing is flag  # the model reads its own copy of the config
+
+
 def test_a_base_continues_from_base_weights_with_its_own_schedule(ray_local, base_run: TrainConfig,
                                                                    fourd_run: TrainConfig, train_grids: Path,
                                                                    tmp_path: Path) -> None:

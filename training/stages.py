@@ -71,12 +71,10 @@ class BaseStage(Stage):
         super().__init__()
         if cfg.init_from:  # weights (and so the architecture) from a base checkpoint, a fresh schedule
             self.net = load_base_model(cfg.init_from, "init_from")
-            mcfg = self.net.cfg
         else:
-            mcfg = _preset(DIT_PRESETS, cfg.model_preset, "model", cfg.model)
-            self.net = VideoDiT(mcfg)
-        mcfg.checkpointing = cfg.activation_checkpointing
-        self.patch_size = mcfg.patch_size
+            self.net = VideoDiT(_preset(DIT_PRESETS, cfg.model_preset, "model", cfg.model))
+        self.net.cfg.checkpointing = cfg.activation_checkpointing  # the model reads its own copy of the config
+        self.patch_size = self.net.cfg.patch_size
 
     def forward(self, batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, mask, context = batch["x"], batch["mask"], batch["context"]

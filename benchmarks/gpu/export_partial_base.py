@@ -18,23 +18,24 @@ from pipelines.common.checkpoints import load_checkpoint, save_checkpoint_file, 
 
 
 def main(run: str, start: str, out: str) -> None:
-    ckpts = sorted((Path(run) / "ray").glob("*/checkpoint_*"), key=lambda p: p.stat().st_mtime)
-    ckpts = [c for c in ckpts if (c / "ema.pt").is_file()]
+    ckpts = [c for c in (Path(run) / "ray").glob("*/checkpoint_*")
+             if (c / "ema.pt").is_file() and (c / "train_state.json").is_file()]
     if not ckpts:
         raise SystemExit(f"error: no Ray checkpoint with ema.pt under {run}/ray")
-    latest = ckpts[-1]
+    latest = max(ckpts, key=lambda c: json.loads((c / "train_state.json").read_text())["step"])
     ema = torch.load(latest / "ema.pt", map_location="cpu")
     payload = load_checkpoint(start)
     sd = payload["state_dict"]
-    taken = 0
+    taken: set[str] = set()
     for name, value in ema.items():
         key = name.removeprefix("net.").replace("_orig_mod.", "")
         if key in sd:
-            sd[key], taken = value.to(torch.bfloat16).contiguous(), taken + 1
-    if taken != len(sd):
-        raise SystemExit(f"error: the EMA of {latest} covers {taken} of the model's {len(sd)} tensors")
+            sd[key] = value.to(torch.bfloat16).contiguous()
+            taken.add(key)
+    if taken != set(sd):
+        raise SystemExit(f"error: the EMA of {latest} covers {len(taken)} of the model's {len(sd)} tensors")
     from training.loop import data_items
-    state = json.loads((latest / "train_state.json").read_text())
+    state = json.loads((latest / "train_state.json").read_text())  # step, samples seen
     payload.update(digest=state_digest(sd), ema=True, partial_from=str(latest), partial_state=state,
                    data_items=data_items(Path(run) / "data_items.json"))
     size = save_checkpoint_file(Path(out), payload)

@@ -25,6 +25,9 @@ from pipelines.common.shards import Failure, PartResult, Sample, commit_part, co
 
 
 class ItemProcessor(Protocol):
+    """Turns one item into samples. It may also have ``prefetch(items)``: the worker calls it with a part's
+    items before processing them in that order (e.g. to download ahead of the renders)."""
+
     def __call__(self, item: dict[str, Any]) -> list[Sample]: ...
 
 
@@ -73,7 +76,11 @@ class _PartWorker:
         samples: list[Sample] = []
         failures: list[Failure] = []
         ok = 0
-        for item in json.loads(row["items"]):
+        items = json.loads(row["items"])
+        ahead = getattr(self.processor, "prefetch", None)
+        if ahead is not None:  # e.g. downloads that overlap the renders (pipelines/render_objaverse.py)
+            ahead(items)
+        for item in items:
             t0 = time.time()
             try:
                 produced = self.processor(item)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -344,7 +345,7 @@ def parse_sampler(text: str) -> dict[str, object]:
         method, steps, shift = parts[0], int(parts[1]), float(parts[2]) if len(parts) > 2 else 0.0
     except (IndexError, ValueError):
         method = steps = shift = None
-    if len(parts) > 3 or method not in SAMPLER_METHODS or not steps or steps < 1 or shift < 0:
+    if len(parts) > 3 or method not in SAMPLER_METHODS or not steps or steps < 1 or not 0 <= shift < math.inf:
         raise UserError(f"sampler '{text}' must read method:steps[:shift] with method one of "
                         f"{', '.join(SAMPLER_METHODS)}, steps >= 1 and shift >= 0 (e.g. heun:20 or euler:50:2)")
     return {"method": method, "steps": steps, "shift": shift}
@@ -354,10 +355,18 @@ def _sampler_flags(sampler: dict[str, object]) -> list[str]:
     return ["--method", str(sampler["method"]), "--steps", str(sampler["steps"]), "--shift", str(sampler["shift"])]
 
 
+def _sampler_inputs(cfg: ProofConfig) -> dict[str, object]:
+    """What a sampler choice depends on: the candidates and the variants' checkpoints."""
+    return {"samplers": list(cfg.samplers), "variants": {k: str(v) for k, v in variants(cfg).items() if k in TRAINED}}
+
+
 def chosen_sampler(cfg: ProofConfig) -> tuple[str, dict[str, object]]:
-    """The 4D sampler of evaluation: step 'sampler''s choice when it ran, else ``eval_sampler``."""
-    choice = Path(cfg.out) / "sampler" / "choice.json"
-    text = json.loads(choice.read_text())["sampler"] if choice.is_file() else cfg.eval_sampler
+    """The 4D sampler of evaluation: step 'sampler''s choice when it ran for these candidates and variants,
+    else ``eval_sampler``."""
+    path = Path(cfg.out) / "sampler" / "choice.json"
+    choice = json.loads(path.read_text()) if path.is_file() else {}
+    fresh = choice.get("inputs") == _sampler_inputs(cfg)
+    text = choice["sampler"] if fresh else cfg.eval_sampler
     return text, parse_sampler(text)
 
 
@@ -374,11 +383,24 @@ def step_sampler(cfg: ProofConfig) -> None:
     alike) is written to sampler/choice.json, which evaluation and generation then use."""
     _drain(cfg)
     root = Path(cfg.out) / "sampler"
-    if (root / "choice.json").is_file():
+    inputs = _sampler_inputs(cfg)
+    if (root / "choice.json").is_file() and json.loads((root / "choice.json").read_text()).get("inputs") == inputs:
         return
     candidates = {text: parse_sampler(text) for text in cfg.samplers}
     if not candidates:
         raise UserError("step 'sampler' needs at least one --samplers candidate")
+    if not _done(_data(cfg, "render_val")):
+        raise UserError(f"step 'sampler' needs the validation renders {_data(cfg, 'render_val')}: run "
+                        "--steps renders where Blender is (they travel with a GPU call like the other renders)")
+    # scores of other candidates or variants (an earlier sweep) must not be reused: start the folder again
+    if (root / "inputs.json").is_file() and json.loads((root / "inputs.json").read_text()) != inputs:
+        import shutil
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "inputs.json").write_text(json.dumps(inputs, indent=1))
+    if not _done(_data(cfg, "pseudo4d_val")):  # an older run folder: make the validation grids first
+        _jobs(cfg, {"pseudo4d_val": _pseudo4d(cfg, "pseudo4d_val", cfg.val_seed, cfg.pseudo_val_videos,
+                                              cfg.pseudo_args)})
     sets = f"render={_data(cfg, 'render_val')},pseudo4d={_data(cfg, 'pseudo4d_val')}"
     trained = {k: v for k, v in variants(cfg).items() if k in TRAINED}
     jobs = {f"sampler_{text.replace(':', '_')}": _eval_cmd(cfg, sets, trained, s, root / text.replace(":", "_"),
@@ -391,7 +413,7 @@ def step_sampler(cfg: ProofConfig) -> None:
         per_set = {name: sum(rows[k]["psnr"] for k in trained) / len(trained) for name, rows in results.items()}
         scores[text] = {**per_set, "mean": sum(per_set.values()) / len(per_set)}
     best = max(scores, key=lambda t: scores[t]["mean"])
-    (root / "choice.json").write_text(json.dumps({"sampler": best, "scores": scores}, indent=1))
+    (root / "choice.json").write_text(json.dumps({"sampler": best, "scores": scores, "inputs": inputs}, indent=1))
     table = ", ".join(f"{t} {s['mean']:.2f}" for t, s in scores.items())
     print(f"[proof] sampler: {best} (validation PSNR, mean of sets and trained variants: {table})", flush=True)
 
