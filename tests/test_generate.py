@@ -129,12 +129,16 @@ def test_batch_generation_on_ray_data(ray_local, fourd_run, train_grids: Path, t
     from pipelines.generation import run_batch
     cfg = GenerateConfig(checkpoint=_ckpt(fourd_run), manifest=str(manifest), out=str(tmp_path / "batch"),
                          steps=1, method="euler", views=3, frames=4)
-    assert run_batch(cfg) == 1  # one bad pair: non-zero exit, but the others are written
+    assert run_batch(cfg) == 0  # one bad pair is recorded, as the data jobs do; the others are written
     assert (tmp_path / "batch" / "a" / "contact_sheet.png").exists()
     assert (tmp_path / "batch" / "b" / "contact_sheet.png").exists()
     import json
     results = {r["name"]: r for r in json.loads((tmp_path / "batch" / "batch_results.json").read_text())}
     assert not results["broken"]["ok"] and "does not exist" in results["broken"]["error"]
+    # nothing written at all is a failed run
+    pq.write_table(pa.table({"fixed_view": [str(tmp_path / "missing.mp4")], "freeze_time": [pairs[1][1]],
+                             "name": ["broken"]}), tmp_path / "bad.parquet")
+    assert run_batch(dataclasses.replace(cfg, manifest=str(tmp_path / "bad.parquet"), out=str(tmp_path / "bad"))) == 1
 
 
 def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_path: Path) -> None:
