@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[generate] {result['views']}x{result['frames']} grid ({gen.sync}, window {gen.window[0]}x"
           f"{gen.window[1]}) in {result['seconds']:.1f}s")
     print(f"[generate] contact sheet: {result['contact_sheet']}")
-    print(f"[generate] videos: {result['videos']} (rows, columns, bullet_time.mp4)")
+    if result["videos"]:  # without PyAV none are written, and generate_one has said so
+        print(f"[generate] videos: {result['videos']} (rows, columns, bullet_time.mp4)")
     return 0
 
 

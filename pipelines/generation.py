@@ -242,7 +242,7 @@ def write_outputs(grid: torch.Tensor, given: torch.Tensor, out: Path, fps: int, 
         meta = {**meta, "videos": f"not written: {exc}"}
         bullet = ""
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return {"contact_sheet": str(sheet), "videos": str(out / "videos"), "bullet_time": bullet}
+    return {"contact_sheet": str(sheet), "videos": str(out / "videos") if bullet else "", "bullet_time": bullet}
 
 
 def _first_grid(spec: str) -> tuple[np.ndarray, dict]:
