@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml cluster/constraints.txt
 install: $(VENV)/.installed
 
 # Starts a loopback Ray head, runs the pipeline through `ray job submit`, prints where things are.
+# Quiet: one status line per stage, full logs in $(OUT)/logs/; `make demo VERBOSE=1` streams everything.
 demo: install
-	$(PY) -m pipelines.demo --output $(OUT)
+	$(PY) -m pipelines.demo --output $(OUT)$(if $(filter 1 yes true,$(VERBOSE)), --verbose)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -146,7 +146,7 @@ def main() -> None:
     print(f"[bench] {n_src} source videos {sw}x{sh}, 48 frames, H.264: ready in {time.perf_counter() - t0:.1f}s",
           flush=True)
 
-    cfg = PRESETS["full"]()
+    cfg = PRESETS["paper"]()
     cfg.views, cfg.frames, cfg.height, cfg.width = args.views, args.frames, args.size, args.size
     cfg.image_format, cfg.png_mode, cfg.num_cpus = args.image_format, args.png_mode, 1.0
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -173,7 +173,7 @@ def main() -> None:
         if out.exists():
             import shutil
             shutil.rmtree(out)
-        cfg_args = ["--preset", "full", "--input", str(src_dir), "--output", str(out), "--limit", str(args.ray_videos),
+        cfg_args = ["--preset", "paper", "--input", str(src_dir), "--output", str(out), "--limit", str(args.ray_videos),
                     "--views", str(args.views), "--frames", str(args.frames), "--height", str(args.size),
                     "--width", str(args.size), "--image-format", args.image_format, "--png-mode", args.png_mode,
                     "--items-per-part", "8"]

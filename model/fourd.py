@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -44,12 +45,6 @@ from einops import rearrange
 
 from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, VideoDiT, block_flops
 
-SYNC_VARIANTS = ("soft", "hard", "hard_channel", "sequential", "train_free_hard", "train_free_soft",
-                 "train_free_sequential")
-TRAINED_SYNC_VARIANTS = ("soft", "hard", "hard_channel", "sequential")
-"""The variants with synchronization parameters to train (the others run on a base checkpoint as they are)."""
-TRAIN_FREE_SYNC_VARIANTS = tuple(v for v in SYNC_VARIANTS if v not in TRAINED_SYNC_VARIANTS)
-"""The variants without trained parameters (Eqs. 12-13 and sequential): any base checkpoint runs them."""
 SOFT_INITS = ("zero", "schedule")
 
 
@@ -61,8 +56,8 @@ class FourDConfig:
     """Soft sync initialisation: "zero" (streams start independent) or "schedule" (Eq. 13 weights)."""
 
     def __post_init__(self) -> None:
-        if self.sync not in SYNC_VARIANTS:
-            raise ValueError(f"unknown sync variant {self.sync!r}; choose one of {SYNC_VARIANTS}")
+        if self.sync not in SYNCS:
+            raise ValueError(f"unknown sync variant {self.sync!r}; choose one of {tuple(SYNCS)}")
         if self.soft_init not in SOFT_INITS:
             raise ValueError(f"unknown soft_init {self.soft_init!r}; choose one of {SOFT_INITS}")
 
@@ -130,6 +125,107 @@ class HardSync(nn.Module):
         return merged.to(yv.dtype)
 
 
+class Passes(NamedTuple):
+    """What a sync variant's layer step gets besides the tokens: the base block run along each axis."""
+    view: Callable[..., torch.Tensor]
+    """view(block, g): the block over every time column (V frames of one instant), freeze-time context."""
+    time: Callable[..., torch.Tensor]
+    """time(block, g, attn=None): the block over every view row (T frames of one camera), dynamic context."""
+    flat: Callable[[torch.Tensor], torch.Tensor]
+    """[B, V, T, n, d] -> [B, V*T*n, d], the token layout the sync layers take."""
+    temb: torch.Tensor
+    """[B, width] flow-time embedding (the sync layers' modulation)."""
+
+
+@dataclass(frozen=True)
+class SyncVariant:
+    """One synchronization variant: the trainable layers it adds to the model and what one layer does.
+
+    Adding a variant is one ``SYNCS`` entry: its layer step, and for a trained one a ``build`` returning an
+    ``nn.ModuleList`` stored as ``FourDModel.<attr>`` (the attribute names its state-dict keys, so shipped
+    checkpoints keep loading) and the FLOPs its layers add per token.
+    """
+    step: Callable[["FourDModel", int, nn.Module, torch.Tensor, torch.Tensor, Passes],
+                   tuple[torch.Tensor, torch.Tensor]]
+    """(model, layer index, base block, x^v, x^t, passes) -> the next layer's (x^v, x^t)."""
+    attr: str = ""
+    """FourDModel attribute holding the trainable layers ("" = parameter-free, nothing to train)."""
+    build: Callable[[VideoDiT, "FourDConfig"], nn.ModuleList] | None = None
+    compile_layers: bool = False
+    """torch.compile each of its layers with the base blocks (small fused GEMMs gain; copied attention is
+    compiled through the block that runs it)."""
+    flops_per_token: Callable[[int], float] = lambda width: 0.0
+    """Forward FLOPs its sync layer adds per token and layer, given the model width."""
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.attr)
+
+
+def _sequential(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
+                p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5: the view pass, then the time pass, in one stream (the copied time attention if trained)."""
+    attn = model.time_attn[l] if model.time_attn is not None else None
+    x = p.time(block, p.view(block, xv), attn)
+    return x, x
+
+
+def _soft(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
+          p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
+    yv, yt = p.view(block, xv), p.time(block, xt)  # Eq. 4, independent and parallel
+    sv, st = model.soft[l](p.flat(yv), p.flat(yt), p.temb)
+    return sv.view_as(yv), st.view_as(yt)
+
+
+def _hard(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
+          p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
+    yv, yt = p.view(block, xv), p.time(block, xt)
+    x = model.hard[l](p.flat(yv), p.flat(yt), p.temb).view_as(yv)
+    return x, x
+
+
+def _train_free_hard(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
+                     p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
+    yv, yt = p.view(block, xv), p.time(block, xt)
+    x = 0.5 * (yv + yt)  # Eq. 12
+    return x, x
+
+
+def _train_free_soft(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
+                     p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
+    yv, yt = p.view(block, xv), p.time(block, xt)
+    w = schedule_weight(l, len(model.base.blocks))  # Eq. 13
+    return (1 - w) * yv + w * yt, (1 - w) * yt + w * yv
+
+
+def _build_soft(base: VideoDiT, cfg: "FourDConfig") -> nn.ModuleList:
+    depth = base.cfg.depth
+    return nn.ModuleList(SoftSync(base.cfg.width, None if cfg.soft_init == "zero" else schedule_weight(l, depth))
+                         for l in range(depth))
+
+
+SYNCS: dict[str, SyncVariant] = {
+    "soft": SyncVariant(_soft, "soft", _build_soft, compile_layers=True,
+                        flops_per_token=lambda w: 2.0 * (2 * w) ** 2),  # one 2w x 2w map
+    "hard": SyncVariant(_hard, "hard", lambda base, cfg: nn.ModuleList(
+        HardSync(base.cfg.width, full=True) for _ in base.blocks), compile_layers=True,
+                        flops_per_token=lambda w: 2.0 * 2 * w ** 2),  # two w x w maps
+    "hard_channel": SyncVariant(_hard, "hard", lambda base, cfg: nn.ModuleList(
+        HardSync(base.cfg.width, full=False) for _ in base.blocks), compile_layers=True),
+    "sequential": SyncVariant(_sequential, "time_attn", lambda base, cfg: nn.ModuleList(
+        copy.deepcopy(b.attn).requires_grad_(True) for b in base.blocks)),
+    "train_free_hard": SyncVariant(_train_free_hard),
+    "train_free_soft": SyncVariant(_train_free_soft),
+    "train_free_sequential": SyncVariant(_sequential),
+}
+"""Every synchronization variant by name: the one place a variant is defined (docs/extending.md)."""
+SYNC_VARIANTS = tuple(SYNCS)
+TRAINED_SYNC_VARIANTS = tuple(k for k, v in SYNCS.items() if v.trained)
+"""The variants with synchronization parameters to train (the others run on a base checkpoint as they are)."""
+TRAIN_FREE_SYNC_VARIANTS = tuple(k for k, v in SYNCS.items() if not v.trained)
+"""The variants without trained parameters (Eqs. 12-13 and sequential): any base checkpoint runs them."""
+
+
 class FourDModel(nn.Module):
     """Velocity model over grids [B, V, T, C, H, W] built on a frozen VideoDiT."""
 
@@ -138,15 +234,14 @@ class FourDModel(nn.Module):
         self.cfg = cfg = cfg or FourDConfig()
         self.base = base
         base.requires_grad_(False)
-        d, depth = base.cfg.width, base.cfg.depth
-        self.soft = self.hard = self.time_attn = None
-        if cfg.sync == "soft":
-            self.soft = nn.ModuleList(
-                SoftSync(d, None if cfg.soft_init == "zero" else schedule_weight(l, depth)) for l in range(depth))
-        elif cfg.sync in ("hard", "hard_channel"):
-            self.hard = nn.ModuleList(HardSync(d, full=cfg.sync == "hard") for _ in range(depth))
-        elif cfg.sync == "sequential":
-            self.time_attn = nn.ModuleList(copy.deepcopy(b.attn).requires_grad_(True) for b in base.blocks)
+        self.soft = self.hard = self.time_attn = None  # the variant's layers take one of these names
+        if self.variant.build is not None:
+            setattr(self, self.variant.attr, self.variant.build(base, cfg))
+
+    @property
+    def variant(self) -> SyncVariant:
+        """The registry entry of ``cfg.sync`` (looked up, not stored: the model stays picklable)."""
+        return SYNCS[self.cfg.sync]
 
     def sync_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters (everything of the base model stays frozen)."""
@@ -155,8 +250,8 @@ class FourDModel(nn.Module):
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile the base blocks and the sync layers in place."""
         self.base.compile_blocks(**kwargs)
-        for layers in (self.soft, self.hard):
-            for layer in layers or ():
+        if self.variant.compile_layers:
+            for layer in getattr(self, self.variant.attr):
                 layer.compile(**kwargs)
 
     def train(self, mode: bool = True) -> "FourDModel":
@@ -169,7 +264,7 @@ class FourDModel(nn.Module):
                 text_mask: torch.Tensor | None = None,
                 return_streams: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Velocity for a noisy grid x [B, V, T, C, H, W]; cond/mask mark the given (clean) frames."""
-        base, cfg = self.base, self.cfg
+        base = self.base
         if x.dim() != 6:
             raise ValueError(f"x must be a grid [B, V, T, C, H, W], got shape {tuple(x.shape)}")
         B, V, T, C, H, W = x.shape
@@ -206,23 +301,10 @@ class FourDModel(nn.Module):
         def flat(g: torch.Tensor) -> torch.Tensor:
             return g.view(B, V * T * n, d)
 
+        passes = Passes(view_pass, time_pass, flat, temb)
         xv = xt = grid
         for l, block in enumerate(base.blocks):
-            if cfg.sync in ("sequential", "train_free_sequential"):  # Eq. 5
-                attn = self.time_attn[l] if self.time_attn is not None else None
-                xv = xt = time_pass(block, view_pass(block, xv), attn)
-                continue
-            yv, yt = view_pass(block, xv), time_pass(block, xt)  # Eq. 4, independent and parallel
-            if cfg.sync == "soft":
-                sv, st = self.soft[l](flat(yv), flat(yt), temb)
-                xv, xt = sv.view_as(yv), st.view_as(yt)
-            elif self.hard is not None:
-                xv = xt = self.hard[l](flat(yv), flat(yt), temb).view_as(yv)
-            elif cfg.sync == "train_free_hard":  # Eq. 12
-                xv = xt = 0.5 * (yv + yt)
-            else:  # train_free_soft, Eq. 13
-                w = schedule_weight(l, len(base.blocks))
-                xv, xt = (1 - w) * yv + w * yt, (1 - w) * yt + w * yv
+            xv, xt = self.variant.step(self, l, block, xv, xt, passes)
 
         out_view = base.final(xv.reshape(B, V * T, n, d), c_view, H, W).reshape(B, V, T, C, H, W)
         out_time = base.final(xt.reshape(B, V * T, n, d), c_time, H, W).reshape(B, V, T, C, H, W)
@@ -237,11 +319,7 @@ class FourDModel(nn.Module):
         tokens = views * frames * n
         lin_v, att_v = block_flops(bc.width, bc.mlp_hidden, views * n, frames)  # view stream: T columns of V frames
         lin_t, att_t = block_flops(bc.width, bc.mlp_hidden, frames * n, views)  # time stream: V rows of T frames
-        sync = 0.0
-        if self.cfg.sync == "soft":
-            sync = 2.0 * tokens * (2 * bc.width) ** 2
-        elif self.cfg.sync == "hard":  # two width x width maps per token
-            sync = 2.0 * tokens * 2 * bc.width ** 2
+        sync = tokens * self.variant.flops_per_token(bc.width)
         io = 2 * tokens * bc.width * p * p * (bc.in_channels + 1) + 2 * 2 * tokens * bc.width * p * p * bc.in_channels
         return {"frozen_matmul": bc.depth * (lin_v + lin_t) + io, "attention": bc.depth * (att_v + att_t),
                 "sync": bc.depth * sync}

@@ -30,11 +30,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
 from pipelines.common.config import parse_config, run_cli  # noqa: E402
-from pipelines.evaluation import EvalConfig, evaluate, parse_grid_sets  # noqa: E402
+from pipelines.evaluation import PRESETS, EvalConfig, evaluate, parse_grid_sets  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(EvalConfig, {"default": EvalConfig}, argv, description=__doc__, default_preset="default")
+    cfg, _ = parse_config(EvalConfig, PRESETS, argv, description=__doc__,
+                          default_preset=None)  # a plain run: EvalConfig's defaults (PRESET_TABLE)
     parse_grid_sets(cfg.grids)  # a clear error before anything is written
     evaluate(dataclasses.replace(cfg, out=str(Path(cfg.out).resolve())))
     return 0

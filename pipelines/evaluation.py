@@ -9,19 +9,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from model.fourd import TRAIN_FREE_SYNC_VARIANTS
-from model.rectified_flow import SAMPLER_METHODS
-from pipelines.common.config import ConfigError, check_choices, doc, ensure_output_dir, flatten, write_resolved
+from pipelines.common.config import (ConfigError, doc, ensure_output_dir, flatten, preset_table,
+                                     write_resolved)
 from pipelines.common.errors import UserError
+from pipelines.generation import SamplerOptions
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplerOptions):
     grids: list[str] = doc(text="held-out grid sets, comma-separated, each a path or name=path (a render output "
                                 "folder, its shards/ folder or a tar glob), e.g. render=outputs/heldout_render,"
                                 "pseudo4d=outputs/heldout_pseudo4d; each set is reported separately",
@@ -35,10 +36,6 @@ class EvalConfig:
     max_grids: int = doc(8, "held-out grids evaluated per set")
     views: int = doc(0, "grid views evaluated (0 = the model's window)")
     frames: int = doc(0, "grid time steps evaluated (0 = the model's window)")
-    steps: int = doc(20, "sampling steps")
-    method: Literal[SAMPLER_METHODS] = doc("heun", "sampler: Euler (one model call per step) or Heun (two)")
-    shift: float = doc(0.0, "noise-level shift of the sampler (0 = each model's own flow_shift)")
-    seed: int = doc(0, "noise seed (the same for every variant)")
     compile: bool = doc(False, "torch.compile the models on a GPU (off: a few batches per variant do not repay "
                         "a compile per variant and batch shape, and parallel compiles starve other jobs' CPUs)")
     batch: int = doc(16, "held-out grids sampled together, one model call per step for all of them (a grid's "
@@ -49,14 +46,31 @@ class EvalConfig:
     mlflow_uri: str = doc("", "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the report folder; "
                           "'none': no tracking, report files only)")
     experiment: str = doc("4real-eval", "MLflow experiment")
-    device: str = doc("auto", "cuda, cpu or auto")
 
     def validate(self) -> None:
-        check_choices(self)
-        if self.shift < 0:
-            raise ConfigError(f"--shift must be positive (or 0 for each model's own), got {self.shift}")
+        self.validate_sampler()
         if self.batch < 1:
             raise ConfigError(f"--batch must be >= 1 (grids sampled together), got {self.batch}")
+
+
+PRESET_TABLE: dict[str, dict[str, Any]] = {
+    # Tests: seconds on CPU. One grid per set, two Euler steps, report files only (no MLflow store).
+    "tiny": dict(max_grids=1, steps=2, method="euler", batch=1, mlflow_uri="none", out="outputs/tiny/eval"),
+    # `make demo` on 2 cores: 2 grids per set at 10 Euler steps, the demo's generation sampler.
+    "demo": dict(max_grids=2, steps=10, method="euler", out="outputs/demo/eval"),
+    # The proof run's evaluation (training/recipes/proof.py): 16 held-out grids per set, 20 Euler steps, the
+    # sampler chosen on its validation sets (docs/results.md, step 'sampler').
+    "proof": dict(max_grids=16, steps=20, method="euler", out="outputs/proof/eval"),
+    # One GPU: twice the proof's grids per set (two batches), its sampler.
+    "small": dict(max_grids=32, steps=20, method="euler", out="outputs/small/eval"),
+    # A cluster's model: 64 grids per set; the sampler stays the one measured best (no paper-scale model has
+    # been trained here to choose another on).
+    "paper": dict(max_grids=64, steps=20, method="euler", out="outputs/paper/eval"),
+}
+"""The evaluate presets (pipelines.common.config.PRESET_NAMES), as field overrides of EvalConfig. A run without
+--preset gets EvalConfig's own defaults, which are no preset."""
+
+PRESETS: dict[str, Callable[[], EvalConfig]] = preset_table(EvalConfig, PRESET_TABLE)
 
 
 # ---------------------------------------------------------------- held-out sets

@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
 from pipelines.common.config import ensure_output_dir, parse_config, run_cli, write_resolved  # noqa: E402
-from pipelines.generation import GenerateConfig, Generator4D, generate_one, run_batch  # noqa: E402
+from pipelines.generation import PRESETS, GenerateConfig, Generator4D, generate_one, run_batch  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(GenerateConfig, {"default": GenerateConfig}, argv, description=__doc__,
-                          default_preset="default")
+    cfg, _ = parse_config(GenerateConfig, PRESETS, argv, description=__doc__,
+                          default_preset=None)  # a plain run: GenerateConfig's defaults (PRESET_TABLE)
     out = ensure_output_dir(Path(cfg.out).resolve())  # an unusable output is one line, before a model loads
     if cfg.manifest:
         write_resolved(cfg, out)

@@ -10,18 +10,39 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
 from model.rectified_flow import SAMPLER_METHODS
-from pipelines.common.config import ConfigError, check_choices, doc
+from pipelines.common.config import ConfigError, check_choices, doc, preset_table
 from pipelines.common.errors import UserError
 
 
 @dataclass
-class GenerateConfig:
+class SamplerOptions:
+    """The 4D sampler's options, one definition for generation and evaluation (both configs inherit them)."""
+
+    steps: int = doc(20, "sampling steps of the 4D model")
+    method: Literal[SAMPLER_METHODS] = doc("euler", "sampler: Euler (one model call per step) or Heun (two). "
+                                           "Euler at 20 steps scored above Heun at 20 and both at 50 on the "
+                                           "proof run's validation sets, at half Heun's cost (docs/results.md)")
+    shift: float = doc(0.0, "noise-level shift of the 4D sampler's schedule (0 = the flow_shift the model was "
+                       "trained with, from its checkpoint)")
+    seed: int = doc(0, "noise seed (evaluation: the same for every variant)")
+    device: str = doc("auto", "cuda, cpu or auto")
+
+    def validate_sampler(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if self.shift < 0:
+            raise ConfigError(f"--shift must be positive (or 0 for the model's own), got {self.shift}")
+        check_choices(self)
+
+
+@dataclass
+class GenerateConfig(SamplerOptions):
     checkpoint: str = doc("", "4D checkpoint: a checkpoint_final folder, model.pt, or runs:/<mlflow run id>")
     sync: str = doc("", "override the checkpoint's sync variant (e.g. train_free_soft or train_free_sequential "
                      "on a base checkpoint)")
@@ -34,17 +55,11 @@ class GenerateConfig:
     out: str = doc("outputs/generated", "output folder")
     views: int = doc(0, "grid views V to generate (0 = length of the freeze-time video)")
     frames: int = doc(0, "grid time steps T (0 = length of the fixed-view video)")
-    steps: int = doc(20, "sampling steps of the 4D model")
     upsampler_steps: int = doc(0, "sampling steps of the upsampler (0 = its own default, saved with it: 2 for "
                                "the proof upsampler, chosen on validation clips; docs/results.md, run 6)")
-    method: Literal[SAMPLER_METHODS] = doc("heun", "sampler: Euler (one model call per step) or Heun (two)")
-    shift: float = doc(0.0, "noise-level shift of the 4D sampler's schedule (0 = the flow_shift the model was "
-                       "trained with, from its checkpoint)")
     overlap: int = doc(1, "rows/columns shared by neighbouring sliding windows")
     corner_psnr: float = doc(20.0, "the two inputs' first frames must agree to this PSNR (dB) after resizing")
     fps: int = doc(8, "frame rate of the MP4s")
-    seed: int = doc(0, "noise seed")
-    device: str = doc("auto", "cuda, cpu or auto")
     compile: bool = doc(True, "torch.compile the model's blocks on a GPU: pays off over many grids of one size "
                         "(each new batch or grid shape compiles again)")
     concurrency: int = doc(1, "batch mode: model actors")
@@ -58,15 +73,34 @@ class GenerateConfig:
                 raise ConfigError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if self.upsampler_steps < 0:
             raise ConfigError(f"--upsampler-steps must be 0 (the upsampler's own) or more, got {self.upsampler_steps}")
-        for name in ("steps", "fps", "concurrency"):
+        for name in ("fps", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.shift < 0:
-            raise ConfigError(f"--shift must be positive (or 0 for the model's own), got {self.shift}")
-        check_choices(self)
+        self.validate_sampler()
         if self.views == 1 or self.frames == 1:
             raise ConfigError("--views and --frames must be at least 2 (a 4D grid has a given first row and "
                               "column and something to generate), or 0 for the inputs' lengths")
+
+
+PRESET_TABLE: dict[str, dict[str, Any]] = {
+    # Tests: seconds on CPU. Two Euler steps (one model call each) and one upsampler step: enough to run every
+    # path (sliding windows, upsampler, outputs) whatever the result looks like.
+    "tiny": dict(steps=2, method="euler", upsampler_steps=1, compile=False, out="outputs/tiny/generated"),
+    # `make demo` on 2 cores: 10 Euler steps, what the demo runs the shipped proof model with (pipelines/demo.py).
+    "demo": dict(steps=10, method="euler", compile=False, out="outputs/demo/generated"),
+    # The proof run's sampler: 20 Euler steps, chosen on its validation sets over heun:20 and the 50-step ones
+    # (docs/results.md, step 'sampler'); the upsampler at its own saved steps.
+    "proof": dict(steps=20, method="euler", out="outputs/proof/generated"),
+    # One GPU: the proof's measured sampler; a --manifest batch runs one actor on the GPU.
+    "small": dict(steps=20, method="euler", concurrency=1, gpus_per_actor=1.0, out="outputs/small/generated"),
+    # A cluster: --manifest batches over 8 GPU actors. The sampler stays the one measured best (no paper-scale
+    # model has been trained here to choose another on).
+    "paper": dict(steps=20, method="euler", concurrency=8, gpus_per_actor=1.0, out="outputs/paper/generated"),
+}
+"""The generate presets (pipelines.common.config.PRESET_NAMES), as field overrides of GenerateConfig. A run
+without --preset gets GenerateConfig's own defaults, which are no preset."""
+
+PRESETS: dict[str, Callable[[], GenerateConfig]] = preset_table(GenerateConfig, PRESET_TABLE)
 
 
 def read_frames(path: str) -> np.ndarray:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,7 +32,8 @@ if __package__ in (None, ""):  # run as a script (ray job submit ... python pipe
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_extent, warp_views
-from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
+from pipelines.common.config import (ConfigError, check_same_content, doc, parse_config, preset_table, run_cli,
+                                     write_resolved)
 from pipelines.common.errors import UserError
 from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
@@ -106,33 +107,30 @@ class Pseudo4DConfig:
             raise ConfigError("procedural.count must be >= 0 and procedural.frames >= 2")
 
 
-def _preset(**kw: Any) -> Pseudo4DConfig:
-    nested = {k: kw.pop(k) for k in ("transform", "procedural") if k in kw}
-    cfg = Pseudo4DConfig(**kw)
-    if "transform" in nested:
-        cfg.transform = TransformConfig(**nested["transform"])
-    if "procedural" in nested:
-        cfg.procedural = ProceduralConfig(**nested["procedural"])
-    return cfg
-
-
-PRESETS = {
-    # make demo: 4 synthetic videos -> 4 x 8 grids at 64x64 in a few seconds of work.
-    "demo": lambda: _preset(output="outputs/demo/pseudo4d", views=4, frames=8, height=64, width=64, fps=12.0,
-                            items_per_part=2,
-                            procedural=dict(count=4, width=128, height=96, frames=24, fps=24.0)),
+PRESET_TABLE: dict[str, dict[str, Any]] = {
     # tests: 32x32, 3 views, 4 frames.
-    "tiny": lambda: _preset(output="outputs/tiny/pseudo4d", views=3, frames=4, height=32, width=32, fps=12.0,
-                            items_per_part=4, procedural=dict(count=3, width=64, height=48, frames=12, fps=24.0)),
+    "tiny": dict(output="outputs/tiny/pseudo4d", views=3, frames=4, height=32, width=32, fps=12.0, items_per_part=4,
+                 procedural=dict(count=3, width=64, height=48, frames=12, fps=24.0)),
+    # make demo: 4 synthetic videos -> 4 x 8 grids at 64x64 in a few seconds of work.
+    "demo": dict(output="outputs/demo/pseudo4d", views=4, frames=8, height=64, width=64, fps=12.0, items_per_part=2,
+                 procedural=dict(count=4, width=128, height=96, frames=24, fps=24.0)),
     # The GPU proof run (docs/results.md): 8 x 8 grids at 64x64 from synthetic videos, made on the GPU node
     # itself (no codec, so no PyAV there); 48-frame sources give each grid its own clip start.
-    "proof": lambda: _preset(output="outputs/proof/pseudo4d", views=8, frames=8, height=64, width=64, fps=8.0,
-                             items_per_part=64, concurrency=8,
-                             procedural=dict(count=3000, width=128, height=96, frames=48, fps=24.0, codec="none")),
-    # the paper's grid: 8 x 8 at 256x256 from real videos.
-    "full": lambda: _preset(output="outputs/pseudo4d", views=8, frames=8, height=256, width=256, fps=8.0,
-                            items_per_part=32, procedural=dict(count=64, width=480, height=270, frames=48)),
+    "proof": dict(output="outputs/proof/pseudo4d", views=8, frames=8, height=64, width=64, fps=8.0,
+                  items_per_part=64, concurrency=8,
+                  procedural=dict(count=3000, width=128, height=96, frames=48, fps=24.0, codec="none")),
+    # One machine: the paper's grid (below) with a worker per core of a 16-core node (one decode thread each,
+    # the efficient layout; docs/performance.md).
+    "small": dict(output="outputs/small/pseudo4d", views=8, frames=8, height=256, width=256, fps=8.0,
+                  items_per_part=32, concurrency=16, procedural=dict(count=64, width=480, height=270, frames=48)),
+    # the paper's grid: 8 x 8 at 256x256 from real videos (--input; set --concurrency to the cluster's cores).
+    "paper": dict(output="outputs/pseudo4d", views=8, frames=8, height=256, width=256, fps=8.0, items_per_part=32,
+                  procedural=dict(count=64, width=480, height=270, frames=48)),
 }
+"""The pseudo-4D presets (pipelines.common.config.PRESET_NAMES), as field overrides of Pseudo4DConfig (nested
+sections as nested dicts). A run without --preset gets ``demo``."""
+
+PRESETS: dict[str, Callable[[], Pseudo4DConfig]] = preset_table(Pseudo4DConfig, PRESET_TABLE)
 
 
 # ---------------------------------------------------------------- inputs
@@ -391,7 +389,8 @@ def check_resume_settings(cfg: Pseudo4DConfig, output: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_config(Pseudo4DConfig, PRESETS, argv, description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_config(Pseudo4DConfig, PRESETS, argv, description=__doc__.split("\n\n")[0],
+                          default_preset="demo")
     items = list_items(cfg)
     output = Path(cfg.output)
     check_resume_settings(cfg, output)

@@ -19,12 +19,13 @@ import tempfile
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 if __package__ in (None, ""):  # run as a script (ray job submit ... python pipelines/render_objaverse.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.config import ConfigError, check_same_content, doc, parse_config, run_cli, write_resolved
+from pipelines.common.config import (ConfigError, check_same_content, doc, parse_config, preset_table, run_cli,
+                                     write_resolved)
 from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
 from pipelines.common.errors import ItemError
@@ -43,7 +44,7 @@ ASSET_EXTENSIONS = (".glb", ".gltf", ".fbx", ".obj")
 class RenderJobConfig:
     """Options of the render job (every field is also a --flag)."""
 
-    source: str = doc("procedural", "where assets come from: objaverse | local | procedural")
+    source: str = doc("procedural", "where assets come from: objaverse | local | procedural (SOURCES)")
     input: str = doc("", "objaverse: a uid list (.txt/.json/.parquet with 'uid'; default: the shipped 15,081 "
                          "animated uids, pipelines/data/objaverse/), or 'annotations' for every object whose "
                          "annotation counts an animation; local: a directory, a glob, or a Parquet manifest with "
@@ -96,7 +97,7 @@ class RenderJobConfig:
     retry_failed: bool = doc(False, "retry assets recorded as failed by an earlier run")
     ray_address: str = doc("", "Ray cluster address (default: RAY_ADDRESS or a private local Ray)")
     dry_run: bool = doc(False, "skip downloads and Blender; write tiny fake frames (tests listing, sharding, resume)")
-    inject_faults: dict = doc(text="testing only: {item_id: hang|crash} makes that asset's Blender hang or die",
+    inject_faults: dict = doc(text="testing only: {item_id or uid: hang|crash} makes that asset's Blender hang or die",
                               factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,8 +111,7 @@ class RenderJobConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
-        need(self.source in ("objaverse", "local", "procedural"),
-             f"--source must be objaverse, local or procedural; got {self.source!r}")
+        need(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}; got {self.source!r}")
         need(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         need(self.denoise_quality in DENOISE_QUALITY, f"--denoise-quality must be one of {', '.join(DENOISE_QUALITY)}")
         need(self.denoise_prefilter in DENOISE_PREFILTER,
@@ -165,26 +165,33 @@ and how many workers, may change). The source and the split (train and test rend
 output), then every RenderSettings field the job sets but ``threads`` (speed only), by option name."""
 
 
-PRESETS = {
-    # What a plain run gets: 8 views x 16 frames at 144x256 (9:16), 16 spp, the measured 60-degree arc.
-    "default": RenderJobConfig,
-    # What `make demo` renders: a couple of minutes on 2 cores, at the base model's own 72x128.
-    "demo": lambda: RenderJobConfig(source="procedural", count=3, max_actions=2, views=4, frames=8, height=72,
-                                    width=128, samples=16, items_per_part=2, timeout_s=300.0),
+PRESET_TABLE: dict[str, dict[str, Any]] = {
     # Tests: as small as still means something, still 9:16 so every test renders a non-square frame.
-    "tiny": lambda: RenderJobConfig(source="procedural", count=2, max_actions=2, views=2, frames=2, height=18,
-                                    width=32, samples=1, denoise=False, items_per_part=2, timeout_s=120.0),
+    "tiny": dict(source="procedural", count=2, max_actions=2, views=2, frames=2, height=18, width=32, samples=1,
+                 denoise=False, items_per_part=2, timeout_s=120.0),
+    # What `make demo` renders: a couple of minutes on 2 cores, at the base model's own 72x128.
+    "demo": dict(source="procedural", count=3, max_actions=2, views=4, frames=8, height=72, width=128, samples=16,
+                 items_per_part=2, timeout_s=300.0),
     # The GPU proof run (docs/results.md): procedural assets at the proof model's own 64x64, 8 views x 8 frames
     # (its 4D window); 8 frames rather than 16 so the shards travel to the GPU machine (64 MiB a call).
-    "proof": lambda: RenderJobConfig(source="procedural", count=56, max_actions=2, views=8, frames=8, height=64,
-                                     width=64, samples=16, items_per_part=8, timeout_s=600.0),
+    "proof": dict(source="procedural", count=56, max_actions=2, views=8, frames=8, height=64, width=64, samples=16,
+                  items_per_part=8, timeout_s=600.0),
+    # One machine (the one beside the GPU of the `small` training presets): the paper's renders of the first
+    # 2,000 uids of the shipped list, with CPU Cycles in 8 actors of 2 cores (a 16-core node).
+    "small": dict(source="objaverse", limit=2000, views=8, frames=16, height=144, width=256, samples=16,
+                  items_per_part=8, concurrency=8, cpus_per_worker=2.0),
     # The paper's setting, for a cluster. 144x256 rather than 288x512: the paper uses renders only to fine-tune
     # the 4D model's sync layers, which run at the base model's 72x128 (4.1); 2x that is anti-aliasing for the
     # loader's area resize, while 288x512 would cost 4x the path tracing for pixels averaged away. (Renders for
     # the x4 upsampler would need --height 288 --width 512.)
-    "paper": lambda: RenderJobConfig(source="objaverse", views=8, frames=16, height=144, width=256, samples=16,
-                                     items_per_part=8, concurrency=16, cpus_per_worker=2.0),
+    "paper": dict(source="objaverse", views=8, frames=16, height=144, width=256, samples=16, items_per_part=8,
+                  concurrency=16, cpus_per_worker=2.0),
 }
+"""The render presets (pipelines.common.config.PRESET_NAMES), as field overrides of RenderJobConfig. A run
+without --preset gets RenderJobConfig's own defaults, which are no preset: 8 views x 16 frames at 144x256 (9:16),
+16 spp, the measured 60-degree arc, 3 procedural assets."""
+
+PRESETS: dict[str, Callable[[], RenderJobConfig]] = preset_table(RenderJobConfig, PRESET_TABLE)
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -200,24 +207,43 @@ def _local_items(spec: str, limit: int) -> list[dict[str, Any]]:
         unique = len(set(stems)) == len(stems)
         uids = [safe_key(s) if unique else safe_key(os.path.relpath(x, os.path.commonpath(paths)))
                 for s, x in zip(stems, paths)]
-    items = [{"item_id": u, "uid": u, "path": os.path.abspath(x)} for u, x in zip(uids, paths)]
+    # The readable name (uid) plus the file's fingerprint is the item's identity: another file under the same
+    # name (a second scene.gltf elsewhere) or a changed file is a new item, rendered rather than skipped as done.
+    items = [{"item_id": f"{u}-{source_fingerprint(x)}", "uid": u, "path": os.path.abspath(x)}
+             for u, x in zip(uids, paths)]
     return items[:limit] if limit else items
 
 
-def list_items(cfg: RenderJobConfig, stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
-    """The job's items; ``stats`` receives what the objaverse filters (split, licence) dropped."""
-    if cfg.source == "procedural":
-        from rendering.procedural import kind_for
-        n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
-        # The id names the asset's own seed and the kind derives from that seed, so proc-000007 is the same
-        # asset whatever --seed started the list (held-out sets are rendered with other seeds).
-        return [{"item_id": f"proc-{cfg.seed + i:06d}", "uid": f"proc-{cfg.seed + i:06d}",
-                 "kind": kind_for(cfg.seed + i), "seed": cfg.seed + i} for i in range(n)]
-    if cfg.source == "local":
-        if not cfg.input:
-            raise UserError("--source local needs --input (a directory, a glob or a Parquet manifest)")
-        return _local_items(cfg.input, cfg.limit)
-    stats = stats if stats is not None else {}
+def source_fingerprint(path: str) -> str:
+    """10 hex digits naming a local asset file by its full path, size and modification time: what make and
+    rsync compare. (Hashing every file's bytes would read the whole collection on the driver before the first
+    render; a glTF's external buffers are not covered, touch the .gltf when they change.)"""
+    import hashlib
+    full = os.path.abspath(path)
+    try:
+        st = os.stat(full)
+        sig = f"{full}\0{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:  # a URL in a manifest, or a dry run's made-up paths: the path alone
+        sig = path if "://" in path else full
+    return hashlib.sha1(sig.encode()).hexdigest()[:10]
+
+
+def _list_procedural(cfg: RenderJobConfig, stats: dict[str, int]) -> list[dict[str, Any]]:
+    from rendering.procedural import kind_for
+    n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
+    # The id names the asset's own seed and the kind derives from that seed, so proc-000007 is the same
+    # asset whatever --seed started the list (held-out sets are rendered with other seeds).
+    return [{"item_id": f"proc-{cfg.seed + i:06d}", "uid": f"proc-{cfg.seed + i:06d}",
+             "kind": kind_for(cfg.seed + i), "seed": cfg.seed + i} for i in range(n)]
+
+
+def _list_local(cfg: RenderJobConfig, stats: dict[str, int]) -> list[dict[str, Any]]:
+    if not cfg.input:
+        raise UserError("--source local needs --input (a directory, a glob or a Parquet manifest)")
+    return _local_items(cfg.input, cfg.limit)
+
+
+def _list_objaverse(cfg: RenderJobConfig, stats: dict[str, int]) -> list[dict[str, Any]]:
     if cfg.input == "annotations":
         uids = None
     else:
@@ -241,28 +267,34 @@ def list_items(cfg: RenderJobConfig, stats: dict[str, int] | None = None) -> lis
     return items
 
 
+def list_items(cfg: RenderJobConfig, stats: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The job's items; ``stats`` receives what the source's filters (e.g. objaverse's split, licence) dropped."""
+    return SOURCES[cfg.source].list_items(cfg, stats if stats is not None else {})
+
+
 def _cache_dir(cfg: RenderJobConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(tempfile.gettempdir()) / "render-asset-cache"
 
 
 # ---------------------------------------------------------------------------------------------- processing
 
-def to_samples(uid: str, result: dict[str, Any]) -> list[Sample]:
-    """Shard samples from a worker result; keys are ``<uid>__<action>``, made unique per asset."""
+def to_samples(item_id: str, result: dict[str, Any]) -> list[Sample]:
+    """Shard samples from a worker result; keys are ``<item id>__<action>``, made unique per asset."""
     out = []
     used: set[str] = set()
     for s in result["samples"]:
         meta, cams = s["meta"], s["cameras"]
         files = dict(s["files"])
         files["cameras.json"] = json_bytes(cams)
+        meta["item_id"] = item_id  # the job's identity of the asset (local files: name and fingerprint)
         files["meta.json"] = json_bytes(meta)
-        key = f"{safe_key(uid)}__{safe_key(s['action'])}"
+        key = f"{safe_key(item_id)}__{safe_key(s['action'])}"
         # "Take 1" and "Take_1" map to the same safe key; a repeated key would merge two samples.
         base, n = key, 1
         while key in used:
             key, n = f"{base}-{n}", n + 1
         used.add(key)
-        out.append(Sample(key=key, item_id=uid, files=files, kind="render",
+        out.append(Sample(key=key, item_id=item_id, files=files, kind="render",
                           views=meta["views"], frames=meta["frames"], height=meta["height"], width=meta["width"]))
     return out
 
@@ -282,15 +314,10 @@ class RenderProcessor:
         self._ahead: list[dict[str, Any]] = []  # the part's items not yet handed to the pool, in order
         self._fetching: dict[str, Any] = {}  # item id -> future of its verified path
 
-    def _download(self, item: dict[str, Any]) -> str:
-        cfg = self.cfg
-        return str(ensure_asset(item, cfg.base_url, self.cache / "objaverse", retries=cfg.download_retries,
-                                timeout=cfg.download_timeout_s))
-
     def prefetch(self, items: list[dict[str, Any]]) -> None:
         """A part's items, in the order they will be processed: their downloads start ahead of the renders
         (at most ``prefetch`` in flight or waiting), so the network works while Blender does."""
-        if self.cfg.source != "objaverse" or self.cfg.prefetch < 1:
+        if not SOURCES[self.cfg.source].remote or self.cfg.prefetch < 1:
             return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -301,39 +328,25 @@ class RenderProcessor:
     def _top_up(self) -> None:
         while self._ahead and len(self._fetching) < self.cfg.prefetch:
             item = self._ahead.pop(0)
-            self._fetching[item["item_id"]] = self._pool.submit(self._download, item)
+            self._fetching[item["item_id"]] = self._pool.submit(SOURCES[self.cfg.source].fetch, self, item)
 
     def _asset_path(self, item: dict[str, Any]) -> str:
-        cfg = self.cfg
-        if cfg.source == "local":
-            return item["path"]
-        if cfg.source == "objaverse":
-            future = self._fetching.pop(item["item_id"], None)
-            if self._pool is not None:
-                self._ahead = [i for i in self._ahead if i["item_id"] != item["item_id"]]
-                self._top_up()  # the next download starts before this render
-            try:
-                # the same retries, verification and cache as without prefetching, on another thread
-                return future.result() if future is not None else self._download(item)
-            except AssetError as exc:
-                raise ItemError(exc.stage, str(exc)) from None
-        from rendering.procedural import VERSION
-        path = self.cache / "procedural" / f"{item['uid']}-{item['kind']}-a{max(2, cfg.max_actions)}-v{VERSION}.glb"
-        if not path.exists():
-            from rendering.worker import WorkerFailure
-            try:
-                self.worker.call({"op": "procedural", "kind": item["kind"], "seed": item["seed"], "path": str(path),
-                                  "actions": max(2, cfg.max_actions)}, timeout=cfg.timeout_s)
-            except WorkerFailure as exc:
-                raise ItemError("generate", f"{exc.stage}: {exc}") from None
-        return str(path)
+        source = SOURCES[self.cfg.source]
+        if not source.remote:
+            return source.fetch(self, item)
+        future = self._fetching.pop(item["item_id"], None)
+        if self._pool is not None:
+            self._ahead = [i for i in self._ahead if i["item_id"] != item["item_id"]]
+            self._top_up()  # the next download starts before this render
+        # the same retries, verification and cache as without prefetching, on another thread
+        return future.result() if future is not None else source.fetch(self, item)
 
     def __call__(self, item: dict[str, Any]) -> list[Sample]:
         from rendering.worker import WorkerFailure
         path = self._asset_path(item)
         request = {"op": "render", "path": path, "uid": item["uid"], "source": self.cfg.source,
                    "settings": self.settings.to_dict()}
-        fault = self.cfg.inject_faults.get(item["item_id"])
+        fault = self.cfg.inject_faults.get(item["item_id"]) or self.cfg.inject_faults.get(item["uid"])
         if fault:
             request["fault"] = fault
         try:
@@ -343,7 +356,7 @@ class RenderProcessor:
         if "license" in item:  # what the annotation said: renders of CC-BY assets must credit them
             for s in result["samples"]:
                 s["meta"]["license"] = item["license"]
-        samples = to_samples(item["uid"], result)
+        samples = to_samples(item["item_id"], result)
         print(f"[render] {item['uid']}: {len(samples)} of {result['actions_total']} actions rendered, "
               f"{sum(s.views * s.frames for s in samples)} frames in {result['seconds']:.1f}s", flush=True)
         return samples
@@ -355,6 +368,51 @@ class RenderProcessor:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fetch_objaverse(proc: RenderProcessor, item: dict[str, Any]) -> str:
+    cfg = proc.cfg
+    try:
+        return str(ensure_asset(item, cfg.base_url, proc.cache / "objaverse", retries=cfg.download_retries,
+                                timeout=cfg.download_timeout_s))
+    except AssetError as exc:
+        raise ItemError(exc.stage, str(exc)) from None
+
+
+def _fetch_procedural(proc: RenderProcessor, item: dict[str, Any]) -> str:
+    from rendering.procedural import VERSION
+    from rendering.worker import WorkerFailure
+    cfg = proc.cfg
+    path = proc.cache / "procedural" / f"{item['uid']}-{item['kind']}-a{max(2, cfg.max_actions)}-v{VERSION}.glb"
+    if not path.exists():  # generated in the actor's warm Blender, then cached like a download
+        try:
+            proc.worker.call({"op": "procedural", "kind": item["kind"], "seed": item["seed"], "path": str(path),
+                              "actions": max(2, cfg.max_actions)}, timeout=cfg.timeout_s)
+        except WorkerFailure as exc:
+            raise ItemError("generate", f"{exc.stage}: {exc}") from None
+    return str(path)
+
+
+@dataclass(frozen=True)
+class AssetSource:
+    """Where a render job's assets come from. Adding a source is one ``SOURCES`` entry (docs/extending.md):
+    the render itself, sharding, resume and failure records are the same for every source."""
+
+    list_items: Callable[[RenderJobConfig, dict[str, int]], list[dict[str, Any]]]
+    """(config, stats) -> items, each with a unique ``item_id`` and a ``uid``; ``stats`` receives counts of
+    what the source's filters left out (``dropped_<why>``), which the job summary reports."""
+    fetch: Callable[[RenderProcessor, dict[str, Any]], str]
+    """(processor, item) -> a local asset file Blender imports; a failure raises ``ItemError``."""
+    remote: bool = False
+    """fetch waits on the network: the next items are fetched on threads while Blender renders (--prefetch)."""
+
+
+SOURCES: dict[str, AssetSource] = {
+    "procedural": AssetSource(_list_procedural, _fetch_procedural),
+    "local": AssetSource(_list_local, lambda proc, item: item["path"]),
+    "objaverse": AssetSource(_list_objaverse, _fetch_objaverse, remote=True),
+}
+"""Every asset source by name (--source)."""
 
 
 _FAKE_PNG: bytes | None = None
@@ -388,7 +446,7 @@ class DryRunProcessor:
                 "action": "dry_run", "views": s.views, "frames": s.frames, "height": 8, "width": 8, "fps": s.fps,
                 "frame_indices": list(range(s.frames)), "normalization": {"center": [0, 0, 0], "scale": 1.0},
                 "render": {"engine": "dry-run"}, "dry_run": True}
-        return to_samples(item["uid"], {"samples": [{"action": "dry_run", "files": frames,
+        return to_samples(item["item_id"], {"samples": [{"action": "dry_run", "files": frames,
                                                      "cameras": cameras_json(rig, 8, 8), "meta": meta}]})
 
 
@@ -435,7 +493,7 @@ def _has_gpu_hint() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(RenderJobConfig, PRESETS, argv, description=__doc__.splitlines()[0],
-                          default_preset="default")
+                          default_preset=None)  # a plain run: RenderJobConfig's defaults (PRESET_TABLE)
     spec = build_spec(cfg)  # every listing/option error surfaces here, before Ray starts
     check_same_content(cfg, cfg.output, CONTENT_OPTIONS)  # new rows beside old ones of other settings: refused
     write_resolved(cfg, cfg.output)

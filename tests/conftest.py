@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +91,26 @@ def upsampler_run(ray_local, train_grids, tmp_path_factory):
     cfg = tiny_train_config("upsampler", tmp_path_factory.mktemp("upsampler_run"), [str(train_grids)])
     run(cfg)
     return cfg
+
+
+@contextlib.contextmanager
+def loopback_cluster(*node_cpus: int):
+    """A real multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: one raylet per entry of
+    ``node_cpus``, the first the head). Ray records the newest cluster in its address file, where a plain
+    ``ray.init()`` and job drivers look; it is put back as it was, so nothing after the test joins a dead
+    cluster (or, while it runs, another session's driver this one)."""
+    from ray.cluster_utils import Cluster
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    before = record.read_bytes() if record.is_file() else None
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": node_cpus[0], "include_dashboard": False})
+    try:
+        for n in node_cpus[1:]:
+            cluster.add_node(num_cpus=n)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+        if before is None:
+            record.unlink(missing_ok=True)
+        else:
+            record.write_bytes(before)

@@ -34,11 +34,27 @@ def test_kuberay_manifests() -> None:
         yaml.safe_load(job["spec"]["runtimeEnvYAML"])
 
 
+def test_every_claimed_volume_is_defined_and_shared() -> None:
+    """Every pod mounts the one ReadWriteMany claim that pvc.yaml defines: shards, run folders and Ray Train's
+    checkpoints must be one file system for pods on different nodes."""
+    pvc = yaml.safe_load((CLUSTER / "kuberay/pvc.yaml").read_text())
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    claims = set()
+    for manifest in ("raycluster.yaml", "rayjob-render.yaml", "rayjob-train-4d.yaml"):
+        text = (CLUSTER / "kuberay" / manifest).read_text()
+        claims |= set(re.findall(r"claimName:\s*([\w-]+)", text))
+        assert "mountPath: /data" in text, manifest
+    assert claims == {pvc["metadata"]["name"]}
+
+
 def test_launcher_config_validates_against_ray_schema() -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
     config = yaml.safe_load((CLUSTER / "launcher-aws.yaml").read_text())
     validate_config(prepare_config(config))
     assert {"cpu_render", "gpu_train"} <= set(config["available_node_types"])
+    # the shared path: mounted on every host, then into every container
+    assert any("/data" in c and "mount" in c for c in config["initialization_commands"])
+    assert "-v /data:/data" in " ".join(config["docker"]["run_options"])
 
 
 def test_runtime_env_is_valid() -> None:

@@ -7,8 +7,8 @@ import torch
 
 from model import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, SYNC_VARIANTS, FourDConfig, FourDModel, grid_condition_mask
 from model import rectified_flow as rf
-from model.fourd import HardSync, schedule_weight
-from tests.model_helpers import randomize_, tiny_dit
+from model.fourd import SYNCS, HardSync, Passes, SyncVariant, schedule_weight
+from tests.model_helpers import tiny_dit
 
 
 def grid_inputs(B=2, V=3, T=4, H=8, W=12, seed=0):
@@ -152,3 +152,31 @@ def test_flop_formula_matches_torch_flop_counter(sync):
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(x, t, cond, mask)
     assert counter.get_total_flops() == pytest.approx(model.flops_per_sample(3, 2, 16, 8), rel=0.03)
+
+
+def test_a_sync_variant_is_one_registered_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/extending.md: a new variant is a SYNCS entry (its step, and its layers if trained); the model,
+    its FLOP count and its trainable parameters follow from the entry alone."""
+    import torch.nn as nn
+
+    def step(model, l, block, xv, xt, p: Passes):
+        yv, yt = p.view(block, xv), p.time(block, xt)
+        g = torch.sigmoid(model.hard[l].weight)  # a learned per-layer mix (stored under "hard")
+        return g * yv + (1 - g) * yt, g * yt + (1 - g) * yv
+
+    def build(base, cfg):
+        return nn.ModuleList(nn.Linear(1, 1, bias=False) for _ in base.blocks)
+    monkeypatch.setitem(SYNCS, "gated", SyncVariant(step, "hard", build, flops_per_token=lambda w: 4.0 * w))
+    base = tiny_dit()
+    model = FourDModel(base, FourDConfig(sync="gated"))
+    assert [p.shape for p in model.sync_parameters()] == [torch.Size([1, 1])] * base.cfg.depth
+    x, t, cond, mask = grid_inputs()
+    out = model(x, t, cond, mask)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.sync_parameters())
+    B, V, T, C, H, W = x.shape
+    tokens = V * T * (H // base.cfg.patch_size) * (W // base.cfg.patch_size)
+    plain = FourDModel(tiny_dit(), FourDConfig(sync="train_free_hard")).flops_per_sample(V, T, H, W)
+    assert model.flops_per_sample(V, T, H, W) - plain == pytest.approx(base.cfg.depth * tokens * 4.0 * base.cfg.width)
+    with pytest.raises(ValueError, match="unknown sync variant"):
+        FourDConfig(sync="nope")

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,37 @@ def test_shards_read_with_webdataset_and_ray(ray_local, tmp_path):
     assert all(len(json.loads(r["cameras.json"])["K"]) == 2 for r in ray_rows)
 
 
+def _name(item_id: str) -> str:
+    """A local asset's name: its item id without the file fingerprint."""
+    name, fingerprint = item_id.rsplit("-", 1)
+    assert len(fingerprint) == 10
+    return name
+
+
+def test_a_local_asset_is_its_file_not_its_name(ray_local, tmp_path, procedural_glbs):
+    """Another file under a done asset's name (a second scene.glb elsewhere), or the same file changed, is
+    rendered, not skipped as done; an unchanged one is skipped; every key stays unique."""
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--source", "local", "--output", str(out), "--max-actions", "1"]
+
+    def run(folder: Path, asset: str) -> dict:
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(procedural_glbs / f"{asset}.glb", folder / "scene.glb")
+        main(args + ["--input", str(folder)])
+        return json.loads((out / "summary.json").read_text())
+    assert run(tmp_path / "a", "proc-000000")["items_ok_this_run"] == 1
+    assert run(tmp_path / "b", "proc-000001")["items_ok_this_run"] == 1  # same name, another file
+    main(args + ["--input", str(tmp_path / "b")])
+    assert json.loads((out / "summary.json").read_text())["items_skipped"] == 1  # unchanged: done
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    assert run(tmp_path / "b", "proc-000002")["items_ok_this_run"] == 1  # changed in place: re-done
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert len({r["item_id"] for r in index}) == 3 and {_name(r["item_id"]) for r in index} == {"scene"}
+    assert len({r["key"] for r in index}) == len(index) == len(_samples(out))
+    metas = [json.loads(files["meta.json"]) for files in _samples(out).values()]
+    assert sorted(m["item_id"] for m in metas) == sorted(r["item_id"] for r in index)
+
+
 def test_failure_isolation_then_retry(ray_local, tmp_path, procedural_glbs):
     assets = tmp_path / "assets"
     shutil.copytree(procedural_glbs, assets)
@@ -183,7 +215,7 @@ def test_failure_isolation_then_retry(ray_local, tmp_path, procedural_glbs):
             "--timeout-s", "12", "--items-per-part", "3"]
     faults = ["--set", "inject_faults={proc-000002: hang, proc-000003: crash}"]
     main(args + faults)
-    failures = {r["item_id"]: r for r in pq.read_table(out / "failures.parquet").to_pylist()}
+    failures = {_name(r["item_id"]): r for r in pq.read_table(out / "failures.parquet").to_pylist()}
     assert {k: v["stage"] for k, v in failures.items()} == {
         "corrupt": "import", "truncated": "import", "static": "static", "proc-000002": "timeout",
         "proc-000003": "crash"}
@@ -191,7 +223,7 @@ def test_failure_isolation_then_retry(ray_local, tmp_path, procedural_glbs):
     assert "killed" in failures["proc-000002"]["error"] and failures["proc-000002"]["seconds"] >= 12
     assert "died" in failures["proc-000003"]["error"]
     index = pq.read_table(out / "index.parquet").to_pylist()
-    assert sorted({r["item_id"] for r in index}) == ["proc-000000", "proc-000001"]  # the good ones all made it
+    assert sorted({_name(r["item_id"]) for r in index}) == ["proc-000000", "proc-000001"]  # the good ones all made it
 
     # Re-running skips everything: finished and failed assets alike.
     main(args + faults)
@@ -199,7 +231,7 @@ def test_failure_isolation_then_retry(ray_local, tmp_path, procedural_glbs):
     assert summary["items_skipped"] == 7 and summary["samples_this_run"] == 0
     # Retrying the failures (faults gone) recovers the hang and crash victims, not the broken files.
     main(args + ["--retry-failed", "true"])
-    failures = {r["item_id"]: r["stage"] for r in pq.read_table(out / "failures.parquet").to_pylist()}
+    failures = {_name(r["item_id"]): r["stage"] for r in pq.read_table(out / "failures.parquet").to_pylist()}
     assert failures == {"corrupt": "import", "truncated": "import", "static": "static"}
     index = pq.read_table(out / "index.parquet").to_pylist()
     keys = [r["key"] for r in index]

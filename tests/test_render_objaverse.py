@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.common.config import ConfigError
 from pipelines.common.shards import iter_tar_samples
 from pipelines.objaverse_source import (ANIMATED_LIST, TEST_LIST, AssetError, ensure_asset, list_assets,
                                         normalize_license, read_uid_list, split_uids, verify_glb, write_uid_lists)
@@ -317,3 +318,45 @@ def test_downloads_run_ahead_of_the_renders(mirror, tmp_path):
     with pytest.raises(ItemError, match="magic"):
         proc(bad[0])
     assert proc(items[0])
+
+
+def test_a_source_is_one_registered_entry(tmp_path, monkeypatch):
+    """docs/extending.md: a new --source is a SOURCES entry (its listing and its fetch); validation, the
+    listing's drop counts and prefetching follow from the entry."""
+    import dataclasses
+    from pipelines.render_objaverse import SOURCES, AssetSource, RenderJobConfig, RenderProcessor, list_items
+    fetched: list[str] = []
+
+    def listing(cfg, stats):
+        stats["dropped_too_big"] = 1
+        return [{"item_id": f"bucket-{i}", "uid": f"bucket-{i}"} for i in range(2)]
+
+    def fetch(proc, item):
+        fetched.append(item["item_id"])
+        path = tmp_path / f"{item['uid']}.glb"
+        path.write_bytes(b"glTF")
+        return str(path)
+
+    monkeypatch.setitem(SOURCES, "bucket", AssetSource(listing, fetch, remote=True))
+    cfg = RenderJobConfig(source="bucket", prefetch=2)
+    cfg.validate()
+    stats: dict[str, int] = {}
+    items = list_items(cfg, stats)
+    assert [i["item_id"] for i in items] == ["bucket-0", "bucket-1"] and stats == {"dropped_too_big": 1}
+
+    class Blender:
+        def call(self, request, timeout):
+            assert Path(request["path"]).read_bytes() == b"glTF" and request["source"] == "bucket"
+            meta = {"views": 1, "frames": 1, "height": 8, "width": 8}
+            return {"samples": [{"meta": meta, "cameras": {}, "files": {"x.png": b""}, "action": "a"}],
+                    "actions_total": 1, "seconds": 0.0}
+
+        def close(self):
+            pass
+    proc = RenderProcessor(dataclasses.asdict(cfg))
+    proc.worker = Blender()
+    proc.prefetch(items)  # remote: both fetches start ahead of the first render
+    assert [s.key for it in items for s in proc(it)] == ["bucket-0__a", "bucket-1__a"]
+    assert sorted(fetched) == ["bucket-0", "bucket-1"]
+    with pytest.raises(ConfigError, match="--source must be one of procedural, local, objaverse, bucket"):
+        RenderJobConfig(source="nope").validate()

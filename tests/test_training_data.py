@@ -149,3 +149,38 @@ def test_loader_processes_split_the_data_and_resume_exactly(shards: Path) -> Non
     resumed.close()
     with pytest.raises(UserError, match="saved with 2 loader processes"):
         make_loader("4d", _cfg(shards), 2, state=states[2])
+
+
+def test_a_stage_is_one_registered_entry(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/extending.md: the loader, the driver's data check and the model build all follow the stage's
+    TRAIN_SPECS entry; nothing else names the stage."""
+    import dataclasses
+    from training.config import TrainConfig
+    from training.data import Example, check_sources
+    from training.specs import TRAIN_SPECS, TrainSpec
+
+    def diagonal(grid, frames, cfg, rng):  # the cells (v, v): a camera moving while time runs
+        n = min(grid.shape)
+        if n < cfg.frames:
+            return None
+        cells = torch.stack([frames([v], [v])[0, 0] for v in range(cfg.frames)])
+        return Example(cells, torch.zeros(cfg.frames))
+
+    def too_short(stage, cfg, descs, contexts):
+        if cfg.frames > 4:
+            raise UserError(f"the {stage} stage needs diagonals of {cfg.frames} cells")
+
+    built: list[str] = []
+    spec = TrainSpec(lambda cfg: built.append(cfg.stage), diagonal, too_short, describe=lambda cfg: "diagonals")
+    monkeypatch.setitem(TRAIN_SPECS, "diagonal", spec)
+    b, _ = next(iter(TrainLoader("diagonal", _cfg(shards), 2)))
+    assert b["x"].shape == (2, 4, 3, 8, 8)
+    assert [d["spec"] for d in check_sources("diagonal", _cfg(shards))] == [str(shards)]  # passes the check
+    with pytest.raises(UserError, match="the diagonal stage needs diagonals of 5 cells"):
+        check_sources("diagonal", _cfg(shards, frames=5))
+    cfg = dataclasses.replace(TrainConfig(), stage="diagonal")
+    cfg.validate()  # a registered stage is a valid --stage
+    TRAIN_SPECS[cfg.stage].build(cfg)
+    assert built == ["diagonal"]
+    with pytest.raises(Exception, match="unknown stage 'nope'"):
+        dataclasses.replace(TrainConfig(), stage="nope").validate()

@@ -7,13 +7,15 @@ workers or the batch size keeps the schedule's meaning.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 from model.fourd import SOFT_INITS, SYNC_VARIANTS, TRAINED_SYNC_VARIANTS
-from pipelines.common.config import ConfigError, check_choices, doc
+from pipelines.common.config import ConfigError, check_choices, doc, preset_table
 from pipelines.common.shards import BACKGROUNDS
 
 STAGES = ("base", "upsampler", "4d")
+"""The training stages' names: the presets' per-stage values are keyed by them, and training/specs.py's
+TRAIN_SPECS holds one entry for each (checked there at import)."""
 
 # Options that may change when a run folder's checkpoints are continued: where things go, how often the job
 # logs, samples and checkpoints, how the loader is laid out. Any other difference makes the checkpoints a
@@ -71,7 +73,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = doc("base", "which model to train: base, upsampler or 4d")
+    stage: str = doc("base", "which model to train: base, upsampler or 4d (training/specs.py: TRAIN_SPECS)")
     output: str = doc("outputs/train", "run folder: Ray Train checkpoints, final checkpoint, MLflow store")
     run_name: str = doc("", "Ray Train / MLflow run name (default: the stage); re-running with the same name resumes")
     model_preset: str = doc("tiny", "model size preset (model/: tiny, demo, proof, small, paper)")
@@ -119,8 +121,9 @@ class TrainConfig:
     optim: OptimConfig = doc(text="optimizer and schedule", factory=OptimConfig)
 
     def validate(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"unknown stage '{self.stage}'; choose one of {', '.join(STAGES)}")
+        from training.specs import TRAIN_SPECS  # the registry imports this module
+        if self.stage not in TRAIN_SPECS:
+            raise ConfigError(f"unknown stage '{self.stage}'; choose one of {', '.join(TRAIN_SPECS)}")
         if self.data.weights and len(self.data.weights) != len(self.data.grids):
             raise ConfigError(f"data.weights has {len(self.data.weights)} entries but data.grids has "
                               f"{len(self.data.grids)}; give one weight per grid folder")
@@ -148,11 +151,7 @@ class TrainConfig:
         for name in ("frames", "views", "height", "width"):
             if getattr(self.data, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {getattr(self.data, name)}")
-        if self.upsampler_scale_ok() is False:
-            raise ConfigError("upsampler: data.height and data.width must be divisible by 4 (x4 super-resolution)")
-
-    def upsampler_scale_ok(self) -> bool:
-        return self.stage != "upsampler" or (self.data.height % 4 == 0 and self.data.width % 4 == 0)
+        TRAIN_SPECS[self.stage].check_config(self)
 
     @property
     def samples_per_step(self) -> int:
@@ -163,66 +162,85 @@ class TrainConfig:
         return max(1, self.total_samples // self.samples_per_step)  # validate() refuses a remainder
 
 
-def _preset(stage: str, data: dict | None = None, optim: dict | None = None, **kw) -> Callable[[], TrainConfig]:
-    def make() -> TrainConfig:  # a fresh config per call: callers may change it
-        return TrainConfig(stage=stage, data=DataConfig(**(data or {})), optim=OptimConfig(**(optim or {})), **kw)
-    return make
+PRESET_TABLE: dict[str, dict[str, Any]] = {
+    "tiny": dict(model_preset="tiny", total_samples=16, batch_size=2, num_workers=2, system_metrics_every=0.2,
+                 output="outputs/tiny/{stage}",
+                 data=dict(frames=4, views=3, height={"base": 16, "upsampler": 32, "4d": 16},
+                           width={"base": 16, "upsampler": 32, "4d": 16}, shuffle_buffer=8),
+                 optim=dict(lr={"base": 1e-3, "upsampler": 1e-3, "4d": 1e-2}, warmup_samples=4)),
+    # about a minute per stage on 2 CPU cores: enough for structure, not for quality
+    "demo": dict(model_preset={"base": "demo", "upsampler": "tiny", "4d": "demo"},
+                 total_samples={"base": 2400, "upsampler": 2400, "4d": 800}, batch_size=8, num_workers=2,
+                 output="outputs/demo/train_{stage}", sample_every=100, log_every=10,
+                 # a killed demo run resumes losing seconds, not restarting from step 1
+                 checkpoint_every={"base": 50, "upsampler": 50, "4d": 20},
+                 # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
+                 data=dict(frames=4, views=4, height=32, width=32),
+                 optim=dict(lr=2e-3, warmup_samples=160)),
+    # One H100 within the GPU limits of docs/results.md (run 2): base 576 K clips in ~11 min at ~1,000
+    # clips/s; phase 1 (three 4D variants and the upsampler side by side) ~7 min; phase 2 ~3 min.
+    "proof": dict(model_preset="proof", num_workers=1, use_gpu=True, precision="bf16", zero_stage=2,
+                  compile_blocks=True, log_every={"base": 50, "upsampler": 50, "4d": 20},
+                  checkpoint_every={"base": 500, "upsampler": 500, "4d": 100}, output="outputs/proof/{stage}",
+                  total_samples={"base": 576_000, "upsampler": 48_000, "4d": 9_600},
+                  # the upsampler's 32 clips per step as 2 x 16: with its 256 x 256 convolutional head a
+                  # batch of 32 took 25 GB, and beside the four phase-2 jobs the GPU ran out (run 6)
+                  batch_size={"base": 64, "upsampler": 16, "4d": 8}, grad_accum={"base": 1, "upsampler": 2, "4d": 1},
+                  data=dict(frames={"base": 8, "upsampler": 4, "4d": 8}, views=8,
+                            height={"base": 64, "upsampler": 256, "4d": 64},
+                            width={"base": 64, "upsampler": 256, "4d": 64}, shuffle_buffer=64, prefetch=4,
+                            loader_processes=8),
+                  # EMA windows (1 / (1 - decay) steps) a fraction of each run: a 0.999 EMA of a
+                  # 1200-step run would still hold much of its first half.
+                  optim=dict(lr={"base": 6e-4, "upsampler": 4e-4, "4d": 5e-4},
+                             warmup_samples={"base": 8000, "upsampler": 2000, "4d": 400},
+                             ema_decay={"base": 0.998, "upsampler": 0.997, "4d": 0.995})),
+    "small": dict(model_preset="small", total_samples=2_000_000, batch_size=8, num_workers=1, use_gpu=True,
+                  precision="bf16", zero_stage=2, log_every=20, compile_blocks=True, sample_every=2000,
+                  checkpoint_every=2000, output="outputs/small/{stage}",
+                  data=dict(frames=8, views=8, height={"base": 36, "upsampler": 144, "4d": 36},
+                            width={"base": 64, "upsampler": 256, "4d": 64}),
+                  optim=dict(lr=2e-4, warmup_samples=20_000)),
+    "paper": dict(model_preset="paper",
+                  # 130 K steps of 16 x 24 clips; the 4D model 20 K steps of 2 x 24 grids
+                  total_samples={"base": 49_920_000, "upsampler": 49_920_000, "4d": 20_000 * 24 * 8},
+                  batch_size={"base": 16, "upsampler": 16, "4d": 2}, num_workers=24, use_gpu=True,
+                  precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
+                  checkpoint_every=2000, output="outputs/paper/{stage}",
+                  data=dict(frames=8, views=8, height={"base": 72, "upsampler": 288, "4d": 72},
+                            width={"base": 128, "upsampler": 512, "4d": 128}),
+                  optim=dict(lr=1e-4, warmup_samples=100_000)),
+}
+"""The training presets of all three stages (pipelines.common.config.PRESET_NAMES), as field overrides of
+TrainConfig (nested sections as nested dicts): tiny (tests, seconds), demo (the default of a run without
+--preset), proof (the GPU proof run of docs/results.md), small (1 GPU), paper. A value that differs per stage
+is a dict keyed by stage (``STAGES``), ``{"base": ..., "upsampler": ..., "4d": ...}``, and
+``{stage}`` in a string is the stage's name (``for_stage``).
+
+Base clips are 8 frames at every GPU preset: the data sources have 8 views (renders 8 x 16, pseudo-4D 8 x 8),
+so 8 is the longest freeze-time column they hold, and the 4D model runs the base on 8-frame rows and
+columns of its 8 x 8 window. (16-frame base clips would see no freeze-time column at all.)
+"""
+
+
+def for_stage(value: Any, stage: str) -> Any:
+    """A preset table entry resolved for one stage: a per-stage dict (keyed by stage names) gives the stage's
+    value, other dicts resolve entry by entry, and ``{stage}`` in a string becomes the stage's name."""
+    if isinstance(value, Mapping):
+        if value and set(value) <= set(STAGES):
+            if stage not in value:
+                raise ConfigError(f"a preset table entry {dict(value)} gives no value for the {stage} stage; add one")
+            return for_stage(value[stage], stage)
+        return {k: for_stage(v, stage) for k, v in value.items()}
+    if isinstance(value, str):
+        return value.replace("{stage}", stage)
+    return value
 
 
 def presets_for(stage: str) -> dict[str, Callable[[], TrainConfig]]:
-    """Named presets of one stage: tiny (tests, seconds), demo (embedded default), proof (the GPU proof run of
-    docs/results.md), small (1 GPU), paper.
-
-    Base clips are 8 frames at every preset: the data sources have 8 views (renders 8 x 16, pseudo-4D 8 x 8),
-    so 8 is the longest freeze-time column they hold, and the 4D model runs the base on 8-frame rows and
-    columns of its 8 x 8 window. (16-frame base clips would see no freeze-time column at all.)
-    """
-    up = stage == "upsampler"
-    res_tiny = dict(height=32, width=32) if up else dict(height=16, width=16)
-    four = stage == "4d"
-    return {
-        "tiny": _preset(stage, model_preset="tiny", total_samples=16, batch_size=2, num_workers=2,
-                        system_metrics_every=0.2,
-                        output=f"outputs/tiny/{stage}",
-                        data=dict(frames=4, views=3, **res_tiny, shuffle_buffer=8),
-                        optim=dict(lr=1e-3 if not four else 1e-2, warmup_samples=4)),
-        # about a minute per stage on 2 CPU cores: enough for structure, not for quality
-        "demo": _preset(stage, model_preset="tiny" if up else "demo", total_samples=2400 if not four else 800,
-                        batch_size=8,
-                        num_workers=2, output=f"outputs/demo/train_{stage}", sample_every=100, log_every=10,
-                        # a killed demo run resumes losing seconds, not restarting from step 1
-                        checkpoint_every=50 if not four else 20,
-                        # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
-                        data=dict(frames=4, views=4, height=32, width=32),
-                        optim=dict(lr=2e-3, warmup_samples=160)),
-        # One H100 within the GPU limits of docs/results.md (run 2): base 576 K clips in ~11 min at ~1,000
-        # clips/s; phase 1 (three 4D variants and the upsampler side by side) ~7 min; phase 2 ~3 min.
-        "proof": _preset(stage, model_preset="proof", num_workers=1, use_gpu=True, precision="bf16", zero_stage=2,
-                         compile_blocks=True, log_every=50 if not four else 20, checkpoint_every=500 if not four else 100,
-                         output=f"outputs/proof/{stage}",
-                         total_samples={"base": 576_000, "upsampler": 48_000, "4d": 9_600}[stage],
-                         # the upsampler's 32 clips per step as 2 x 16: with its 256 x 256 convolutional head a
-                         # batch of 32 took 25 GB, and beside the four phase-2 jobs the GPU ran out (run 6)
-                         batch_size={"base": 64, "upsampler": 16, "4d": 8}[stage], grad_accum=2 if up else 1,
-                         data=dict(frames=8 if not up else 4, views=8, height=256 if up else 64,
-                                   width=256 if up else 64, shuffle_buffer=64, prefetch=4,
-                                   loader_processes=8),
-                         # EMA windows (1 / (1 - decay) steps) a fraction of each run: a 0.999 EMA of a
-                         # 1200-step run would still hold much of its first half.
-                         optim=dict(lr={"base": 6e-4, "upsampler": 4e-4, "4d": 5e-4}[stage],
-                                    warmup_samples={"base": 8000, "upsampler": 2000, "4d": 400}[stage],
-                                    ema_decay={"base": 0.998, "upsampler": 0.997, "4d": 0.995}[stage])),
-        "small": _preset(stage, model_preset="small", total_samples=2_000_000, batch_size=8, num_workers=1,
-                         use_gpu=True, precision="bf16", zero_stage=2, log_every=20, compile_blocks=True, sample_every=2000,
-                         checkpoint_every=2000, output=f"outputs/small/{stage}",
-                         data=dict(frames=8, views=8, height=36 if not up else 144, width=64 if not up else 256),
-                         optim=dict(lr=2e-4, warmup_samples=20_000)),
-        "paper": _preset(stage, model_preset="paper", total_samples=20_000 * 24 * 8 if four else 49_920_000,  # 130 K steps of 16 x 24 clips
-                         batch_size=16 if not four else 2, num_workers=24, use_gpu=True, precision="bf16",
-                         compile_blocks=True,
-                         zero_stage=2, log_every=50, sample_every=5000,
-                         checkpoint_every=2000, output=f"outputs/paper/{stage}",
-                         data=dict(frames=8, views=8, height=72 if not up else 288,
-                                   width=128 if not up else 512),
-                         optim=dict(lr=1e-4, warmup_samples=100_000)),
-    }
+    """Named presets of one stage (``PRESET_TABLE`` resolved for it): name -> a function building a fresh
+    config (callers may change it)."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}'; choose one of {', '.join(STAGES)}")
+    return preset_table(TrainConfig, {name: {"stage": stage, **for_stage(row, stage)}
+                                      for name, row in PRESET_TABLE.items()})

@@ -46,41 +46,19 @@ def base_contexts(desc: dict[str, Any], frames: int) -> set[int]:
 
 
 def check_sources(stage: str, cfg: DataConfig) -> list[dict[str, Any]]:
-    """Fail at start, with one line naming the source, when a stage would skip a source or miss a context.
+    """Fail at start, with one line naming the source, when a stage would skip a source or miss a context
+    (the stage's ``TrainSpec.check_data``).
 
     Returns the source descriptions (the driver records their item ids in the checkpoint).
     """
-    specs = list(cfg.grids) + (list(cfg.clips) if stage == "base" else [])
-    descs = [describe_source(s) for s in specs]
-    if stage == "4d":
-        for d in descs:
-            if not any(k == "grid" and v >= cfg.views and t >= cfg.frames for k, v, t, _ in d["shapes"]):
-                raise UserError(f"data source '{d['spec']}' has no grid of at least {cfg.views} views x {cfg.frames} "
-                                f"frames (it holds {_shape_list(d)}); the 4d stage would skip it. Lower "
-                                "data.views/data.frames or drop the source")
-    elif stage in ("base", "upsampler"):
-        union: set[int] = set()
-        for d in descs:
-            got = base_contexts(d, cfg.frames)
-            if not got:
-                raise UserError(f"data source '{d['spec']}' gives no {cfg.frames}-frame clip (it holds "
-                                f"{_shape_list(d)}); the {stage} stage would skip it. Lower data.frames to the "
-                                "source's views/frames or drop the source")
-            union |= got
-        if stage == "base":
-            need = ({CONTEXT_FREEZE_TIME} if cfg.freeze_time_fraction > 0 else set()) | \
-                   ({CONTEXT_DYNAMIC} if cfg.freeze_time_fraction < 1 else set())
-            for c in sorted(need - union):
-                held = "; ".join(f"{d['spec']}: {_shape_list(d)}" for d in descs)
-                why = ("freeze-time clips are grid columns, so data.frames must be at most a grid's views"
-                       if c == CONTEXT_FREEZE_TIME else
-                       "dynamic clips are grid rows, so data.frames must be at most a grid's frames")
-                raise UserError(f"no data source gives {CONTEXT_NAMES[c]} clips of {cfg.frames} frames ({held}), "
-                                f"but data.freeze_time_fraction={cfg.freeze_time_fraction} asks for them: {why}")
+    from training.specs import TRAIN_SPECS  # the registry imports this module's example builders
+    spec = TRAIN_SPECS[stage]
+    descs = [describe_source(s) for s in list(cfg.grids) + (list(cfg.clips) if spec.clips else [])]
+    spec.check_data(stage, cfg, descs, spec.contexts)
     return descs
 
 
-def _shape_list(desc: dict[str, Any]) -> str:
+def shape_list(desc: dict[str, Any]) -> str:
     parts = [f"{n} {'clips' if k == 'clip' else 'grids'} {v}x{t}{' ' + c if c else ''}"
              for (k, v, t, c), n in sorted(desc["shapes"].items())]
     return ", ".join(parts) or "no samples"
@@ -149,9 +127,10 @@ class Example:
 
 
 Frames = Callable[[range | list[int], range | list[int]], torch.Tensor]
+"""(views, times) -> those cells of a grid as a [V, T, C, H, W] tensor at the training size."""
 
 
-def _base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random,
+def base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random,
                   want: int | None = None) -> Example | None:
     """A row (dynamic) or a column (freeze-time) of a grid, or a whole clip, with a random given-frame mask.
 
@@ -186,8 +165,8 @@ def _base_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.R
     return Example(clip, mask, context)
 
 
-def _upsampler_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
-    ex = _base_example(grid, frames, cfg, rng)
+def upsampler_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
+    ex = base_example(grid, frames, cfg, rng)
     if ex is None:
         return None
     lowres = F.avg_pool2d(ex.x, 4)  # the base model's resolution: a box filter is what area-resizing does
@@ -196,7 +175,7 @@ def _upsampler_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: ran
     return Example(ex.x, torch.zeros(cfg.frames), ex.context, lowres)
 
 
-def _grid_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
+def grid_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.Random) -> Example | None:
     """A V x T window with the first row (fixed-view video) and first column (freeze-time video) given."""
     V, T = grid.shape
     if V < cfg.views or T < cfg.frames:
@@ -206,9 +185,8 @@ def _grid_example(grid: LazyGrid, frames: Frames, cfg: DataConfig, rng: random.R
     return Example(window, grid_condition_mask(1, cfg.views, cfg.frames)[0])
 
 
-EXAMPLE_BUILDERS: dict[str, Callable[[LazyGrid, Frames, DataConfig, random.Random], Example | None]] = {
-    "base": _base_example, "upsampler": _upsampler_example, "4d": _grid_example,
-}
+ExampleBuilder = Callable[..., "Example | None"]
+"""(grid, frames, data config, rng[, want=context]) -> one example of a stage (``TrainSpec.examples``)."""
 
 
 class TrainLoader:
@@ -222,9 +200,11 @@ class TrainLoader:
     def __init__(self, stage: str, cfg: DataConfig, batch_size: int, rank: int = 0, world: int = 1,
                  state: dict[str, Any] | None = None) -> None:
         self.stage, self.cfg, self.batch_size, self.rank = stage, cfg, batch_size, rank
+        from training.specs import TRAIN_SPECS
+        self.spec = spec = TRAIN_SPECS[stage]
         specs = list(cfg.grids)
         weights = list(cfg.weights) or [1.0] * len(specs)
-        if stage == "base":
+        if spec.clips:
             specs += list(cfg.clips)
             weights += [1.0] * len(cfg.clips)
         if not specs:
@@ -238,9 +218,9 @@ class TrainLoader:
         self.draws = int(state.get("draws", 0))
         self.counts: dict[str, int] = dict(state.get("counts", {}))
         self.iters = [iter(s) for s in self.streams]
-        self.builder = EXAMPLE_BUILDERS[stage]
+        self.builder = spec.examples
         self.capable: dict[int, list[int]] = {}
-        if stage == "base":
+        if spec.contexts:
             caps = [base_contexts(describe_source(s), cfg.frames) for s in specs]
             self.capable = {c: [i for i, cap in enumerate(caps) if c in cap]
                             for c in (CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME)}
@@ -268,7 +248,7 @@ class TrainLoader:
         rng = random.Random(hash((self.cfg.seed, self.rank, self.draws)))
         self.draws += 1
         want = None
-        if self.stage == "base":
+        if self.spec.contexts:
             want = CONTEXT_FREEZE_TIME if rng.random() < self.cfg.freeze_time_fraction else CONTEXT_DYNAMIC
         src = self._pick_source(rng, want)
         key, files = next(self.iters[src])
@@ -306,7 +286,7 @@ class TrainLoader:
                     missing.append(i)
                     continue
                 out[i] = ex
-                for name in (f"source{draw[0]}", f"context_{CONTEXT_NAMES[ex.context]}" if self.stage == "base" else ""):
+                for name in (f"source{draw[0]}", f"context_{CONTEXT_NAMES[ex.context]}" if self.spec.contexts else ""):
                     if name:
                         self.counts[name] = self.counts.get(name, 0) + 1
             todo = missing

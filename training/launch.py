@@ -49,7 +49,6 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
 def run(cfg: TrainConfig) -> dict:
     """Run a resolved config through Ray Train; returns a small summary."""
     require("ray", "deepspeed", "torch", *(["mlflow"] if cfg.mlflow_uri.lower() != "none" else []))
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -60,39 +59,10 @@ def run(cfg: TrainConfig) -> dict:
     output = ensure_output_dir(Path(cfg.output).resolve())  # a file or read-only folder: one line, now
     cfg = dataclasses.replace(cfg, output=str(output))
     cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver ("none": off)
-    inherited: list[str] = []  # item ids the weights we start from were trained on
-    if cfg.stage == "4d":
-        # Fail before any worker starts; an MLflow run is fetched once, into the run folder that
-        # every worker can read (shared storage on a cluster).
-        from pipelines.common.checkpoints import load_checkpoint, resolve_checkpoint
-        if cfg.init_from:
-            local = resolve_checkpoint(cfg.init_from, cfg.mlflow_uri, output / "init_checkpoint")
-            cfg = dataclasses.replace(cfg, init_from=str(local), base_checkpoint="")
-        else:
-            local = resolve_checkpoint(cfg.base_checkpoint, cfg.mlflow_uri, output / "base_checkpoint")
-            cfg = dataclasses.replace(cfg, base_checkpoint=str(local))
-        start = load_checkpoint(str(local))
-        if cfg.init_from:
-            from training.stages import check_fourd_init
-            check_fourd_init(start, cfg.init_from, cfg.sync)
-        elif start["stage"] != "base":
-            raise UserError(f"base_checkpoint '{cfg.base_checkpoint}' holds a '{start['stage']}' model; pass a "
-                            "base-stage checkpoint (or a 4D one with --init-from)")
-        inherited = list(start.get("data_items", {}).get("items", []))
-    elif cfg.init_from:
-        from pipelines.common.checkpoints import load_checkpoint, resolve_checkpoint
-        if cfg.stage != "base":
-            raise UserError(f"--init-from continues a base or 4D model; the {cfg.stage} stage cannot start from one")
-        if cfg.model:
-            raise UserError("--init-from takes the model (its architecture too) from the checkpoint; drop the "
-                            f"model overrides ({', '.join(sorted(cfg.model))})")
-        local = resolve_checkpoint(cfg.init_from, cfg.mlflow_uri, output / "init_checkpoint")
-        cfg = dataclasses.replace(cfg, init_from=str(local))
-        start = load_checkpoint(str(local))
-        if start["stage"] != "base":
-            raise UserError(f"init_from '{cfg.init_from}' holds a '{start['stage']}' model; the base stage continues "
-                            "a base-stage checkpoint")
-        inherited = list((start.get("data_items") or {}).get("items", []))
+    from training.specs import TRAIN_SPECS
+    # the weights the stage starts from, resolved to local files before any worker starts, and the item ids
+    # they were trained on
+    cfg, inherited = TRAIN_SPECS[cfg.stage].start_from(cfg, output)
     from training.data import check_sources
     descs = check_sources(cfg.stage, cfg.data)
     check_resume(cfg, output)

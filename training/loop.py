@@ -177,12 +177,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     loader = make_loader(cfg.stage, cfg.data, cfg.batch_size, rank, world, data_state)
     batches = prefetch(iter(loader), cfg.data.prefetch)
+    resumed_at = state["step"] if ckpt is not None else 0
     tracker = Tracker(cfg, rank, state.get("mlflow_run_id"),
-                      {"trainable_parameters": n_trainable, "total_parameters": n_total},
-                      resumed_at=state["step"] if ckpt is not None else 0)
+                      {"trainable_parameters": n_trainable, "total_parameters": n_total}, resumed_at=resumed_at)
+    # the nodes Ray placed the workers on, by Ray node id (Ray Train's local ranks go by IP address, which two
+    # raylets of one machine share); reported with every checkpoint, so summary.json shows a cluster was used
+    node_ids: list[Any] = [None] * world
+    torch.distributed.all_gather_object(node_ids, ray.get_runtime_context().get_node_id())
+    nodes = len(set(node_ids))
     if rank == 0:
-        what = f"sync '{cfg.sync}'" if cfg.stage == "4d" else cfg.model_preset
-        say(f"[train {cfg.stage}] {what}: {n_trainable:,} trainable of {n_total:,} parameters")
+        from training.specs import TRAIN_SPECS
+        what = TRAIN_SPECS[cfg.stage].describe(cfg)
+        say(f"[train {cfg.stage}] {what}: {n_trainable:,} trainable of {n_total:,} parameters; {world} workers on "
+            f"{nodes} node{'s' if nodes != 1 else ''}")
     state["mlflow_run_id"] = tracker.run_id
     preview: dict[str, torch.Tensor] | None = None
     peak = _peak_flops()
@@ -195,7 +202,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 (Path(d) / "train_state.json").write_text(json.dumps({**state, "world": world}))
                 if ema is not None:
                     torch.save({k: v.cpu() for k, v in ema.shadow.items()}, Path(d) / "ema.pt")
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            ray.train.report({**metrics, "nodes": nodes, "resumed_at": resumed_at},
+                             checkpoint=Checkpoint.from_directory(d))
 
     data_pos = loader.state() if data_state is None else data_state
     t_last, samples_last = time.time(), state["samples_seen"]

@@ -214,7 +214,8 @@ class FourDStage(Stage):
 
 
 def build_stage(cfg: TrainConfig) -> Stage:
-    stage = {"base": BaseStage, "upsampler": UpsamplerStage, "4d": FourDStage}[cfg.stage](cfg)
+    from training.specs import TRAIN_SPECS
+    stage = TRAIN_SPECS[cfg.stage].build(cfg)
     if cfg.compile_blocks:
         net = stage.net
         (net.compile_blocks if hasattr(net, "compile_blocks") else net.dit.compile_blocks)()

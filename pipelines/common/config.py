@@ -11,7 +11,9 @@ written next to every output so any run can be reproduced from its folder.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import os
 import sys
 import types
@@ -26,6 +28,31 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A bad preset, override or option value; the message says how to fix it."""
+
+
+PRESET_DOCS: dict[str, str] = {
+    "tiny": "tests: seconds on CPU",
+    "demo": "make demo: minutes on 2 CPU cores",
+    "proof": "the GPU proof run of docs/results.md, at 64x64",
+    "small": "one GPU and the CPUs of its machine",
+    "paper": "the paper's settings, on a cluster",
+}
+
+PRESET_NAMES: tuple[str, ...] = tuple(PRESET_DOCS)
+"""The preset names every job offers (render, pseudo-4D, the three training stages, generate, evaluate), so one
+name means one scale across the whole chain:
+
+- ``tiny``: what the tests run; seconds on CPU, shapes as small as still mean something.
+- ``demo``: what ``make demo`` runs; minutes on 2 CPU cores, enough for structure, not quality.
+- ``proof``: the GPU proof run of docs/results.md (one H100, 64x64 frames, 8 x 8 windows).
+- ``small``: one GPU and the CPUs of its machine.
+- ``paper``: the paper's settings, on a cluster.
+
+Each job writes its presets as a table (``name -> field overrides``, edm2's ``config_presets``) built by
+``preset_table``. A run without ``--preset`` keeps the job's own default: the training stages and pseudo-4D
+start from ``demo``; render, generate and evaluate from the config class's field defaults, which are no preset
+(render's are the 144x256 8 x 16 renders of docs/rendering.md; generate's and evaluate's the documented
+options). Recipes (``training/recipes``) are not jobs and name their presets as they need."""
 
 
 def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
@@ -278,13 +305,33 @@ def _add_flags(parser: argparse.ArgumentParser, cfg: Any, prefix: str = "") -> N
                             help=f"{text} [default: {value!r}]".replace("%", "%%"))  # argparse formats help with %
 
 
+def build_preset(cls: type[T], overrides: Mapping[str, Any]) -> T:
+    """One row of a preset table: ``cls()``'s field defaults with ``overrides`` (nested sections as nested
+    dicts, or dotted keys) applied, type-checked and validated, as a fresh config (callers may change it)."""
+    return apply_overrides(cls(), copy.deepcopy(dict(overrides)))  # the table's dicts stay as written
+
+
+def preset_table(cls: type[T], table: Mapping[str, Mapping[str, Any]]) -> dict[str, Callable[[], T]]:
+    """A job's presets from its table (``name -> field overrides``, edm2's ``config_presets``): name -> a
+    function building that preset (``parse_config``'s ``presets``)."""
+    return {name: functools.partial(build_preset, cls, overrides) for name, overrides in table.items()}
+
+
+def _preset_help(presets: Mapping[str, Any], default_preset: str | None) -> str:
+    names = ", ".join(f"{n} ({PRESET_DOCS[n]})" if n in PRESET_DOCS else n for n in presets)
+    default = "%(default)s: no preset, the field defaults shown below" if default_preset is None else "%(default)s"
+    return f"named starting config, one of: {names} (default: {default})"
+
+
 def parse_config(cls: type[T], presets: Mapping[str, Callable[[], T]], argv: list[str] | None = None,
-                 description: str = "", default_preset: str = "demo",
+                 description: str = "", default_preset: str | None = "demo",
                  extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[T, argparse.Namespace]:
-    """Build ``cls`` from ``--preset``, ``--config`` YAML, ``--set k=v`` and per-field flags (in that order)."""
+    """Build ``cls`` from ``--preset``, ``--config`` YAML, ``--set k=v`` and per-field flags (in that order).
+
+    ``default_preset`` is what a run without ``--preset`` starts from: a preset name, or None for ``cls()``'s
+    field defaults (then no preset name is the default)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default=default_preset,
-                        help=f"named starting config: {', '.join(presets)}")
+    parser.add_argument("--preset", default=default_preset, help=_preset_help(presets, default_preset))
     parser.add_argument("--config", default=None, help="YAML file of overrides (nested sections or dotted keys)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any field by dotted name, e.g. --set model.depth=4")
@@ -292,9 +339,12 @@ def parse_config(cls: type[T], presets: Mapping[str, Callable[[], T]], argv: lis
         extra(parser)
     _add_flags(parser, presets[default_preset]() if default_preset in presets else cls())
     args = parser.parse_args(argv)
-    if args.preset not in presets:
+    if args.preset is None and default_preset is None:
+        cfg = cls()
+    elif args.preset not in presets:
         raise ConfigError(f"unknown preset '{args.preset}'; choose one of: {', '.join(presets)}")
-    cfg = presets[args.preset]()
+    else:
+        cfg = presets[args.preset]()
     overrides: dict[str, Any] = {}
     if args.config:
         overrides.update(load_yaml(args.config))

@@ -97,7 +97,9 @@ class _PartWorker:
         result = commit_part(self.output, part, samples, failures)
         result.items_ok, result.items_failed = ok, len(failures)
         result.seconds = time.time() - start
-        return {"result": json.dumps(result.__dict__)}
+        import ray
+        # which node did the part: the summary counts them, so a cluster run shows it used the cluster
+        return {"result": json.dumps({**result.__dict__, "node": ray.get_runtime_context().get_node_id()})}
 
 
 def _peak_rss_mb() -> float:
@@ -129,6 +131,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
           f"{len(todo)} to do in {n_parts} parts", flush=True)
 
     totals = PartResult(part=-1)
+    nodes: set[str] = set()
     if todo:
         init_ray(spec.ray_address)
         rows = [{"part": state.next_part + i,
@@ -141,6 +144,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         for row in ds.iter_rows():
             r = json.loads(row["result"])
             done_parts += 1
+            nodes.add(r["node"])
             for k in ("items_ok", "items_failed", "samples", "frames", "bytes"):
                 setattr(totals, k, getattr(totals, k) + r[k])
             for f in r["failures"]:
@@ -156,6 +160,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                    samples_this_run=totals.samples, frames_this_run=totals.frames,
                    frames_per_second=totals.frames / wall if wall > 0 else 0.0,
                    samples_total=index.num_rows, failures_total=failures.num_rows, wall_seconds=wall,
+                   nodes_used=len(nodes),
                    driver_peak_rss_mb=_peak_rss_mb(), **spec.extra_summary)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[{spec.name}] done in {wall:.1f}s: {totals.items_ok} items ok, {totals.items_failed} failed, "
