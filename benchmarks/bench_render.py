@@ -91,7 +91,7 @@ def naive_child(glb: str, out: str, mode: str) -> None:
     S.normalize(*S.world_bbox(frames))
     engine()
     S.setup_lighting(s)
-    cams = S.setup_cameras(CircleRig(VIEWS, s.elevation_deg, fit_distance(s.fov_deg, RES, RES), s.fov_deg), s)
+    cams = S.setup_cameras(CircleRig(VIEWS, s.elevation, fit_distance(s.fov, RES, RES), s.fov), s)
     for v, cam in enumerate(cams):
         for t, frame in enumerate(frames):
             S.set_frame(frame)

@@ -28,8 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script (ray job submit ... python pipelines/make_pseudo4d.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
 from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_extent, warp_views
 from pipelines.common.config import (ConfigError, check_same_content, doc, parse_config, preset_table, run_cli,

@@ -27,6 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipelines.common.errors import ItemError
+
 DEFAULT_BASE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main"
 GLB_MAGIC = b"glTF"
 
@@ -41,12 +43,9 @@ TRAINABLE_LICENSES = ("cc0", "by", "by-sa")
 redistributing renders of it with attribution; NC and ND licences are left out by default."""
 
 
-class AssetError(Exception):
-    """Fetching one asset failed; ``stage`` is ``download`` or ``verify``."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
+class AssetError(ItemError):
+    """Fetching one asset failed; ``stage`` is ``download`` or ``verify``. An ``ItemError``: the job records it
+    as that item's failure."""
 
 
 class SourceError(Exception):

@@ -21,10 +21,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-if __package__ in (None, ""):  # run as a script (ray job submit ... python pipelines/render_objaverse.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
-from pipelines.common.config import (ConfigError, check_same_content, doc, parse_config, preset_table, run_cli,
+from pipelines.common.config import (ConfigError, check_choices, check_same_content, doc, parse_config, preset_table, run_cli,
                                      write_resolved)
 from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
@@ -32,17 +31,16 @@ from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
 from pipelines.common.shards import Sample, json_bytes, safe_key
 from pipelines.objaverse_source import (ANIMATED_LIST, DEFAULT_BASE_URL, SPLITS, TEST_LIST, TRAINABLE_LICENSES,  # noqa: E402
-                                        AssetError, SourceError, ensure_asset, list_assets, read_uid_list,
-                                        split_uids)
-from rendering.settings import (DEFAULT_ARC_DEG, DENOISE_PREFILTER, DENOISE_QUALITY, ENGINES, LIGHTING,
-                                RenderSettings)
+                                        SourceError, ensure_asset, list_assets, read_uid_list, split_uids)
+from rendering.settings import RenderSettings
 
 ASSET_EXTENSIONS = (".glb", ".gltf", ".fbx", ".obj")
 
 
 @dataclass
-class RenderJobConfig:
-    """Options of the render job (every field is also a --flag)."""
+class RenderJobConfig(RenderSettings):
+    """Options of the render job (every field is also a --flag): every render setting (``RenderSettings``,
+    defined once in rendering/settings.py, listed first by --help), then the job's own."""
 
     source: str = doc("procedural", "where assets come from: objaverse | local | procedural (SOURCES)")
     input: str = doc("", "objaverse: a uid list (.txt/.json/.parquet with 'uid'; default: the shipped 15,081 "
@@ -63,33 +61,7 @@ class RenderJobConfig:
     download_timeout_s: float = doc(60.0, "objaverse: socket timeout per download attempt")
     prefetch: int = doc(2, "objaverse: assets of a part downloaded ahead while Blender renders (0 = each just "
                         "before its render); at most this many downloads in flight per worker")
-    views: int = doc(8, "cameras on the circle (V)")
-    frames: int = doc(16, "frames sampled from each action (T)")
-    height: int = doc(144, "image height in pixels (default: the training frame's 9:16 aspect, 72x128 x2)")
-    width: int = doc(256, "image width in pixels")
     resolution: int = doc(0, "shortcut for a square image: sets --height and --width to N (0 = use them)")
-    fps: float = doc(8.0, "target fps of the sampled frames (squeezed to fit shorter actions)")
-    samples: int = doc(16, "render samples per pixel")
-    engine: str = doc("cycles", "cycles (CPU) | cycles-gpu | eevee (needs a GPU; software GL is ~50 s/frame)")
-    denoise: bool = doc(True, "OpenImageDenoise on the render")
-    denoise_quality: str = doc("FAST", "denoiser quality: FAST | BALANCED | HIGH")
-    denoise_prefilter: str = doc("NONE", "denoiser prefilter: NONE | FAST | ACCURATE")
-    threads: int = doc(0, "render threads per Blender (0 = all cores of the actor)")
-    elevation: float = doc(20.0, "camera elevation in degrees")
-    distance: float = doc(0.0, "camera distance in normalized units (0 = smallest that keeps the object in frame)")
-    fov: float = doc(40.0, "vertical camera field of view in degrees (the horizontal one follows the aspect)")
-    random_azimuth: bool = doc(True, "random (per-uid, reproducible) start azimuth, so a partial arc does not "
-                                     "always see the same side of every asset")
-    arc: float = doc(DEFAULT_ARC_DEG, "arc spanned by the cameras in degrees (< 360: both ends included); the default "
-                                      "keeps the per-view image step inside the pseudo-4D data's (docs/rendering.md)")
-    lighting: str = doc("studio", "studio (3 suns + ambient) | sun | ambient")
-    light_strength: float = doc(1.0, "multiplier on the lights")
-    ambient: float = doc(0.3, "world (ambient) light strength")
-    depth: bool = doc(False, "also write 16-bit depth PNGs")
-    normals: bool = doc(False, "also write world-normal PNGs")
-    max_actions: int = doc(4, "samples per asset at most (one per action)")
-    multiview: bool = doc(True, "render all views of a frame in one Blender call (multiview)")
-    seed: int = doc(0, "seed for procedural assets and random azimuths")
     timeout_s: float = doc(900.0, "per-asset limit (import + all renders); Blender is killed past it")
     concurrency: int = doc(1, "Ray actors (each runs one warm Blender)")
     cpus_per_worker: float = doc(2.0, "CPUs reserved per actor")
@@ -112,11 +84,7 @@ class RenderJobConfig:
             if not ok:
                 raise ConfigError(msg)
         need(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}; got {self.source!r}")
-        need(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        need(self.denoise_quality in DENOISE_QUALITY, f"--denoise-quality must be one of {', '.join(DENOISE_QUALITY)}")
-        need(self.denoise_prefilter in DENOISE_PREFILTER,
-             f"--denoise-prefilter must be one of {', '.join(DENOISE_PREFILTER)}")
-        need(self.lighting in LIGHTING, f"--lighting must be one of {', '.join(LIGHTING)}; got {self.lighting!r}")
+        check_choices(self)  # engine, denoiser, lighting, split: the Literal fields (the parser checks them too)
         need(1 <= self.views <= 99, f"--views must be 1..99 (two-digit member names); got {self.views}")
         need(1 <= self.frames <= 99, f"--frames must be 1..99 (two-digit member names); got {self.frames}")
         need(8 <= self.height <= 8192 and 8 <= self.width <= 8192,
@@ -143,26 +111,20 @@ class RenderJobConfig:
         need(self.count >= 0 and self.limit >= 0, "--count and --limit must be >= 0")
         need(self.download_retries >= 0, "--download-retries must be >= 0")
         need(self.threads >= 0, "--threads must be >= 0")
+        need(0 <= self.png_compression <= 100, f"--png-compression must be 0..100; got {self.png_compression}")
         for k, v in self.inject_faults.items():
             need(v in ("hang", "crash"), f"inject_faults[{k}] must be hang or crash; got {v!r}")
 
     def render_settings(self) -> RenderSettings:
-        return RenderSettings(
-            views=self.views, frames=self.frames, height=self.height, width=self.width, fps=self.fps,
-            samples=self.samples,
-            engine=self.engine, denoise=self.denoise, denoise_quality=self.denoise_quality,
-            denoise_prefilter=self.denoise_prefilter, threads=self.threads, elevation_deg=self.elevation,
-            distance=self.distance, fov_deg=self.fov, random_azimuth=self.random_azimuth, arc_deg=self.arc,
-            lighting=self.lighting, light_strength=self.light_strength, ambient=self.ambient, depth=self.depth,
-            normals=self.normals, max_actions=self.max_actions, multiview=self.multiview, seed=self.seed)
+        """The render settings alone: what the Blender worker receives with every asset."""
+        return RenderSettings(**{f.name: getattr(self, f.name) for f in fields(RenderSettings)})
 
 
-CONTENT_OPTIONS = ("source", "split", "views", "frames", "height", "width", "fps", "samples", "engine", "denoise",
-                   "denoise_quality", "denoise_prefilter", "elevation", "distance", "fov", "random_azimuth", "arc",
-                   "lighting", "light_strength", "ambient", "depth", "normals", "max_actions", "multiview", "seed")
+CONTENT_OPTIONS = ("source", "split") + tuple(f.name for f in fields(RenderSettings)
+                                             if f.name not in RenderSettings.SPEED_ONLY)
 """Options that shape a rendered sample: a re-run into an existing output must keep them (what it renders,
 and how many workers, may change). The source and the split (train and test renders must not share an
-output), then every RenderSettings field the job sets but ``threads`` (speed only), by option name."""
+output), then every RenderSettings field but the speed-only ones, by option name."""
 
 
 PRESET_TABLE: dict[str, dict[str, Any]] = {
@@ -212,6 +174,23 @@ def _local_items(spec: str, limit: int) -> list[dict[str, Any]]:
     items = [{"item_id": f"{u}-{source_fingerprint(x)}", "uid": u, "path": os.path.abspath(x)}
              for u, x in zip(uids, paths)]
     return items[:limit] if limit else items
+
+
+def replaced_items(output: str | Path, items: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Listed local assets whose name is already in ``output`` under another identity (another file of that
+    name, or this file before it changed): new item id -> the earlier ids, whose samples stay in the output."""
+    import re
+
+    import pyarrow.parquet as pq
+    earlier: dict[str, set[str]] = {}
+    for name in ("index.parquet", "failures.parquet"):
+        path = Path(output) / name
+        if path.is_file():
+            for old in pq.read_table(path, columns=["item_id"]).column("item_id").to_pylist():
+                # a name plus a 10-digit fingerprint, or a bare name (outputs written before fingerprints)
+                earlier.setdefault(re.sub(r"-[0-9a-f]{10}$", "", old), set()).add(old)
+    out = {i["item_id"]: sorted(earlier.get(i["uid"], set()) - {i["item_id"]}) for i in items}
+    return {k: v for k, v in out.items() if v}
 
 
 def source_fingerprint(path: str) -> str:
@@ -372,11 +351,9 @@ class RenderProcessor:
 
 def _fetch_objaverse(proc: RenderProcessor, item: dict[str, Any]) -> str:
     cfg = proc.cfg
-    try:
-        return str(ensure_asset(item, cfg.base_url, proc.cache / "objaverse", retries=cfg.download_retries,
-                                timeout=cfg.download_timeout_s))
-    except AssetError as exc:
-        raise ItemError(exc.stage, str(exc)) from None
+    # a failed download or verification raises AssetError, an ItemError: recorded as this item's failure
+    return str(ensure_asset(item, cfg.base_url, proc.cache / "objaverse", retries=cfg.download_retries,
+                            timeout=cfg.download_timeout_s))
 
 
 def _fetch_procedural(proc: RenderProcessor, item: dict[str, Any]) -> str:
@@ -439,8 +416,8 @@ class DryRunProcessor:
         from rendering.cameras import CircleRig, cameras_json, fit_distance, start_azimuth
         s = self.settings
         # Cameras of the 8x8 stand-in frames, so cameras.json, meta and the PNGs agree.
-        rig = CircleRig(s.views, s.elevation_deg, s.distance or fit_distance(s.fov_deg, 8, 8), s.fov_deg,
-                        start_azimuth(item["uid"], s.seed, s.random_azimuth), s.arc_deg)
+        rig = CircleRig(s.views, s.elevation, s.distance or fit_distance(s.fov, 8, 8), s.fov,
+                        start_azimuth(item["uid"], s.seed, s.random_azimuth), s.arc)
         frames = {f"v{v:02d}t{t:02d}.png": _fake_png() for v in range(s.views) for t in range(s.frames)}
         meta = {"kind": "render", "item_id": item["item_id"], "uid": item["uid"], "source": self.cfg.source,
                 "action": "dry_run", "views": s.views, "frames": s.frames, "height": 8, "width": 8, "fps": s.fps,
@@ -474,6 +451,13 @@ def build_spec(cfg: RenderJobConfig) -> JobSpec:
         print(f"[render] listed {len(items)} assets; left out: " +
               ", ".join(f"{n} by {k.removeprefix('dropped_').replace('_', ' ')}" for k, n in listing.items()),
               flush=True)
+    replaced = replaced_items(cfg.output, items) if cfg.source == "local" else {}
+    if replaced:  # re-done, as asked, but not silently: the earlier renders are still in the output
+        new, old = next(iter(replaced.items()))
+        print(f"[render] warning: {len(replaced)} listed assets replace earlier ones of the same name in this output "
+              f"(another file, or the file changed; e.g. {new} replaces {', '.join(old)}): they are rendered again "
+              "and the earlier samples stay in index.parquet and the shards; render into a new --output to keep "
+              "only the current files", file=sys.stderr, flush=True)
     if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         # A private local Ray has os.cpu_count() CPUs: asking an actor for more would never schedule.
         cfg = replace(cfg, cpus_per_worker=min(cfg.cpus_per_worker, float(os.cpu_count() or 1)))
@@ -482,7 +466,7 @@ def build_spec(cfg: RenderJobConfig) -> JobSpec:
                    make_processor=partial(make_processor, values), items_per_part=cfg.items_per_part,
                    concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_worker, retry_failed=cfg.retry_failed,
                    ray_address=cfg.ray_address,
-                   extra_summary={"source": cfg.source, **listing, "views": cfg.views, "frames": cfg.frames,
+                   extra_summary={"source": cfg.source, **listing, "items_replacing_earlier": len(replaced), "views": cfg.views, "frames": cfg.frames,
                                   "height": cfg.height, "width": cfg.width, "arc": cfg.arc, "engine": cfg.engine,
                                   "dry_run": cfg.dry_run})
 

@@ -64,9 +64,9 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
     scene_fps = scene.render.fps / scene.render.fps_base
     S.configure_engine(s)
     S.setup_lighting(s)
-    distance = s.distance if s.distance > 0 else fit_distance(s.fov_deg, s.width, s.height)
-    rig = CircleRig(views=s.views, elevation_deg=s.elevation_deg, distance=distance, fov_deg=s.fov_deg,
-                    start_azimuth_deg=start_azimuth(uid, s.seed, s.random_azimuth), arc_deg=s.arc_deg)
+    distance = s.distance if s.distance > 0 else fit_distance(s.fov, s.width, s.height)
+    rig = CircleRig(views=s.views, elevation_deg=s.elevation, distance=distance, fov_deg=s.fov,
+                    start_azimuth_deg=start_azimuth(uid, s.seed, s.random_azimuth), arc_deg=s.arc)
     cams = S.setup_cameras(rig, s)
     cameras = cameras_json(rig, s.width, s.height)
     samples = []
@@ -97,8 +97,8 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
                     "render": {"engine": s.engine, "samples": s.samples, "denoise": s.denoise,
                                "denoiser": "OPENIMAGEDENOISE" if s.denoise else "none",
                                "denoise_quality": s.denoise_quality, "denoise_prefilter": s.denoise_prefilter,
-                               "elevation_deg": s.elevation_deg, "distance": distance, "fov_deg": s.fov_deg,
-                               "start_azimuth_deg": rig.start_azimuth_deg, "arc_deg": s.arc_deg,
+                               "elevation_deg": s.elevation, "distance": distance, "fov_deg": s.fov,
+                               "start_azimuth_deg": rig.start_azimuth_deg, "arc_deg": s.arc,
                                "lighting": s.lighting, "light_strength": s.light_strength, "ambient": s.ambient,
                                "multiview": s.multiview, "blender": bpy.app.version_string},
                     "seconds": {"import": round(t_import, 3), "render": round(time.time() - t1, 3)}, **extra}

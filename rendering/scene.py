@@ -17,6 +17,7 @@ import bpy
 import mathutils
 
 from rendering.cameras import CircleRig, blender_c2w
+from rendering.errors import StageError
 from rendering.settings import RenderSettings
 
 IMPORTERS = {
@@ -29,12 +30,8 @@ GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT", "CURVES", "POINTCL
 ROOT_NAME = "__normalize_root__"
 
 
-class SceneError(Exception):
-    """An asset-level problem; ``stage`` is what failures.parquet records."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
+class SceneError(StageError):
+    """An asset-level problem found while building the scene."""
 
 
 def reset() -> None:

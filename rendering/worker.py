@@ -25,15 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from rendering.errors import StageError
+
 _HEADER = struct.Struct("<Q")
 
 
-class WorkerFailure(Exception):
-    """The request failed; ``stage`` is one of import/render/static/normalize/timeout/crash/..."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
+class WorkerFailure(StageError):
+    """A request to the Blender child failed (its SceneError, or a timeout or crash of the child)."""
 
 
 def _send(fh: BinaryIO, obj: Any) -> None:

@@ -29,8 +29,20 @@ ITEMS = 24
 PER_PART = 2  # 12 parts: three interrupted runs commit at most 9 of them
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+    return False
+
+
 def _actor_pids() -> list[int]:
-    """Processes of the data job's Ray actors (their process title names the map worker)."""
+    """Processes of the data job's Ray actors (their process title names the map worker), on this test's
+    cluster only: its raylets are this process's children, so the actors descend from it."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -39,7 +51,8 @@ def _actor_pids() -> list[int]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "ray::" in cmd and ("MapWorker" in cmd or "_PartWorker" in cmd):
+        if "ray::" in cmd and ("MapWorker" in cmd or "_PartWorker" in cmd) and _descends_from(int(proc.name),
+                                                                                          os.getpid()):
             pids.append(int(proc.name))
     return pids
 

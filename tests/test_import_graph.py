@@ -97,6 +97,23 @@ def test_no_library_module_imports_an_entry_script() -> None:
 MAIN_GUARD = re.compile(r"""^if\s+__name__\s*==\s*['"]__main__['"]""", re.M)
 
 
+def test_every_entry_script_finds_the_package_one_way() -> None:
+    """Run as a file (``python pipelines/x.py``, ``ray job submit ... python training/y.py``), an entry script
+    puts the checkout on sys.path with the one line below, at its own depth; no other spelling."""
+    odd = []
+    for p in project_modules():
+        rel = p.relative_to(ROOT)
+        text = p.read_text()
+        if rel.parts[0] not in ("pipelines", "training") or not MAIN_GUARD.search(text):
+            continue
+        depth = len(rel.parts) - 1  # parents[depth] of the file is the checkout
+        line = (f"sys.path.insert(0, str(Path(__file__).resolve().parents[{depth}]))  # run as a file from a "
+                "checkout without install")
+        if text.count("sys.path.insert") != 1 or line not in text:
+            odd.append(str(rel))
+    assert odd == []
+
+
 def imports_script(target: str, scripts: set[str]) -> bool:
     """``target`` (a module, or a name in one) is one of the entry scripts or a name inside one."""
     return target in scripts or target.rsplit(".", 1)[0] in scripts

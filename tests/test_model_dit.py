@@ -8,7 +8,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, DIT_PRESETS, VideoDiT, dit_config
-from model.text import load_text_encoder
 from tests.model_helpers import tiny_dit
 
 
@@ -63,13 +62,6 @@ def test_text_conditioning_interface():
     assert not torch.allclose(model(x, t, ctx, text=text), model(x, t, ctx))
     with pytest.raises(ValueError, match="text_dim=0"):
         tiny_dit()(x, t, ctx, text=text)
-
-
-def test_missing_text_encoder_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="text encoder not found"):
-        load_text_encoder(tmp_path / "no-such-encoder")
-    with pytest.raises(ValueError, match="config.json"):
-        load_text_encoder(tmp_path)
 
 
 def test_bad_inputs_give_clear_errors():

@@ -25,7 +25,7 @@ def measured() -> tuple[dict[float, float], float, float]:
 def test_default_arc_is_the_measured_choice(measured):
     steps, lo, hi = measured
     chosen = choose_arc(steps, lo, hi)
-    assert RenderJobConfig().arc == chosen == RenderSettings().arc_deg
+    assert RenderJobConfig().arc == chosen == RenderSettings().arc
     for name in PRESETS:  # RenderJobConfig() above is what a run without --preset gets
         assert PRESETS[name]().arc == chosen, name
     # The chosen arc's step is inside the pseudo-4D band, and the next wider candidate's is not.

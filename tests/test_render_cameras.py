@@ -109,7 +109,7 @@ from rendering import scene as S
 from rendering.cameras import CircleRig, fit_distance
 from rendering.settings import RenderSettings
 width, height, fov, points = json.loads(sys.argv[1])
-s = RenderSettings(views=3, width=width, height=height, fov_deg=fov, multiview=False)
+s = RenderSettings(views=3, width=width, height=height, fov=fov, multiview=False)
 S.reset()
 S.configure_engine(s)
 rig = CircleRig(3, 25.0, fit_distance(fov, width, height), fov, 10.0, 60.0)

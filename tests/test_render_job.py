@@ -190,9 +190,11 @@ def test_a_local_asset_is_its_file_not_its_name(ray_local, tmp_path, procedural_
         main(args + ["--input", str(folder)])
         return json.loads((out / "summary.json").read_text())
     assert run(tmp_path / "a", "proc-000000")["items_ok_this_run"] == 1
-    assert run(tmp_path / "b", "proc-000001")["items_ok_this_run"] == 1  # same name, another file
+    second = run(tmp_path / "b", "proc-000001")  # same name, another file: rendered, and said so
+    assert second["items_ok_this_run"] == 1 and second["items_replacing_earlier"] == 1
     main(args + ["--input", str(tmp_path / "b")])
-    assert json.loads((out / "summary.json").read_text())["items_skipped"] == 1  # unchanged: done
+    again = json.loads((out / "summary.json").read_text())
+    assert again["items_skipped"] == 1 and again["items_ok_this_run"] == 0  # unchanged: done
     time.sleep(0.01)  # a new modification time even on coarse clocks
     assert run(tmp_path / "b", "proc-000002")["items_ok_this_run"] == 1  # changed in place: re-done
     index = pq.read_table(out / "index.parquet").to_pylist()
@@ -262,7 +264,7 @@ def test_resume_after_interrupted_part(ray_local, tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--views", "0"], "--views"),
-    (["--engine", "blender-internal"], "--engine"),
+    (["--engine", "blender-internal"], "option 'engine' must be one of cycles, cycles-gpu, eevee"),
     (["--source", "local"], "--input"),
     (["--source", "local", "--input", "/nonexistent/dir"], "no .glb"),
     (["--source", "objaverse", "--input", "/nonexistent/uids.txt"], "does not exist"),
@@ -270,7 +272,8 @@ def test_resume_after_interrupted_part(ray_local, tmp_path):
     # Far enough for the 40-degree vertical view, not for the narrower horizontal one of a portrait frame.
     (["--height", "32", "--width", "18", "--distance", "3.5"], "too close"),
     (["--height", "4"], "--height"),
-    (["--denoise-quality", "ULTRA"], "--denoise-quality"),
+    (["--denoise-quality", "ULTRA"], "option 'denoise_quality' must be one of FAST, BALANCED, HIGH"),
+    (["--png-compression", "101"], "--png-compression must be 0..100"),
     (["--set", "inject_faults={a: explode}"], "hang or crash"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, argv, needle):
@@ -402,7 +405,7 @@ def test_rerun_with_other_render_settings_is_refused_before_any_work(tmp_path):
         main(["--preset", "tiny", "--output", str(out), "--views", "4", "--samples", "8"])
     assert not (out / "shards").exists() and not (out / "summary.json").exists()
     # Every setting a render receives is guarded, under its option name; threads, persistent data and PNG
-    # compression change speed and file size, not pixels (and the job does not expose the last two).
+    # compression change speed and file size, not pixels (RenderSettings.SPEED_ONLY).
     from dataclasses import asdict
     base = asdict(cfg.render_settings())
     covered = set()

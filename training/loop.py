@@ -39,8 +39,8 @@ def _peak_flops() -> float | None:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak LR at optimizer ``step``: linear warm-up, then cosine to min_lr_ratio."""
     seen = step * cfg.samples_per_step
-    warm = max(1, cfg.optim.warmup_samples)
-    if seen < warm:
+    warm = max(0, cfg.optim.warmup_samples)
+    if seen < warm:  # warmup_samples 0 (a phase-2 fine-tune) starts at the peak
         return (seen + cfg.samples_per_step) / (warm + cfg.samples_per_step)
     progress = min(1.0, (seen - warm) / max(1, cfg.total_samples - warm))
     r = cfg.optim.min_lr_ratio

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file from a checkout without install
 
 from pipelines.common.config import doc, parse_config, run_cli, write_resolved  # noqa: E402
 from pipelines.common.errors import UserError  # noqa: E402

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file from a checkout without install
+
 # Panels of the loss figure: title -> training runs drawn in it (those present).
 LOSS_PANELS = {
     "base (video DiT, both contexts)": ["base"],

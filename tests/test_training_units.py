@@ -1,0 +1,64 @@
+"""The training loop's small pieces on their own: the learning-rate schedule, the EMA's decay warm-up and the
+DeepSpeed config (the end-to-end runs in test_training.py exercise them only together)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from training.config import OptimConfig, TrainConfig
+from training.loop import EMA, deepspeed_config, lr_at
+
+
+def _cfg(**kw) -> TrainConfig:
+    optim = OptimConfig(warmup_samples=40, min_lr_ratio=0.1)
+    return dataclasses.replace(TrainConfig(total_samples=400, batch_size=2, grad_accum=1, num_workers=2,
+                                           optim=optim), **kw)
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_its_floor() -> None:
+    cfg = _cfg()  # 4 samples a step: 10 warm-up steps, 100 steps in all
+    assert cfg.samples_per_step == 4 and cfg.total_steps == 100
+    warm = [lr_at(s, cfg) for s in range(10)]
+    assert warm[0] == pytest.approx(4 / 44) and warm[-1] == pytest.approx(40 / 44)
+    assert all(b - a == pytest.approx(4 / 44) for a, b in zip(warm, warm[1:]))  # linear
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # the peak where warm-up ends
+    mid = 10 + (100 - 10) // 2
+    assert lr_at(mid, cfg) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-9)  # halfway down the cosine
+    assert lr_at(100, cfg) == pytest.approx(0.1)  # the floor at the last step
+    decay = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(b < a for a, b in zip(decay, decay[1:]))
+    # progress is in samples: twice the workers (and half the steps) keeps the same curve
+    wide = _cfg(num_workers=4)
+    assert lr_at(25, wide) == pytest.approx(lr_at(50, cfg))
+    assert lr_at(0, _cfg(optim=OptimConfig(warmup_samples=0))) == pytest.approx(1.0, abs=0.01)
+
+
+def test_ema_decay_warms_up_so_a_short_run_exports_trained_weights() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)], decay=0.999, zero3=False)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()  # first update: decay min(0.999, 1/10) = 0.1, so the shadow moves 90% of the way
+    torch.testing.assert_close(ema.shadow["w"], torch.full((3,), 0.9))
+    for _ in range(200):
+        ema.update()
+    assert ema.shadow["w"].min() > 0.999  # a fixed 0.999 would still sit at 1 - 0.999**201 = 0.18
+    assert ema.updates == 201 and ema.shadow["w"].dtype == torch.float32
+    late = min(0.999, (1 + 5000) / (10 + 5000))
+    assert late == pytest.approx(0.998, abs=1e-3) and math.isclose(min(0.999, 1e9 / (1e9 + 9)), 0.999)
+
+
+def test_deepspeed_config_follows_the_training_config() -> None:
+    cpu = deepspeed_config(_cfg(zero_stage=3, grad_accum=4, precision="fp32"))
+    assert (cpu["train_micro_batch_size_per_gpu"], cpu["gradient_accumulation_steps"]) == (2, 4)
+    assert cpu["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # gloo on CPU: nothing to overlap
+    assert cpu["torch_autocast"]["enabled"] is False and cpu["gradient_clipping"] == 1.0
+    gpu = deepspeed_config(_cfg(use_gpu=True, precision="bf16", optim=OptimConfig(grad_clip=0.5)))
+    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert gpu["gradient_clipping"] == 0.5
+    assert "bf16" not in gpu and "fp16" not in gpu  # autocast over fp32 master weights, not cast weights
