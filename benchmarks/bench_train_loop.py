@@ -4,7 +4,7 @@ Where bench_model.py times bare model steps, this runs `training.launch.run` end
 shards of the paper's data shape (the loader, DeepSpeed, EMA, checkpointing and all) and reports the
 loop's own status-line metrics: samples/s and MFU over the last logging window.
 
-    python benchmarks/bench_train_loop.py --stage base   # 16 frames at 72x128, B=16
+    python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=16
     python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=2, over a random-init base
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 
