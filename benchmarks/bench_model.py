@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import (DIT_PRESETS, UPSAMPLER_PRESETS, FourDConfig, FourDModel, VideoDiT,  # noqa: E402
                    VideoUpsampler, grid_condition_mask)
 from model import rectified_flow as rf  # noqa: E402
+from model.fp8 import enable_fp8  # noqa: E402
 
 # Dense bf16 tensor-core peaks (datasheet, no sparsity), the denominator of MFU.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -132,6 +133,9 @@ def case_base_train(args, device, dtype) -> dict:
     cfg = dataclasses.replace(dit_preset(args), checkpointing=bool(args.checkpointing))
     with torch.device(device):
         model = VideoDiT(cfg)
+    if args.fp8:
+        for block in model.blocks:
+            enable_fp8(block)
     if args.compile:
         model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -163,6 +167,9 @@ def build_fourd(args, device, dtype, sync_variant: str = "soft") -> FourDModel:
     model = FourDModel(base, FourDConfig(sync=sync_variant)).to(device)
     if args.checkpointing:
         base.cfg.checkpointing = True
+    if args.fp8:
+        for block in base.blocks:
+            enable_fp8(block)
     if args.compile:
         model.compile_blocks()
     return model
@@ -255,7 +262,7 @@ def run_case(args) -> dict:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     info = {"case": args.case, "preset": args.preset, "model": args.model, "batch": args.batch, "compile": bool(args.compile),
-            "attn": args.attn, "checkpointing": bool(args.checkpointing), "torch": torch.__version__,
+            "attn": args.attn, "checkpointing": bool(args.checkpointing), "fp8": bool(args.fp8), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     torch.manual_seed(0)
     with sdpa_context(args.attn):
@@ -347,6 +354,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--compile", type=int, default=0)
     parser.add_argument("--checkpointing", type=int, default=0)
+    parser.add_argument("--fp8", type=int, default=0, help="the blocks' token matmuls in FP8 (model/fp8.py)")
     parser.add_argument("--attn", default="default", choices=["default", "flash", "cudnn", "efficient", "math"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)

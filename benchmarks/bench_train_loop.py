@@ -4,7 +4,7 @@ Where bench_model.py times bare model steps, this runs `training.launch.run` end
 shards of the paper's data shape (the loader, DeepSpeed, EMA, checkpointing and all) and reports the
 loop's own status-line metrics: samples/s and MFU over the last logging window.
 
-    python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=16
+    python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32
     python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=2, over a random-init base
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 
@@ -38,6 +38,13 @@ def main() -> None:
     ap.add_argument("--grids", type=int, default=16)
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="Ray Train workers, one GPU each")
+    ap.add_argument("--batch", type=int, default=0, help="micro-batch per GPU (0 = the preset's)")
+    ap.add_argument("--frames", type=int, default=0, help="base clip frames / 4D time steps (0 = the preset's)")
+    ap.add_argument("--profile-at", type=int, default=0, help="profile 3 steps from this one (the job's "
+                    "profile_at); the phase table is printed and written to --profile-out")
+    ap.add_argument("--profile-out", default="", help="copy the run's profile/ folder here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other TrainConfig override, e.g. data.loader_processes=4")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "grids"
@@ -58,13 +65,22 @@ def main() -> None:
             "output": str(Path(d) / "run"), "num_workers": args.workers, "zero_stage": args.zero,
             "mlflow_uri": "none", "total_samples": args.steps * cfg.batch_size * cfg.grad_accum * args.workers, "log_every": 5, "sample_every": 0, "sample_steps": 2,
             "checkpoint_every": 0, "data.grids": [str(data)], "data.prefetch": 4, "base_checkpoint": base_ckpt,
-            "optim.ema_decay": 0.999})
+            "optim.ema_decay": 0.999, "profile_at": args.profile_at,
+            **({"batch_size": args.batch} if args.batch else {}), **({"data.frames": args.frames} if args.frames else {}),
+            **dict(item.partition("=")[::2] for item in args.set)})
+        cfg = apply_overrides(cfg, {"total_samples": args.steps * cfg.batch_size * cfg.grad_accum * args.workers})
         from training.launch import run
         t0 = time.time()
         summary = run(cfg)
         metrics = summary["metrics"]
+        phases = Path(cfg.output) / "profile" / "phases_rank0.json"
+        profile = json.loads(phases.read_text()) if phases.is_file() else None
+        if args.profile_out and phases.is_file():
+            import shutil
+            shutil.copytree(phases.parent, args.profile_out, dirs_exist_ok=True)
     print(json.dumps({"stage": args.stage, "batch": cfg.batch_size, "zero": args.zero, "steps": args.steps,
-                      "workers": args.workers,
+                      "workers": args.workers, "frames": cfg.data.frames, "overrides": args.set, "profile": profile,
+                      "data_wait_last_window": metrics.get("data_wait"),
                       "wall_s": time.time() - t0, "samples_per_s_last_window": metrics.get("samples_per_s"),
                       "mfu_last_window": metrics.get("mfu"), "gpu_mem_gb": metrics.get("gpu_mem_gb")}, indent=2))
 

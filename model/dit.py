@@ -60,6 +60,12 @@ class DiTConfig:
     """Noise-level shift s the model trains and samples with (``rectified_flow.shift_time``): flow times t map
     to s t / (1 + (s - 1) t). 1 suits 32 x 32 frames; at 64 x 64 and up the unshifted model is wrong from pure
     noise, where sampling starts (docs/results.md, run 4). Saved in checkpoints, so generation uses it."""
+    bias: bool = True
+    """Biases on the blocks' linear layers (QKV, projection, SwiGLU, adaLN). Off at the paper preset: with
+    them every block holds 10 parameter tensors instead of 5 (+2 norms), and the training job's per-tensor work
+    (DeepSpeed's gradient hooks, bucket copies and norms) costs host time that bounded its steps
+    (docs/performance.md, issue 15). Checkpoints saved before this field load with biases; a training run
+    started with them continues with ``--set model.bias=true``."""
     checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
 
@@ -86,7 +92,7 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # same 9x16 tokens per frame as the paper preset's patch 8 at 72x128 (36 is not divisible by 8).
     "small": DiTConfig(patch_size=4, width=384, depth=12, heads=6, mlp_ratio=4.5, flow_shift=3.0),
     # The paper's base model: 24 blocks of width 1024, ~600M parameters.
-    "paper": DiTConfig(patch_size=8, width=1024, depth=24, heads=8, mlp_ratio=4.5, flow_shift=3.0),
+    "paper": DiTConfig(patch_size=8, width=1024, depth=24, heads=8, mlp_ratio=4.5, flow_shift=3.0, bias=False),
 }
 
 
@@ -169,10 +175,10 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.w_in = nn.Linear(width, 2 * hidden)  # gate and value in one GEMM
-        self.w_out = nn.Linear(hidden, width)
+        self.w_in = nn.Linear(width, 2 * hidden, bias=bias)  # gate and value in one GEMM
+        self.w_out = nn.Linear(hidden, width, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w_in(x).chunk(2, dim=-1)
@@ -182,11 +188,11 @@ class SwiGLU(nn.Module):
 class Attention(nn.Module):
     """Full self-attention over one token sequence per batch row, fused QKV, 3D RoPE."""
 
-    def __init__(self, width: int, heads: int, qk_norm: bool):
+    def __init__(self, width: int, heads: int, qk_norm: bool, bias: bool = True):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
         head_dim = width // heads
         self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
@@ -202,13 +208,13 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: returns x + attn(...) + mlp(...) (the residual included)."""
 
-    def __init__(self, width: int, heads: int, mlp_hidden: int, qk_norm: bool):
+    def __init__(self, width: int, heads: int, mlp_hidden: int, qk_norm: bool, bias: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads, qk_norm)
+        self.attn = Attention(width, heads, qk_norm, bias)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = SwiGLU(width, mlp_hidden)
-        self.ada = nn.Linear(width, 6 * width)
+        self.mlp = SwiGLU(width, mlp_hidden, bias)
+        self.ada = nn.Linear(width, 6 * width, bias=bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 attn: nn.Module | None = None) -> torch.Tensor:
@@ -256,7 +262,8 @@ class VideoDiT(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, d) if cfg.text_dim > 0 else None
         # What "no text" means to a text model: the unconditional branch of guidance and dropped captions.
         self.null_text = nn.Parameter(torch.zeros(d)) if cfg.text_dim > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(d, cfg.heads, cfg.mlp_hidden, cfg.qk_norm) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DiTBlock(d, cfg.heads, cfg.mlp_hidden, cfg.qk_norm, cfg.bias)
+                                    for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Linear(d, 2 * d)
         self.final_linear = nn.Linear(d, p * p * C)
@@ -266,7 +273,8 @@ class VideoDiT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         for m in self.t_embed.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
@@ -274,7 +282,8 @@ class VideoDiT(nn.Module):
         # adaLN-Zero: every block starts as the identity and the output as zero velocity.
         for block in self.blocks:
             nn.init.zeros_(block.ada.weight)
-            nn.init.zeros_(block.ada.bias)
+            if block.ada.bias is not None:
+                nn.init.zeros_(block.ada.bias)
         for m in (self.final_ada, self.final_linear):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)

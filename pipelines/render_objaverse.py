@@ -29,9 +29,10 @@ from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
 from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
-from pipelines.common.shards import Sample, json_bytes, safe_key
+from pipelines.common.shards import Sample, filtered_reason, json_bytes, safe_key
 from pipelines.objaverse_source import (ANIMATED_LIST, DEFAULT_BASE_URL, SPLITS, TEST_LIST, TRAINABLE_LICENSES,  # noqa: E402
                                         SourceError, ensure_asset, list_assets, read_uid_list, split_uids)
+from pipelines.render_filters import FILTERS, describe_funnel, funnel, mark
 from rendering.settings import RenderSettings
 
 ASSET_EXTENSIONS = (".glb", ".gltf", ".fbx", ".obj")
@@ -46,14 +47,15 @@ class RenderJobConfig(RenderSettings):
     input: str = doc("", "objaverse: a uid list (.txt/.json/.parquet with 'uid'; default: the shipped 15,081 "
                          "animated uids, pipelines/data/objaverse/), or 'annotations' for every object whose "
                          "annotation counts an animation; local: a directory, a glob, or a Parquet manifest with "
-                         "a 'path' column; procedural: unused")
+                         "a 'path' column; procedural: assets by kind, KIND[:SEED],... (e.g. rigid,flicker:3; the "
+                         "seed defaults to --seed plus the position; empty: --count assets cycling the normal kinds)")
     split: Literal[SPLITS] = doc("train", "objaverse: train leaves SV4D's 20 test uids out; test renders exactly "
                                  "those (for evaluation); all renders the list as given")
     licenses: list[str] = doc(text="objaverse: licences to keep, from each object's annotation (CC slugs: cc0, by, "
                               "by-sa, by-nc, ...; 'any' keeps every object)",
                               factory=lambda: list(TRAINABLE_LICENSES))
     output: str = doc("outputs/render", "output directory (shards/, index.parquet, failures.parquet)")
-    count: int = doc(3, "procedural: number of assets to generate")
+    count: int = doc(3, "procedural: number of assets to generate (without --input)")
     limit: int = doc(0, "render at most this many assets (0 = all listed)")
     base_url: str = doc(DEFAULT_BASE_URL, "objaverse: root of the Objaverse 1.0 layout (hub or mirror)")
     cache_dir: str = doc("", "where downloaded/generated assets are cached (default: <tmp>/render-asset-cache)")
@@ -71,6 +73,30 @@ class RenderJobConfig(RenderSettings):
     dry_run: bool = doc(False, "skip downloads and Blender; write tiny fake frames (tests listing, sharding, resume)")
     inject_faults: dict = doc(text="testing only: {item_id or uid: hang|crash} makes that asset's Blender hang or die",
                               factory=dict)
+    # The filters (pipelines/render_filters.py). The defaults sit between what 126 normal procedural samples
+    # (tiny, demo, proof and default sizes) and the assets built to trip each filter measured; docs/rendering.md,
+    # "Filtering what renders badly", has the table.
+    filters: list[str] = doc(text="filters that mark bad samples, applied in this order (the first that trips is "
+                             "the recorded reason; marked samples are still written, the training loader skips "
+                             "them): " + "; ".join(f"{k}: {f.about}" for k, f in FILTERS.items())
+                             + ". Empty (--filters '') switches filtering off (FILTERS)",
+                             factory=lambda: list(FILTERS))
+    filter_frames: int = doc(8, "static, distorted: the front view's first N frames are compared (8: all of a "
+                             "demo grid, half a default one; long enough that an animation easing in is not "
+                             "taken for still)")
+    filter_min_coverage: float = doc(0.002, "empty: a frame where the object covers less than this share of the "
+                                     "image (mean alpha; ~74 px of 144x256). Normal procedural assets cover >= "
+                                     "0.0145 in every frame, one shrunk to a speck 0.0000")
+    filter_border_px: int = doc(1, "leaves_frame: width of the image's edge band checked for the object")
+    filter_alpha: float = doc(0.1, "alpha (0..1) above which a pixel shows the object: in the edge band "
+                              "(leaves_frame), and for the box the similarity is measured in")
+    filter_static_similarity: float = doc(0.97, "static: every early frame more similar than this to the first "
+                                          "(SSIM where the object is, 1 = identical). Normal procedural motion "
+                                          "scores <= 0.79, a thin pole sliding along itself <= 0.95, an action "
+                                          "that moves nothing visible >= 0.982 (1 spp), 1.0 (16 spp)")
+    filter_distorted_similarity: float = doc(0.35, "distorted: consecutive early frames less similar than this on "
+                                             "average. Normal fast procedural motion scores >= 0.47, a mesh torn "
+                                             "apart every other frame 0.06-0.24")
 
     def __post_init__(self) -> None:
         # --resolution N is folded into height and width here (and reset), so everything downstream,
@@ -114,6 +140,20 @@ class RenderJobConfig(RenderSettings):
         need(0 <= self.png_compression <= 100, f"--png-compression must be 0..100; got {self.png_compression}")
         for k, v in self.inject_faults.items():
             need(v in ("hang", "crash"), f"inject_faults[{k}] must be hang or crash; got {v!r}")
+        need(list(self.filters) == [f for f in FILTERS if f in self.filters],
+             f"--filters must name filters of {', '.join(FILTERS)}, each once and in that order (FILTERS); got "
+             f"{','.join(self.filters) or 'none'}")
+        need(self.filter_frames >= 2, f"--filter-frames must be >= 2 (a frame is compared with others); got "
+                                      f"{self.filter_frames}")
+        need(self.filter_border_px >= 1, f"--filter-border-px must be >= 1; got {self.filter_border_px}")
+        for name in ("filter_min_coverage", "filter_alpha", "filter_static_similarity", "filter_distorted_similarity"):
+            value = getattr(self, name)
+            need(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1]; got {value}")
+        # alpha 1 would find no pixel above it: no object box (every sample "static"), no border ever touched
+        need(self.filter_alpha < 1.0, f"--filter-alpha must be below 1; got {self.filter_alpha}")
+        need(self.filter_distorted_similarity < self.filter_static_similarity,
+             f"--filter-distorted-similarity ({self.filter_distorted_similarity}) must be below "
+             f"--filter-static-similarity ({self.filter_static_similarity})")
 
     def render_settings(self) -> RenderSettings:
         """The render settings alone: what the Blender worker receives with every asset."""
@@ -125,6 +165,10 @@ CONTENT_OPTIONS = ("source", "split") + tuple(f.name for f in fields(RenderSetti
 """Options that shape a rendered sample: a re-run into an existing output must keep them (what it renders,
 and how many workers, may change). The source and the split (train and test renders must not share an
 output), then every RenderSettings field but the speed-only ones, by option name."""
+
+FILTER_OPTIONS = tuple(f.name for f in fields(RenderJobConfig) if f.name.startswith("filter"))
+"""Options that decide a sample's recorded filter reason: a re-run into an existing output must keep them too,
+or the output would hold samples judged by two standards."""
 
 
 PRESET_TABLE: dict[str, dict[str, Any]] = {
@@ -207,13 +251,32 @@ def source_fingerprint(path: str) -> str:
     return hashlib.sha1(sig.encode()).hexdigest()[:10]
 
 
-def _list_procedural(cfg: RenderJobConfig, stats: dict[str, int]) -> list[dict[str, Any]]:
+def _procedural_item(kind: str, seed: int) -> dict[str, Any]:
     from rendering.procedural import kind_for
-    n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
     # The id names the asset's own seed and the kind derives from that seed, so proc-000007 is the same
-    # asset whatever --seed started the list (held-out sets are rendered with other seeds).
-    return [{"item_id": f"proc-{cfg.seed + i:06d}", "uid": f"proc-{cfg.seed + i:06d}",
-             "kind": kind_for(cfg.seed + i), "seed": cfg.seed + i} for i in range(n)]
+    # asset whatever --seed started the list (held-out sets are rendered with other seeds). A kind asked for
+    # by name that the seed would not give is named in the id too: one id, one asset.
+    uid = f"proc-{seed:06d}" if kind == kind_for(seed) else f"proc-{kind}-{seed:06d}"
+    return {"item_id": uid, "uid": uid, "kind": kind, "seed": seed}
+
+
+def _list_procedural(cfg: RenderJobConfig, stats: dict[str, int]) -> list[dict[str, Any]]:
+    from rendering.procedural import ALL_KINDS, kind_for
+    if not cfg.input:
+        n = cfg.limit and min(cfg.limit, cfg.count) or cfg.count
+        return [_procedural_item(kind_for(cfg.seed + i), cfg.seed + i) for i in range(n)]
+    items = []
+    for i, entry in enumerate(e.strip() for e in cfg.input.split(",") if e.strip()):
+        kind, _, seed = entry.partition(":")
+        if kind not in ALL_KINDS or (seed and not seed.isdigit()):
+            raise UserError(f"--input of --source procedural lists assets as KIND[:SEED],... with KIND one of "
+                            f"{', '.join(ALL_KINDS)}; got {entry!r}")
+        item = _procedural_item(kind, int(seed) if seed else cfg.seed + i)
+        if any(other["item_id"] == item["item_id"] for other in items):  # one asset, one item id
+            raise UserError(f"--input names the asset {entry!r} ({item['item_id']}) more than once; list each "
+                            "KIND:SEED once")
+        items.append(item)
+    return items[:cfg.limit] if cfg.limit else items
 
 
 def _list_local(cfg: RenderJobConfig, stats: dict[str, int]) -> list[dict[str, Any]]:
@@ -266,15 +329,16 @@ def to_samples(item_id: str, result: dict[str, Any]) -> list[Sample]:
         files = dict(s["files"])
         files["cameras.json"] = json_bytes(cams)
         meta["item_id"] = item_id  # the job's identity of the asset (local files: name and fingerprint)
-        files["meta.json"] = json_bytes(meta)
+        files["meta.json"] = json_bytes(meta)  # with its filter record (RenderProcessor), when filters ran
         key = f"{safe_key(item_id)}__{safe_key(s['action'])}"
         # "Take 1" and "Take_1" map to the same safe key; a repeated key would merge two samples.
         base, n = key, 1
         while key in used:
             key, n = f"{base}-{n}", n + 1
         used.add(key)
-        out.append(Sample(key=key, item_id=item_id, files=files, kind="render",
-                          views=meta["views"], frames=meta["frames"], height=meta["height"], width=meta["width"]))
+        out.append(Sample(key=key, item_id=item_id, files=files, kind="render", views=meta["views"],
+                          frames=meta["frames"], height=meta["height"], width=meta["width"],
+                          filtered=filtered_reason(meta)))
     return out
 
 
@@ -335,9 +399,13 @@ class RenderProcessor:
         if "license" in item:  # what the annotation said: renders of CC-BY assets must credit them
             for s in result["samples"]:
                 s["meta"]["license"] = item["license"]
+        for s in result["samples"]:  # here, in the actor, from the frames it holds anyway (not in Blender)
+            mark(s["meta"], s["files"], self.cfg)
         samples = to_samples(item["item_id"], result)
+        marked = [f"{s.key.split('__', 1)[1]}: {s.filtered}" for s in samples if s.filtered]
         print(f"[render] {item['uid']}: {len(samples)} of {result['actions_total']} actions rendered, "
-              f"{sum(s.views * s.frames for s in samples)} frames in {result['seconds']:.1f}s", flush=True)
+              f"{sum(s.views * s.frames for s in samples)} frames in {result['seconds']:.1f}s"
+              + (f"; filtered {', '.join(marked)}" if marked else ""), flush=True)
         return samples
 
     def __del__(self) -> None:
@@ -466,9 +534,15 @@ def build_spec(cfg: RenderJobConfig) -> JobSpec:
                    make_processor=partial(make_processor, values), items_per_part=cfg.items_per_part,
                    concurrency=cfg.concurrency, num_cpus=cfg.cpus_per_worker, retry_failed=cfg.retry_failed,
                    ray_address=cfg.ray_address,
+                   # each filter step's entering, dropped and share, over the whole output (resumed runs too)
+                   index_summary=partial(_filter_summary, order=() if cfg.dry_run else tuple(cfg.filters)),
                    extra_summary={"source": cfg.source, **listing, "items_replacing_earlier": len(replaced), "views": cfg.views, "frames": cfg.frames,
                                   "height": cfg.height, "width": cfg.width, "arc": cfg.arc, "engine": cfg.engine,
                                   "dry_run": cfg.dry_run})
+
+
+def _filter_summary(index: Any, order: tuple[str, ...]) -> dict[str, Any]:
+    return {"filters": funnel(index.column("filtered").to_pylist(), order)}
 
 
 def _has_gpu_hint() -> bool:
@@ -479,9 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(RenderJobConfig, PRESETS, argv, description=__doc__.splitlines()[0],
                           default_preset=None)  # a plain run: RenderJobConfig's defaults (PRESET_TABLE)
     spec = build_spec(cfg)  # every listing/option error surfaces here, before Ray starts
-    check_same_content(cfg, cfg.output, CONTENT_OPTIONS)  # new rows beside old ones of other settings: refused
+    # new rows beside old ones of other settings, or judged by other filter options: refused
+    # (an output from before the filters existed was not judged: filters [] there)
+    check_same_content(cfg, cfg.output, CONTENT_OPTIONS + FILTER_OPTIONS, absent={"filters": []})
     write_resolved(cfg, cfg.output)
-    return exit_code(run_job(spec))
+    summary = run_job(spec)
+    if cfg.filters and not cfg.dry_run:
+        print(f"[render] filters over the output's {summary['samples_total']} samples: "
+              f"{describe_funnel(summary['filters'])} (summary.json: filters)", flush=True)
+    return exit_code(summary)
 
 
 if __name__ == "__main__":

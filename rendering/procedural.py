@@ -8,6 +8,19 @@ Three kinds cover the animation types Objaverse assets carry:
 
 Each asset holds several named actions, so it exercises "one sample per action".
 Everything is seeded, so the same (kind, seed) always gives the same GLB.
+
+Four more kinds (``FLAWED_KINDS``) are built to render badly, one way each, so the render job's filters can
+be tested on real renders; they are asked for by name, never part of the cycle ``kind_for`` draws from:
+
+* ``idle``: a ball and its head, an action moving the head by a hair (a thousandth of its size): nothing
+  visible changes;
+* ``flicker``: a ball torn apart on every other animation frame, its vertices thrown up to 4 radii away
+  (what a broken rig looks like);
+* ``vanish``: the object shrinks to a speck in the middle of the action, then comes back;
+* ``pole``: a thin upright pole bobbing up and down. Normalization fits the action's bounding box into a unit
+  sphere, so nothing leaves the frame at the automatic camera distance; the pole's top, though, sits on that
+  sphere straight above the centre, which is where the frame's top edge meets it at the closest distance the
+  job accepts when the camera's elevation is half the field of view (the defaults: 20 and 40 degrees).
 """
 
 from __future__ import annotations
@@ -17,6 +30,9 @@ import random
 from pathlib import Path
 
 KINDS = ("rigid", "skinned", "shapekey")
+FLAWED_KINDS = ("idle", "flicker", "vanish", "pole")
+"""Kinds that render badly on purpose (see the module's doc); built only when asked for by name."""
+ALL_KINDS = KINDS + FLAWED_KINDS
 # Bumped whenever the generators change, so cached GLBs of an older generator are not reused.
 VERSION = 2
 
@@ -161,13 +177,19 @@ def _skinned(rng: random.Random, n_actions: int, frames: int) -> None:
         _stash(rig)
 
 
-def _shapekey(rng: random.Random, n_actions: int, frames: int) -> None:
+def _blob(rng: random.Random, subdivisions: int):
+    """A unit ico-sphere named "blob" with a random material and a Basis shape key (shape-key kinds build on it)."""
     bpy = _bpy()
-    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=3, radius=1.0)
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=subdivisions, radius=1.0)
     blob = bpy.context.object
     blob.name = "blob"
     blob.data.materials.append(_material("blob_mat", rng))
     blob.shape_key_add(name="Basis")
+    return blob
+
+
+def _shapekey(rng: random.Random, n_actions: int, frames: int) -> None:
+    blob = _blob(rng, subdivisions=3)
     shapes = ["stretch", "squash", "bulge"]
     for s in shapes:
         key = blob.shape_key_add(name=s)
@@ -194,12 +216,102 @@ def _shapekey(rng: random.Random, n_actions: int, frames: int) -> None:
         _stash(key_block)
 
 
+def _action_name(base: str, a: int) -> str:
+    return base if a == 0 else f"{base}_{a}"
+
+
+def _idle(rng: random.Random, n_actions: int, frames: int) -> None:
+    bpy = _bpy()
+    # Round, so no corner reaches the unit sphere normalization fits into view: it stays clear of the frame's
+    # edge even at the closest camera distance (where the pole kind reaches it).
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=3, radius=0.5)
+    body = bpy.context.object
+    body.name = "body"
+    body.data.materials.append(_material("body_mat", rng))
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.35, location=(0, 0, 0.8), segments=16, ring_count=8)
+    head = bpy.context.object
+    head.name = "head"
+    head.data.materials.append(_material("head_mat", rng))
+    head.parent = body
+    for a in range(n_actions):
+        _start_action(head, _action_name("idle", a))
+        for f in range(0, frames + 1, max(1, frames // 4)):
+            # A thousandth of the head's size: keyframed motion (so the exporter keeps the animation) that
+            # moves no pixel, as the "animated" assets whose animation holds one pose.
+            head.location = (0, 0, 0.8 + 0.0007 * math.sin(2 * math.pi * f / frames))
+            head.keyframe_insert("location", frame=f + 1)
+        _stash(head)
+
+
+def _flicker(rng: random.Random, n_actions: int, frames: int) -> None:
+    blob = _blob(rng, subdivisions=2)
+    # A torn mesh, as a broken rig gives: every vertex thrown up to 4 radii away.
+    torn = blob.shape_key_add(name="torn")
+    for i in range(len(blob.data.vertices)):
+        torn.data[i].co = tuple(rng.uniform(-4.0, 4.0) for _ in range(3))
+    keys = blob.data.shape_keys
+    # Four times the other kinds' length: the job samples 8 fps from 24 fps actions, every third frame, and
+    # squeezes that step to fit a short action (to 1.6 frames for 16 frames of 24), landing between frames
+    # where whole and torn would blend. Long enough, every sampled time is a whole frame, torn and whole in turn.
+    for a in range(n_actions):
+        _start_action(keys, _action_name("flicker", a))
+        for f in range(4 * frames + 1):  # whole and torn on alternate animation frames
+            torn.value = float(f % 2)
+            torn.keyframe_insert("value", frame=f + 1)
+        _stash(keys)
+
+
+def _vanish(rng: random.Random, n_actions: int, frames: int) -> None:
+    bpy = _bpy()
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    body = bpy.context.object
+    body.name = "body"
+    body.data.materials.append(_material("body_mat", rng))
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.35, location=(0, 0, 0.8), segments=16, ring_count=8)
+    head = bpy.context.object
+    head.name = "head"
+    head.data.materials.append(_material("head_mat", rng))
+    head.parent = body
+    # (share of the action, scale): full size, a speck from a fifth to past the half, full size again. At the
+    # job's 8 fps over a 24-frame action the sampled times 6, 9 and 12 fall in the speck.
+    profile = [(0.0, 1.0), (0.125, 1.0), (0.21, 0.002), (0.54, 0.002), (0.62, 1.0), (1.0, 1.0)]
+    for a in range(n_actions):
+        _start_action(body, _action_name("vanish", a))
+        for share, scale in profile:
+            f = round(share * frames)
+            body.rotation_euler = (0, 0, 0.5 * math.pi * share)  # a slow turn: motion besides the shrinking
+            body.scale = (scale,) * 3
+            body.keyframe_insert("rotation_euler", frame=f + 1)
+            body.keyframe_insert("scale", frame=f + 1)
+        _stash(body)
+
+
+def _pole(rng: random.Random, n_actions: int, frames: int) -> None:
+    bpy = _bpy()
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    pole = bpy.context.object
+    pole.name = "pole"
+    pole.scale = (0.15, 0.15, 2.0)
+    bpy.ops.object.transform_apply(location=False, rotation=False, scale=True)
+    pole.data.materials.append(_material("pole_mat", rng))
+    for a in range(n_actions):
+        _start_action(pole, _action_name("bob", a))
+        for f in range(0, frames + 1, max(1, frames // 4)):
+            pole.location = (0, 0, 0.25 * math.sin(2 * math.pi * f / frames))
+            pole.keyframe_insert("location", frame=f + 1)
+        _stash(pole)
+
+
+BUILDERS = {"rigid": _rigid, "skinned": _skinned, "shapekey": _shapekey,
+            "idle": _idle, "flicker": _flicker, "vanish": _vanish, "pole": _pole}
+
+
 def build(kind: str, seed: int, n_actions: int = 2, frames: int = 24) -> None:
     """Build one animated asset into the (empty) current scene."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown procedural kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown procedural kind {kind!r}; choose one of {', '.join(ALL_KINDS)}")
     rng = random.Random(seed)
-    {"rigid": _rigid, "skinned": _skinned, "shapekey": _shapekey}[kind](rng, n_actions, frames)
+    BUILDERS[kind](rng, n_actions, frames)
     bpy = _bpy()
     bpy.context.scene.frame_start = 1
     bpy.context.scene.frame_end = frames + 1

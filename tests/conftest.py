@@ -66,7 +66,10 @@ def tiny_train_config(stage: str, out, grids: list[str], **overrides):
 def base_run(ray_local, train_grids, tmp_path_factory):
     """A base model trained by the real job (tiny preset); its checkpoint feeds the 4D and generation tests."""
     from training.launch import run
-    cfg = tiny_train_config("base", tmp_path_factory.mktemp("base_run"), [str(train_grids)])
+    # its last two of four steps profiled: 5 asked for, so the window is closed by the run's end (test_training
+    # checks the profile files)
+    cfg = tiny_train_config("base", tmp_path_factory.mktemp("base_run"), [str(train_grids)], profile_at=2,
+                            profile_steps=5)
     run(cfg)
     return cfg
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, DIT_PRESETS, VideoDiT, dit_config
+from model.dit import DiTConfig
 from tests.model_helpers import tiny_dit
 
 
@@ -91,6 +94,22 @@ def test_paper_preset_is_about_600m_parameters():
         model = VideoDiT(DIT_PRESETS["paper"])
     assert len(model.blocks) == 24 and model.cfg.width == 1024
     assert 570e6 < model.num_parameters() < 630e6
+
+
+def test_bias_free_blocks_halve_the_tensors_and_old_configs_keep_biases():
+    """bias=False (the paper preset) drops the blocks' linear biases only; a config saved before the field
+    existed (no "bias" key) builds the model with biases, so its state dict loads."""
+    free = VideoDiT(dit_config("tiny", bias=False))
+    full = VideoDiT(dit_config("tiny"))
+    per_block = lambda m: len(list(m.blocks[0].parameters()))  # noqa: E731
+    assert per_block(full) == 12 and per_block(free) == 7  # 5 linears x (weight, bias) + 2 qk norms
+    assert not any(n.startswith("blocks.") and n.endswith(".bias") for n, _ in free.named_parameters())
+    assert free.patch_embed.bias is not None  # the embedding and output layers keep theirs
+    out = free(torch.randn(1, 2, 3, 8, 8), torch.rand(1), torch.zeros(1, dtype=torch.long))
+    assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero still starts at zero velocity
+    old = {k: v for k, v in dataclasses.asdict(full.cfg).items() if k != "bias"}
+    VideoDiT(DiTConfig(**old)).load_state_dict(full.state_dict())
+    assert DIT_PRESETS["paper"].bias is False
 
 
 def test_flop_formula_matches_torch_flop_counter():

@@ -52,6 +52,22 @@ def test_base_stage_runs_and_is_tracked_in_mlflow(base_run: TrainConfig) -> None
     assert any(a.startswith("samples/") and a.endswith(".png") for a in arts)
     assert any(a.startswith("samples/") and a.endswith(".mp4") for a in arts)
     assert (Path(base_run.output) / "config.yaml").exists()
+    assert "data_wait" in rec.data.metrics
+
+
+def test_profiled_steps_say_where_a_step_goes(base_run: TrainConfig) -> None:
+    """profile_at: rank 0 writes a trace, a kernel table and the host/device time of each phase of a step."""
+    out = Path(base_run.output) / "profile"
+    table = json.loads((out / "phases_rank0.json").read_text())
+    assert table["steps"] == 2 and table["wall_ms_per_step"] > 0
+    assert {"data", "forward", "backward", "optimizer", "ema"} <= set(table["phases"]), table["phases"]
+    assert all(v["host_ms"] > 0 for v in table["phases"].values())
+    # the phases are nested inside the steps: together they cannot exceed the steps' wall time
+    assert sum(v["host_ms"] for v in table["phases"].values()) <= table["wall_ms_per_step"] * 1.05
+    trace = json.loads((out / "trace_rank0.json").read_text())
+    assert any(e.get("name") == "train/forward" for e in trace["traceEvents"])
+    assert "aten::" in (out / "kernels_rank0.txt").read_text()
+    assert not (out / "phases_rank1.json").exists()  # rank 0 only, unless profile_all_ranks
 
 
 def test_upsampler_stage_runs(upsampler_run: TrainConfig) -> None:

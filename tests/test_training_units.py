@@ -59,6 +59,35 @@ def test_deepspeed_config_follows_the_training_config() -> None:
     assert cpu["torch_autocast"]["enabled"] is False and cpu["gradient_clipping"] == 1.0
     gpu = deepspeed_config(_cfg(use_gpu=True, precision="bf16", optim=OptimConfig(grad_clip=0.5)))
     assert gpu["zero_optimization"]["overlap_comm"] is True
-    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert {k: gpu["torch_autocast"][k] for k in ("enabled", "dtype")} == {"enabled": True, "dtype": "bfloat16"}
+    # FP8 linears get their gradients reduced in bf16 like nn.Linear (DeepSpeed matches classes exactly)
+    assert {"torch.nn.modules.linear.Linear", "model.fp8.Float8Linear"} <= set(
+        gpu["torch_autocast"]["lower_precision_safe_modules"])
     assert gpu["gradient_clipping"] == 0.5
     assert "bf16" not in gpu and "fp16" not in gpu  # autocast over fp32 master weights, not cast weights
+
+
+def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_path) -> None:
+    """A config.yaml written before an option was added lacks its key: the option reads as its default, not
+    as a difference, while a real difference is still refused."""
+    import dataclasses
+
+    import pytest
+    import yaml
+
+    from pipelines.common.config import to_dict
+    from pipelines.common.errors import UserError
+    from training.config import presets_for
+    from training.launch import check_resume
+
+    cfg = dataclasses.replace(presets_for("base")["tiny"](), output=str(tmp_path))
+    (tmp_path / "ray" / cfg.stage).mkdir(parents=True)
+    recorded = to_dict(cfg)
+    for key in ("fp8", "profile_at", "profile_steps", "profile_all_ranks"):
+        recorded.pop(key)
+    recorded["data"].pop("keep_filtered")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert check_resume(cfg, tmp_path) is None
+    assert check_resume(dataclasses.replace(cfg, fp8=True, profile_at=5), tmp_path) is None  # resume-free
+    with pytest.raises(UserError, match="batch_size"):
+        check_resume(dataclasses.replace(cfg, batch_size=cfg.batch_size * 2), tmp_path)

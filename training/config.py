@@ -12,6 +12,7 @@ from typing import Any, Callable, Literal, Mapping
 from model.fourd import SOFT_INITS, SYNC_VARIANTS, TRAINED_SYNC_VARIANTS
 from pipelines.common.config import ConfigError, check_choices, doc, preset_table
 from pipelines.common.shards import BACKGROUNDS
+from pipelines.render_filters import FILTER_NAMES
 
 STAGES = ("base", "upsampler", "4d")
 """The training stages' names: the presets' per-stage values are keyed by them, and training/specs.py's
@@ -24,7 +25,9 @@ RESUME_FREE = frozenset({
     "output", "run_name", "mlflow_uri", "experiment", "ray_address", "fail_at_step", "max_failures",
     "keep_checkpoints", "log_every", "sample_every", "sample_steps", "checkpoint_every", "steps_this_run",
     "system_metrics_every", "resume_from", "force", "data.prefetch", "data.loader_processes",
-    "data.decode_threads",
+    "data.decode_threads", "profile_at", "profile_steps", "profile_all_ranks",
+    # FP8 matmuls round the same weights differently; the checkpoints are the same with or without them
+    "fp8",
 })
 
 
@@ -57,6 +60,14 @@ class DataConfig:
                               "on it. Measured: no gain at 64x64 (Python work between the decodes holds the GIL); "
                               "it may help with large frames, where PNG decoding dominates")
     seed: int = doc(0, "data order seed (shard order, shuffling, masks)")
+    keep_filtered: list[Literal[(*FILTER_NAMES, "all")]] = doc(
+        text="renders the render job marked as bad (index.parquet: filtered) that are trained on anyway, by reason "
+             f"({', '.join(FILTER_NAMES)}; 'all' keeps every one); empty: every marked sample is skipped, and "
+             "the training metrics count the skips (data_filtered_<reason>_share)", factory=list)
+
+    def kept_reasons(self) -> frozenset[str] | None:
+        """The filter reasons whose samples are read (None: all of them), for ``shards.is_kept``."""
+        return None if "all" in self.keep_filtered else frozenset(self.keep_filtered)
 
 
 @dataclass
@@ -99,6 +110,9 @@ class TrainConfig:
     cpus_per_worker: float = doc(1.0, "CPUs reserved per worker")
     zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage")
     precision: Literal["bf16", "fp32"] = doc("fp32", "bf16 autocast needs a GPU or a recent CPU")
+    fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 with tensorwise scaling (model/fp8.py; "
+                    "H100-class GPUs), the same weights and checkpoints. Measured on an H100: no measurable gain through "
+                    "the job at the paper base (13 GB less memory), a loss at the 4D stage (docs/performance.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
@@ -114,6 +128,11 @@ class TrainConfig:
     experiment: str = doc("", "MLflow experiment (default: 4real-<stage>)")
     seed: int = doc(0, "model init and noise seed")
     ray_address: str = doc("", "Ray cluster (default: RAY_ADDRESS, else a private local Ray)")
+    profile_at: int = doc(0, "profile optimizer steps from this one (0 = off): a Chrome trace, the top kernels and "
+                          "device/host ms per phase of a step (data, forward, backward, optimizer, EMA) in "
+                          "<output>/profile/; pick a step after compilation and warm-up")
+    profile_steps: int = doc(3, "steps profiled from profile_at")
+    profile_all_ranks: bool = doc(False, "profile every rank, not only rank 0")
     fail_at_step: int = doc(0, "testing: rank 1 exits at this optimizer step on the first attempt (0 = off)")
     force: bool = doc(False, "continue the run folder's checkpoints although the config differs from the one "
                       "they were trained with (the old config.yaml is kept beside the new one)")
@@ -202,13 +221,19 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                             width={"base": 64, "upsampler": 256, "4d": 64}),
                   optim=dict(lr=2e-4, warmup_samples=20_000)),
     "paper": dict(model_preset="paper",
-                  # 130 K steps of 16 x 24 clips; the 4D model 20 K steps of 2 x 24 grids
+                  # 65 K steps of 32 x 24 clips; the 4D model 80 K steps of 2 x 24 grids. 32 base clips a GPU:
+                  # 8-frame clips at B=16 left GEMMs too small and the per-step costs (optimizer, DeepSpeed's
+                  # per-tensor gradient work) too large a share of a step (docs/performance.md, issue 15)
                   total_samples={"base": 49_920_000, "upsampler": 49_920_000, "4d": 20_000 * 24 * 8},
-                  batch_size={"base": 16, "upsampler": 16, "4d": 2}, num_workers=24, use_gpu=True,
+                  batch_size={"base": 32, "upsampler": 16, "4d": 2}, num_workers=24, use_gpu=True,
+                  # loader processes: decoding in the training process contended for its GIL with the
+                  # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
+                  cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
                   checkpoint_every=2000, output="outputs/paper/{stage}",
                   data=dict(frames=8, views=8, height={"base": 72, "upsampler": 288, "4d": 72},
-                            width={"base": 128, "upsampler": 512, "4d": 128}),
+                            width={"base": 128, "upsampler": 512, "4d": 128},
+                            loader_processes={"base": 6, "upsampler": 6, "4d": 4}),
                   optim=dict(lr=1e-4, warmup_samples=100_000)),
 }
 """The training presets of all three stages (pipelines.common.config.PRESET_NAMES), as field overrides of

@@ -9,6 +9,7 @@ Sources are mixed by weight with a counter-seeded draw, which resumes the same w
 
 from __future__ import annotations
 
+import json
 import queue
 import random
 import threading
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.common.errors import UserError
-from pipelines.common.shards import LazyGrid, describe_source, iter_tar_samples, resolve_shards, to_tensor
+from pipelines.common.shards import (LazyGrid, describe_source, filtered_reason, is_kept, iter_tar_samples,
+                                     resolve_shards, to_tensor)
 from training.config import DataConfig
 
 from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME
@@ -53,7 +55,12 @@ def check_sources(stage: str, cfg: DataConfig) -> list[dict[str, Any]]:
     """
     from training.specs import TRAIN_SPECS  # the registry imports this module's example builders
     spec = TRAIN_SPECS[stage]
-    descs = [describe_source(s) for s in list(cfg.grids) + (list(cfg.clips) if spec.clips else [])]
+    descs = [describe_source(s, cfg.kept_reasons()) for s in list(cfg.grids) + (list(cfg.clips) if spec.clips else [])]
+    for d in descs:
+        if not d["samples"] and d["filtered"]:  # the loader would read the source forever and take nothing
+            why = ", ".join(f"{n} {reason}" for reason, n in d["filtered"].items())
+            raise UserError(f"data source '{d['spec']}' holds only samples the render job filtered out ({why}); "
+                            "keep them with data.keep_filtered=<reasons or all>, or drop the source")
     spec.check_data(stage, cfg, descs, spec.contexts)
     return descs
 
@@ -67,13 +74,21 @@ def shape_list(desc: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- streams
 
 class ShardStream:
-    """Endless, resumable stream of raw samples from one source, split across workers."""
+    """Endless, resumable stream of raw samples from one source, split across workers.
+
+    Samples the render job filtered out (meta.json's ``filter`` record) are passed over unless their reason is
+    in ``keep`` (None keeps all); each one passed over adds 1 to ``counts["filtered_<reason>"]``. They are
+    passed over after the shuffle and count in the position, so a resumed run skips the same ones, uncounted.
+    """
 
     def __init__(self, shards: list[str], rank: int, world: int, seed: int, shuffle_buffer: int,
-                 position: dict[str, int] | None = None) -> None:
+                 position: dict[str, int] | None = None, keep: frozenset[str] | None = None,
+                 counts: dict[str, int] | None = None) -> None:
         self.shards, self.rank, self.world = shards, rank, world
         self.seed, self.buffer = seed, max(1, shuffle_buffer)
         self.position = dict(position or {"epoch": 0, "consumed": 0})
+        self.keep = keep
+        self.counts = counts if counts is not None else {}
 
     def _raw(self, epoch: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         order = list(self.shards)
@@ -100,19 +115,36 @@ class ShardStream:
         while buf:
             yield buf.pop(rng.randrange(len(buf)))
 
+    EMPTY_EPOCHS = 20
+    """Whole epochs in a row in which every sample of this worker's slice was filtered out before the stream
+    gives up. Not 1: the slice's shards change every epoch, so one epoch can draw only filtered shards of a
+    source that holds kept samples (check_sources refused the sources with none)."""
+
     def __iter__(self) -> Iterator[tuple[str, dict[str, bytes]]]:
+        empty = 0
         while True:
             epoch, skip = self.position["epoch"], self.position["consumed"]
-            produced = 0
+            produced = taken = 0
             for i, item in enumerate(self._shuffled(epoch)):
                 produced += 1
                 if i < skip:
                     continue  # resume: already trained on, never decoded
                 self.position = {"epoch": epoch, "consumed": i + 1}
+                files = item[1]
+                reason = filtered_reason(json.loads(files["meta.json"])) if "meta.json" in files else ""
+                if not is_kept(reason, self.keep):
+                    self.counts[f"filtered_{reason}"] = self.counts.get(f"filtered_{reason}", 0) + 1
+                    continue
+                taken += 1
                 yield item
             if produced == 0:
                 raise UserError(f"worker {self.rank} got no samples from {len(self.shards)} shard(s); "
                                 "write more samples or use fewer workers")
+            empty = empty + 1 if taken == 0 and skip == 0 else 0  # whole epochs with every sample filtered out
+            if empty >= self.EMPTY_EPOCHS:
+                raise UserError(f"worker {self.rank} got only samples the render job filtered out for {empty} epochs "
+                                f"({produced} a time, from {len(self.shards)} shard(s)); keep them with "
+                                "data.keep_filtered, or use fewer workers")
             self.position = {"epoch": epoch + 1, "consumed": 0}
 
 
@@ -212,16 +244,17 @@ class TrainLoader:
         sources = [resolve_shards(s) for s in specs]
         state = state or {}
         positions = state.get("streams", [None] * len(sources))
-        self.streams = [ShardStream(s, rank, world, cfg.seed + 101 * i, cfg.shuffle_buffer, positions[i])
-                        for i, s in enumerate(sources)]
+        self.counts: dict[str, int] = dict(state.get("counts", {}))  # the streams add their filtered skips
+        keep = cfg.kept_reasons()
+        self.streams = [ShardStream(s, rank, world, cfg.seed + 101 * i, cfg.shuffle_buffer, positions[i], keep,
+                                    self.counts) for i, s in enumerate(sources)]
         self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.draws = int(state.get("draws", 0))
-        self.counts: dict[str, int] = dict(state.get("counts", {}))
         self.iters = [iter(s) for s in self.streams]
         self.builder = spec.examples
         self.capable: dict[int, list[int]] = {}
         if spec.contexts:
-            caps = [base_contexts(describe_source(s), cfg.frames) for s in specs]
+            caps = [base_contexts(describe_source(s, keep), cfg.frames) for s in specs]
             self.capable = {c: [i for i, cap in enumerate(caps) if c in cap]
                             for c in (CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME)}
 

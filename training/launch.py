@@ -24,12 +24,17 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     """
     import time
 
-    from pipelines.common.config import flatten, load_yaml
+    from pipelines.common.config import ConfigError, flatten, from_dict, load_yaml
     from training.config import RESUME_FREE
     old_path = output / "config.yaml"
     if not old_path.is_file() or not (output / "ray" / (cfg.run_name or cfg.stage)).exists():
         return None
-    old, new = flatten(load_yaml(old_path)), flatten(cfg)
+    recorded = load_yaml(old_path)
+    try:  # options added since the run started read as their defaults, not as differences
+        recorded = from_dict(TrainConfig, recorded)
+    except (ConfigError, TypeError, ValueError):  # an option since removed: compare the file as written
+        pass
+    old, new = flatten(recorded), flatten(cfg)
     diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
     if not diff:
         return None

@@ -18,7 +18,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,6 +47,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _lower_precision_modules() -> list[str]:
+    from deepspeed.runtime.torch_autocast import get_default_autocast_lower_precision_modules
+
+    from model.fp8 import Float8Linear
+    return [*get_default_autocast_lower_precision_modules(), f"{Float8Linear.__module__}.{Float8Linear.__name__}"]
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -56,7 +63,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         # bf16 as autocast inside the engine over fp32 master weights (gradients reduced in bf16).
         # DeepSpeed's "bf16" mode would cast the weights instead, and its forward turns an outer
         # torch.autocast off, so fp32 internals (time embeddings, RoPE) would meet bf16 linears.
-        "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16"},
+        "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16",
+                           # the layers whose gradients DeepSpeed reduces in bf16: its defaults (nn.Linear, by
+                           # exact class) and the FP8 linear, which would otherwise be reduced in fp32
+                           "lower_precision_safe_modules": _lower_precision_modules()},
         # torch's AdamW, not DeepSpeed's fused one: nothing to compile on CPU workers.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
@@ -88,12 +98,83 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
         with self._gathered():
-            for n, p in self.named:
-                self.shadow[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+            # One multi-tensor kernel over all parameters: a loop of mul_/add_ per tensor was ~1,000 kernel
+            # launches and three passes over 2.4 GB of fp32 weights per step at the paper preset.
+            shadows = [self.shadow[n] for n, _ in self.named]
+            params = [p.detach() if p.dtype == torch.float32 else p.detach().float() for _, p in self.named]
+            torch._foreach_lerp_(shadows, params, 1 - decay)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+    # Batches arrive pinned on GPU workers (pin_batches): the copy is asynchronous, so the host keeps queueing
+    # this step's kernels instead of waiting for the GPU to finish the previous step (a pageable copy syncs).
+    return {k: (v.to(device, non_blocking=True).to(dtype) if v.is_floating_point() else v.to(device, non_blocking=True))
+            for k, v in batch.items()}
+
+
+def pin_batches(batches: Iterator[Any]) -> Iterator[Any]:
+    """(batch, data position) pairs with the batch's tensors in page-locked memory (in the loader's prefetch
+    thread when ``data.prefetch`` > 0, off the training thread's path)."""
+    for batch, pos in batches:
+        yield {k: v.pin_memory() for k, v in batch.items()}, pos
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps ``[start, start + steps)`` of one rank (``profile_at``).
+
+    Writes ``<output>/profile/trace_rank<r>.json`` (Chrome trace: chrome://tracing or ui.perfetto.dev),
+    ``kernels_rank<r>.txt`` (the top operators by device time) and ``phases_rank<r>.json``: host and device
+    milliseconds per step of each phase the loop marks (data, forward, backward, optimizer, ema, checkpoint),
+    so where a step's time goes is one file, not a trace to read.
+    """
+
+    def __init__(self, start: int, steps: int, out: Path, rank: int) -> None:
+        self.start, self.steps, self.out, self.rank = start, steps, out, rank
+        self.prof: Any = None
+        self.done = start <= 0 or steps <= 0
+
+    def step_begins(self, step: int) -> None:
+        if self.done or self.prof is not None or step != self.start:
+            return
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = profile(activities=acts, record_shapes=False)
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def step_ended(self, step: int, last: bool = False) -> dict[str, Any] | None:
+        """Call after optimizer step ``step`` (1-based count of steps done); returns the phase table when
+        the profiled window closed (at its end, or at the run's ``last`` step if that comes first)."""
+        if self.prof is None or (step < self.start + self.steps and not last):
+            return None
+        self.steps = step - self.start  # the steps actually profiled
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        prof, self.prof, self.done = self.prof, None, True
+        self.out.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.out / f"trace_rank{self.rank}.json"))
+        events = prof.key_averages()
+        sort = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        (self.out / f"kernels_rank{self.rank}.txt").write_text(events.table(sort_by=sort, row_limit=60))
+
+        def device_us(e: Any) -> float:
+            return float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0) or 0.0)
+
+        phases: dict[str, dict[str, float]] = {}
+        for e in events:  # on GPUs each mark comes twice: the host range and its kernels' device range
+            if e.key.startswith("train/"):
+                row = phases.setdefault(e.key[len("train/"):], {"host_ms": 0.0, "device_ms": 0.0})
+                row["host_ms"] = max(row["host_ms"], e.cpu_time_total / 1e3 / self.steps)
+                row["device_ms"] = max(row["device_ms"], device_us(e) / 1e3 / self.steps)
+        # kernels and copies only: ranges like "Optimizer.step#AdamW.step" appear on the GPU timeline too
+        kernels = sum(device_us(e) for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+                      and not getattr(e, "is_user_annotation", False) and not e.key.startswith("train/"))
+        table = {"steps": self.steps, "wall_ms_per_step": wall * 1e3 / self.steps,
+                 "device_busy_ms_per_step": kernels / 1e3 / self.steps, "phases": phases}
+        (self.out / f"phases_rank{self.rank}.json").write_text(json.dumps(table, indent=1))
+        return table
 
 
 STALE_BUILD_LOCK_S = 600.0
@@ -144,8 +225,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stage = build_stage(cfg)
     trainable = stage.trainable_parameters()
     named_trainable = [(n, p) for n, p in stage.named_parameters() if p.requires_grad]
+    # On GPUs the fused AdamW: one kernel over DeepSpeed's flat fp32 partition instead of the foreach
+    # version's dozen passes over it (its parameters must be on the GPU when it is built).
+    stage.to(device)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
@@ -161,6 +245,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
+            if device.type == "cuda":  # a checkpoint from before the fused optimizer brings back its param-group
+                for group in optimizer.param_groups:  # flags: keep the fused kernel
+                    group["fused"], group["foreach"] = True, None
             state = json.loads((Path(d) / "train_state.json").read_text())
             rank_file = Path(d) / f"data_rank{rank}.json"
             if rank_file.exists() and state.get("world") == world:
@@ -176,7 +263,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             say(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)")
 
     loader = make_loader(cfg.stage, cfg.data, cfg.batch_size, rank, world, data_state)
-    batches = prefetch(iter(loader), cfg.data.prefetch)
+    batches = prefetch(pin_batches(iter(loader)) if device.type == "cuda" else iter(loader), cfg.data.prefetch)
+    profiler = StepProfiler(cfg.profile_at, cfg.profile_steps, Path(cfg.output) / "profile", rank)
+    if rank != 0 and not cfg.profile_all_ranks:
+        profiler.done = True
     resumed_at = state["step"] if ckpt is not None else 0
     tracker = Tracker(cfg, rank, state.get("mlflow_run_id"),
                       {"trainable_parameters": n_trainable, "total_parameters": n_total}, resumed_at=resumed_at)
@@ -207,24 +297,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     data_pos = loader.state() if data_state is None else data_state
     t_last, samples_last = time.time(), state["samples_seen"]
+    waited = 0.0  # seconds this logging window spent waiting for the loader
     metrics: dict[str, Any] = {}
+    phase = torch.profiler.record_function
     stop_at = min(cfg.total_steps, state["step"] + cfg.steps_this_run) if cfg.steps_this_run else cfg.total_steps
     while state["step"] < stop_at:
         step = state["step"]
+        profiler.step_begins(step)
         losses = []
         for micro in range(cfg.grad_accum):
-            batch, data_pos = next(batches)
-            batch = _to(batch, device, torch.float32)
+            with phase("train/data"):
+                t_wait = time.perf_counter()
+                batch, data_pos = next(batches)
+                waited += time.perf_counter() - t_wait
+                batch = _to(batch, device, torch.float32)
             if preview is None:
                 preview = {k: v[:1].clone() for k, v in batch.items()}
-            loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
-            engine.backward(loss)
-            engine.step()
+            with phase("train/forward"):
+                loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
+            with phase("train/backward"):
+                engine.backward(loss)
+            with phase("train/optimizer"):  # at accumulation boundaries: clipping and the optimizer step
+                engine.step()
             losses.append(loss.detach().float())
         state["step"] += 1
         state["samples_seen"] += cfg.samples_per_step
         if ema is not None:
-            ema.update()
+            with phase("train/ema"):
+                ema.update()
         if cfg.fail_at_step and state["step"] == cfg.fail_at_step and rank == min(1, world - 1):
             marker = Path(cfg.output) / "_fault_injected"
             if not marker.exists():
@@ -235,31 +335,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, as an OOM kill would be
 
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.total_steps:
-            loss_val = torch.stack(losses).mean()
-            if world > 1:
-                torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
-            now = time.time()
-            sps = (state["samples_seen"] - samples_last) / max(now - t_last, 1e-9)
-            t_last, samples_last = now, state["samples_seen"]
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {"loss": float(loss_val), "lr": float(scheduler.get_last_lr()[0]),
-                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "samples_per_s": sps, "tokens_per_s": sps * stage.tokens_per_sample(preview),
-                       "samples_seen": state["samples_seen"]}
-            counts = data_pos.get("counts", {})
-            produced = sum(v for k, v in counts.items() if k.startswith("source"))
-            for name, value in counts.items():  # what the loader actually produced (this rank)
-                if produced:
-                    metrics[f"data_{name.replace('-', '_')}_share"] = value / produced
-            if peak is not None:
-                metrics["mfu"] = stage.train_flops_per_sample(preview) * sps / world / peak
-                metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            tracker.log_metrics(metrics, state["step"])
+            with phase("train/log"):
+                loss_val = torch.stack(losses).mean()
+                if world > 1:
+                    torch.distributed.all_reduce(loss_val, op=torch.distributed.ReduceOp.AVG)
+                now = time.time()
+                window = max(now - t_last, 1e-9)
+                sps = (state["samples_seen"] - samples_last) / window
+                t_last, samples_last = now, state["samples_seen"]
+                grad_norm = engine.get_global_grad_norm()
+                metrics = {"loss": float(loss_val), "lr": float(scheduler.get_last_lr()[0]),
+                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                           "samples_per_s": sps, "tokens_per_s": sps * stage.tokens_per_sample(preview),
+                           "samples_seen": state["samples_seen"],
+                           # share of the window the GPU waited for the loader: > 0 means add loader processes
+                           "data_wait": waited / window}
+                waited = 0.0
+                counts = data_pos.get("counts", {})
+                produced = sum(v for k, v in counts.items() if k.startswith("source"))
+                for name, value in counts.items():  # what the loader actually produced (this rank)
+                    if produced:
+                        metrics[f"data_{name.replace('-', '_')}_share"] = value / produced
+                if peak is not None:
+                    metrics["mfu"] = stage.train_flops_per_sample(preview) * sps / world / peak
+                    metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                tracker.log_metrics(metrics, state["step"])
+        table = profiler.step_ended(state["step"], last=state["step"] == stop_at)
+        if table is not None:
+            say(f"[train] profile of steps {cfg.profile_at + 1}-{cfg.profile_at + table['steps']} (rank {rank}): "
+                f"{table['wall_ms_per_step']:.1f} ms a step, device busy {table['device_busy_ms_per_step']:.1f} ms; "
+                + ", ".join(f"{k} {v['device_ms']:.1f}/{v['host_ms']:.1f}" for k, v in table["phases"].items())
+                + f" ms device/host; in {Path(cfg.output) / 'profile'}")
         at_end = state["step"] == cfg.total_steps
         if cfg.sample_every and (state["step"] % cfg.sample_every == 0 or at_end) or at_end:
             _log_samples(stage, engine, preview, cfg, tracker, state["step"])
         if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or state["step"] == stop_at:
-            save(metrics)
+            with phase("train/checkpoint"):
+                save(metrics)
 
     if state["step"] == cfg.total_steps:
         _export(stage, ema, cfg, tracker, rank)

@@ -216,6 +216,14 @@ class FourDStage(Stage):
 def build_stage(cfg: TrainConfig) -> Stage:
     from training.specs import TRAIN_SPECS
     stage = TRAIN_SPECS[cfg.stage].build(cfg)
+    if cfg.fp8:  # before compiling: the compiled blocks then fuse the FP8 casts into their kernels
+        from model.dit import DiTBlock
+        from model.fp8 import enable_fp8, fp8_supported
+        if cfg.use_gpu and torch.cuda.is_available() and not fp8_supported(torch.cuda.current_device()):
+            raise UserError(f"fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
+                            f"{torch.cuda.get_device_name()} has none: set fp8=false")
+        for block in (m for m in stage.modules() if isinstance(m, DiTBlock)):
+            enable_fp8(block)
     if cfg.compile_blocks:
         net = stage.net
         (net.compile_blocks if hasattr(net, "compile_blocks") else net.dit.compile_blocks)()

@@ -139,6 +139,8 @@ class Tracker:
         rss = psutil.Process().memory_info().rss / 2 ** 30
         mem = f"gpu {metrics['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in metrics else f"rss {rss:.1f} GB"
         mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
+        if metrics.get("data_wait", 0.0) >= 0.05:  # the loader is the bottleneck: say so where people look
+            mfu += f" | data wait {metrics['data_wait'] * 100:.0f}%"
         if "data_context_freeze_time_share" in metrics:
             mfu += f" | freeze-time {metrics['data_context_freeze_time_share']:.2f}"
         say(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "

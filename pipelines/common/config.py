@@ -245,17 +245,21 @@ def ensure_output_dir(directory: str | Path) -> Path:
 
 
 def check_same_content(cfg: Any, output: str | Path, keys: typing.Sequence[str],
-                       ignore: Mapping[str, typing.Sequence[str]] | None = None) -> None:
+                       ignore: Mapping[str, typing.Sequence[str]] | None = None,
+                       absent: Mapping[str, Any] | None = None) -> None:
     """Refuse to add samples made with other settings to an existing output (a silently mixed data set).
 
     ``keys`` are the options that shape a sample; the config.yaml the output recorded (``write_resolved``) must
     agree on each. ``ignore`` names sub-fields of a nested option that may change (procedural.count: more
-    videos is fine). Options outside ``keys`` (workers, limits, retries) may change freely.
+    videos is fine). Options outside ``keys`` (workers, limits, retries) may change freely. ``absent`` gives
+    what an option the recorded config lacks meant, for options added since (the render filters: none ran);
+    other missing options are not compared.
     """
     path = Path(output) / "config.yaml"
     if not path.is_file():
         return
     old, new = yaml.safe_load(path.read_text()) or {}, to_dict(cfg)
+    old = {**(absent or {}), **old}
     for d in (old, new):
         for k, subs in (ignore or {}).items():
             if isinstance(d.get(k), dict):

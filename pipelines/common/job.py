@@ -47,6 +47,9 @@ class JobSpec:
     retry_failed: bool = False
     ray_address: str = ""
     extra_summary: dict[str, Any] = field(default_factory=dict)
+    index_summary: Callable[[Any], dict[str, Any]] | None = None
+    """(the consolidated index, a pyarrow Table) -> more summary entries. From the index, not this run's parts,
+    so they describe the whole output across resumed runs (e.g. the render filters' funnel)."""
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -161,7 +164,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
                    frames_per_second=totals.frames / wall if wall > 0 else 0.0,
                    samples_total=index.num_rows, failures_total=failures.num_rows, wall_seconds=wall,
                    nodes_used=len(nodes),
-                   driver_peak_rss_mb=_peak_rss_mb(), **spec.extra_summary)
+                   driver_peak_rss_mb=_peak_rss_mb(), **spec.extra_summary,
+                   **(spec.index_summary(index) if spec.index_summary is not None else {}))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[{spec.name}] done in {wall:.1f}s: {totals.items_ok} items ok, {totals.items_failed} failed, "
           f"{totals.samples} samples, {totals.frames} frames ({summary['frames_per_second']:.1f} frames/s); "

@@ -26,10 +26,11 @@ import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.common.errors import UserError
@@ -44,7 +45,10 @@ INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("item_id", pa.string()), ("stream", pa.string()), ("shard", pa.string()),
     ("part", pa.int64()), ("kind", pa.string()), ("views", pa.int32()), ("frames", pa.int32()),
     ("height", pa.int32()), ("width", pa.int32()), ("context", pa.string()), ("bytes", pa.int64()),
+    ("filtered", pa.string()),
 ])
+"""One row per sample. ``filtered`` names the filter a render failed (pipelines/render_filters.py; empty = kept);
+index parts written before it existed read as kept."""
 FAILURE_SCHEMA = pa.schema([
     ("item_id", pa.string()), ("stage", pa.string()), ("error", pa.string()),
     ("seconds", pa.float64()), ("part", pa.int64()),
@@ -65,6 +69,8 @@ class Sample:
     width: int
     stream: str = "grids"
     context: str = ""
+    filtered: str = ""
+    """The filter this sample failed (its meta's ``filter`` record says more); empty = kept."""
 
     def __post_init__(self) -> None:
         # WebDataset splits member names at the first dot: a dot in the key would
@@ -159,7 +165,7 @@ def commit_part(output: Path, part: int, samples: list[Sample], failures: list[F
         for s in group:
             rows.append(dict(key=s.key, item_id=s.item_id, stream=stream, shard=rel, part=part, kind=s.kind,
                              views=s.views, frames=s.frames, height=s.height, width=s.width, context=s.context,
-                             bytes=sum(len(b) for b in s.files.values())))
+                             bytes=sum(len(b) for b in s.files.values()), filtered=s.filtered))
     fail_rows = [dict(item_id=f.item_id, stage=f.stage, error=f.error, seconds=float(f.seconds), part=part)
                  for f in failures]
     _write_parquet(pa.Table.from_pylist(fail_rows, schema=FAILURE_SCHEMA), parts / f"part-{part:06d}.failures.parquet")
@@ -187,7 +193,11 @@ def _read_parts(output: Path, suffix: str, schema: pa.Schema) -> pa.Table:
         committed = {f.name.split(".")[0] for f in (output / PARTS_DIR).glob("part-*.index.parquet")}
         files = [f for f in files if f.name.split(".")[0] in committed]
     tables = [pq.read_table(f, schema=schema) for f in files]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    if "filtered" in schema.names:  # parts written before the column existed: their samples were all kept
+        i = schema.get_field_index("filtered")
+        table = table.set_column(i, "filtered", pc.fill_null(table.column(i), ""))
+    return table
 
 
 def scan_output(output: str | Path) -> ResumeState:
@@ -324,6 +334,22 @@ def json_bytes(obj: Any) -> bytes:
 BACKGROUNDS = {"white": 1.0, "black": 0.0, "gray": 0.5}
 """Fill of an RGBA frame's transparent pixels, by name ("random": a grey level drawn per sample)."""
 
+FILTER_META = "filter"
+"""The meta.json key of a render's filter record: ``{"filtered": <reason or "">, <measured values>}``
+(pipelines/render_filters.py writes it)."""
+
+
+def filtered_reason(meta: dict[str, Any]) -> str:
+    """The filter a sample failed, from its meta (empty: kept, or never filtered)."""
+    record = meta.get(FILTER_META)
+    return str(record.get("filtered") or "") if isinstance(record, dict) else ""
+
+
+def is_kept(reason: str, keep: Collection[str] | None) -> bool:
+    """Whether a reader takes a sample with this recorded reason: unfiltered ones always, filtered ones when
+    their reason is in ``keep`` (None keeps every sample)."""
+    return not reason or keep is None or reason in keep
+
 
 def resolve_shards(spec: str) -> list[str]:
     """A job output folder, a shards folder or a glob -> sorted list of tar files (or a clear error)."""
@@ -358,8 +384,9 @@ def _index_rows(shards: list[str]) -> list[dict[str, Any]] | None:
     return rows
 
 
-def describe_source(spec: str) -> dict[str, Any]:
-    """What one data source holds: sample count, grid shapes (views, frames) and clip contexts, item ids.
+def describe_source(spec: str, keep: Collection[str] | None = None) -> dict[str, Any]:
+    """What one data source holds: sample count, grid shapes (views, frames) and clip contexts, item ids, all
+    of the samples a reader takes (``is_kept``), and how many it leaves out per filter reason (``filtered``).
 
     From the jobs' index.parquet when present (no tar is opened), else from every sample's meta.json.
     """
@@ -372,14 +399,22 @@ def describe_source(spec: str) -> dict[str, Any]:
                 g = LazyGrid(files)
                 rows.append({"key": key, "item_id": g.meta.get("item_id", key.split("__")[0]),
                              "kind": "clip" if (g.meta.get("kind") == "clip" or g.shape[0] == 1) else "grid",
-                             "views": g.shape[0], "frames": g.shape[1], "context": g.meta.get("context", "")})
+                             "views": g.shape[0], "frames": g.shape[1], "context": g.meta.get("context", ""),
+                             "filtered": filtered_reason(g.meta)})
     shapes: dict[tuple[str, int, int, str], int] = {}
+    left_out: dict[str, int] = {}
+    taken = []
     for r in rows:
+        reason = r.get("filtered") or ""  # None: an index written before the column
+        if not is_kept(reason, keep):
+            left_out[reason] = left_out.get(reason, 0) + 1
+            continue
+        taken.append(r)
         kind = "clip" if r.get("kind") == "clip" else "grid"
         k = (kind, int(r["views"]), int(r["frames"]), r.get("context") or "")
         shapes[k] = shapes.get(k, 0) + 1
-    return {"spec": spec, "samples": len(rows), "shapes": shapes,
-            "items": sorted({str(r["item_id"]) for r in rows})}
+    return {"spec": spec, "samples": len(taken), "shapes": shapes, "filtered": dict(sorted(left_out.items())),
+            "items": sorted({str(r["item_id"]) for r in taken})}
 
 
 def _decode_png(data: bytes) -> np.ndarray:

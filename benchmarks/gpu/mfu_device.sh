@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 15 item 1: the training job's MFU on one lent GPU, beside the bare model step, in one call.
+#
+#   benchmarks/gpu/mfu_device.sh RUNS_FILE
+#
+# RUNS_FILE has one run a line, "<name> <script> <args...>", where script is `job`
+# (benchmarks/bench_train_loop.py: Ray Train + DeepSpeed + loader + EMA, paper preset) or `bare`
+# (benchmarks/bench_model.py: the compiled model step alone, fused AdamW). Lines starting with # are skipped.
+# Carry .whl (benchmarks/gpu/build_wheels.sh). $OUT gets results.jsonl (one JSON line a run, the job's phase
+# table included), kernels_<run>.txt (the profiled steps' top kernels) and logs.tgz (every log and trace):
+# few files, as a device call returns at most 8.
+set -uo pipefail
+RUNS=${1:?runs file}
+OUT=${OUT:-/tmp/mfu}
+mkdir -p "$OUT"
+LOGS=/tmp/mfu_logs; mkdir -p "$LOGS"
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+grep -v '^#' "$RUNS" | while read -r name script args; do
+    [ -z "$name" ] && continue
+    t0=$(date +%s)
+    case $script in
+        job) timeout "${RUN_TIMEOUT:-200}" python3 benchmarks/bench_train_loop.py $args --profile-out "$LOGS/profile_$name" \
+                 > "$LOGS/$name.log" 2>&1
+             rc=$?
+             cp "$LOGS/profile_$name/kernels_rank0.txt" "$OUT/kernels_$name.txt" 2>/dev/null ;;
+        bare) timeout "${RUN_TIMEOUT:-200}" python3 benchmarks/bench_model.py $args --json > "$LOGS/$name.log" 2>&1
+              rc=$? ;;
+        *) echo "[mfu] $name: unknown script '$script' (job or bare)"; continue ;;
+    esac
+    echo "[mfu] $name: rc $rc in $(( $(date +%s) - t0 ))s"
+    grep -a -E '^\[train' "$LOGS/$name.log" | grep -v final | tail -3 | cut -c1-300
+    # the JSON the benchmark prints last, one line, tagged with the run's name
+    sed -n '/^{/,/^}/p' "$LOGS/$name.log" | tr -d '\n' | sed 's/  */ /g' | sed "s/^{/{\"run\": \"$name\", /" \
+        | tee -a "$OUT/results.jsonl"; echo | tee -a "$OUT/results.jsonl"  # one record a line
+    [ $rc -ne 0 ] && grep -a -E 'Error|error|Traceback' "$LOGS/$name.log" | tail -8 | cut -c1-300
+    [ "$script" = job ] && { ray stop --force > /dev/null 2>&1 || true; }
+done
+tar czf "$OUT/logs.tgz" --exclude='trace_*' -C "$LOGS" . 2>/dev/null
