@@ -33,7 +33,7 @@ from pipelines.common.shards import Sample, filtered_reason, json_bytes, safe_ke
 from pipelines.objaverse_source import (ANIMATED_LIST, DEFAULT_BASE_URL, SPLITS, TEST_LIST, TRAINABLE_LICENSES,  # noqa: E402
                                         SourceError, ensure_asset, list_assets, read_uid_list, split_uids)
 from pipelines.render_filters import FILTERS, describe_funnel, funnel, mark
-from rendering.settings import RenderSettings
+from rendering.settings import MIN_THREADS, RenderSettings
 
 ASSET_EXTENSIONS = (".glb", ".gltf", ".fbx", ".obj")
 
@@ -136,7 +136,9 @@ class RenderJobConfig(RenderSettings):
         need(self.items_per_part >= 1, f"--items-per-part must be >= 1; got {self.items_per_part}")
         need(self.count >= 0 and self.limit >= 0, "--count and --limit must be >= 0")
         need(self.download_retries >= 0, "--download-retries must be >= 0")
-        need(self.threads >= 0, "--threads must be >= 0")
+        need(self.threads == 0 or self.threads >= MIN_THREADS,
+             f"--threads must be 0 (the actor's CPUs) or >= {MIN_THREADS}; got {self.threads} (one Cycles thread "
+             "keeps a second core spinning at 100%, so it costs two cores for one's work)")
         need(0 <= self.png_compression <= 100, f"--png-compression must be 0..100; got {self.png_compression}")
         for k, v in self.inject_faults.items():
             need(v in ("hang", "crash"), f"inject_faults[{k}] must be hang or crash; got {v!r}")
@@ -154,6 +156,11 @@ class RenderJobConfig(RenderSettings):
         need(self.filter_distorted_similarity < self.filter_static_similarity,
              f"--filter-distorted-similarity ({self.filter_distorted_similarity}) must be below "
              f"--filter-static-similarity ({self.filter_static_similarity})")
+
+    def blender_threads(self) -> int:
+        """Cycles threads per actor: --threads, else the actor's CPU reservation (so several actors on a node do
+        not oversubscribe it), and never one (MIN_THREADS: one keeps a second core spinning)."""
+        return self.threads or max(MIN_THREADS, int(round(self.cpus_per_worker)))
 
     def render_settings(self) -> RenderSettings:
         """The render settings alone: what the Blender worker receives with every asset."""
@@ -350,9 +357,7 @@ class RenderProcessor:
         self.settings = self.cfg.render_settings()
         self.cache = _cache_dir(self.cfg)
         from rendering.worker import BlenderWorker
-        # Auto threads follow the actor's CPU reservation, so several actors on a node do not oversubscribe it.
-        threads = self.cfg.threads or max(1, int(round(self.cfg.cpus_per_worker)))
-        self.worker = BlenderWorker(threads=threads)
+        self.worker = BlenderWorker(threads=self.cfg.blender_threads())
         self._pool: Any = None  # download threads, started by the first prefetch
         self._ahead: list[dict[str, Any]] = []  # the part's items not yet handed to the pool, in order
         self._fetching: dict[str, Any] = {}  # item id -> future of its verified path

@@ -38,19 +38,57 @@ VERSION = 2
 
 
 def _bpy():
-    import bpy  # imported lazily: only the Blender worker process loads Blender
+    import bpy  # imported lazily: only a Blender process (the worker, an asset builder) loads Blender
     return bpy
 
 
-def _material(name: str, rng: random.Random):
+def _material(name: str, rng: random.Random | None = None, *,
+              color: tuple[float, float, float, float] | None = None, roughness: float | None = None):
+    """A Principled BSDF material called ``name``: base colour and roughness drawn from ``rng``, else
+    ``color`` and ``roughness`` where given (Blender's defaults where not: a caller that links textures)."""
     bpy = _bpy()
     mat = bpy.data.materials.new(name)
-    mat.use_nodes = True
+    if mat.node_tree is None:  # Blender < 5 makes node-less materials
+        mat.use_nodes = True
     bsdf = mat.node_tree.nodes.get("Principled BSDF")
-    color = (rng.uniform(0.1, 1), rng.uniform(0.1, 1), rng.uniform(0.1, 1), 1.0)
-    bsdf.inputs["Base Color"].default_value = color
-    bsdf.inputs["Roughness"].default_value = rng.uniform(0.2, 0.8)
+    if rng is not None:
+        color = (rng.uniform(0.1, 1), rng.uniform(0.1, 1), rng.uniform(0.1, 1), 1.0)
+        roughness = rng.uniform(0.2, 0.8)
+    if color is not None:
+        bsdf.inputs["Base Color"].default_value = color
+    if roughness is not None:
+        bsdf.inputs["Roughness"].default_value = roughness
     return mat
+
+
+def _armature(bones: list[tuple[str, tuple, tuple, str | None]], name: str = "rig", connect: bool = False):
+    """An armature object (and its data) called ``name``, linked to the active collection, with ``bones``:
+    (name, head, tail, parent's name or None), parents before their children. ``connect`` joins each child's
+    head to its parent's tail."""
+    bpy = _bpy()
+    data = bpy.data.armatures.new(name)
+    rig = bpy.data.objects.new(name, data)
+    bpy.context.collection.objects.link(rig)
+    bpy.context.view_layer.objects.active = rig
+    bpy.ops.object.mode_set(mode="EDIT")
+    made = {}
+    for bone, head, tail, parent in bones:
+        b = data.edit_bones.new(bone)
+        b.head, b.tail = head, tail
+        b.roll = 0.0
+        if parent is not None:
+            b.parent = made[parent]
+            b.use_connect = connect
+        made[bone] = b
+    bpy.ops.object.mode_set(mode="OBJECT")
+    return rig
+
+
+def _bind(obj, rig) -> None:
+    """Deform ``obj`` by ``rig`` through its vertex groups (named after the bones): the skinning glTF exports."""
+    obj.parent = rig
+    mod = obj.modifiers.new("Armature", "ARMATURE")
+    mod.object = rig
 
 
 def _start_action(id_block, name: str):
@@ -65,7 +103,7 @@ def _start_action(id_block, name: str):
 
 
 def _stash(id_block) -> None:
-    """Move the active action into its own NLA track so the glTF exporter sees every action."""
+    """Move the active action into its own muted NLA track, so the glTF exporter sees every action."""
     ad = id_block.animation_data
     action = ad.action
     track = ad.nla_tracks.new()
@@ -130,21 +168,8 @@ def _skinned(rng: random.Random, n_actions: int, frames: int) -> None:
     bpy.ops.object.mode_set(mode="OBJECT")
     bpy.ops.object.transform_apply(location=True, rotation=False, scale=False)
 
-    arm_data = bpy.data.armatures.new("rig")
-    rig = bpy.data.objects.new("rig", arm_data)
-    bpy.context.collection.objects.link(rig)
-    bpy.context.view_layer.objects.active = rig
-    bpy.ops.object.mode_set(mode="EDIT")
-    parent = None
-    for i in range(n_bones):
-        b = arm_data.edit_bones.new(f"bone{i}")
-        b.head = (0, 0, i * 1.0)
-        b.tail = (0, 0, (i + 1) * 1.0)
-        if parent is not None:
-            b.parent = parent
-            b.use_connect = True
-        parent = b
-    bpy.ops.object.mode_set(mode="OBJECT")
+    rig = _armature([(f"bone{i}", (0, 0, i * 1.0), (0, 0, (i + 1) * 1.0), f"bone{i - 1}" if i else None)
+                     for i in range(n_bones)], connect=True)
 
     # Linear blend weights along the tube's height.
     groups = [tube.vertex_groups.new(name=f"bone{i}") for i in range(n_bones)]
@@ -154,9 +179,7 @@ def _skinned(rng: random.Random, n_actions: int, frames: int) -> None:
             w = max(0.0, 1.0 - abs(z - (i + 0.5)) / 1.0)
             if w > 0:
                 g.add([v.index], w, "REPLACE")
-    tube.parent = rig
-    mod = tube.modifiers.new("Armature", "ARMATURE")
-    mod.object = rig
+    _bind(tube, rig)
 
     motions = ["wave", "bend", "twist"]
     for a in range(n_actions):
@@ -319,15 +342,24 @@ def build(kind: str, seed: int, n_actions: int = 2, frames: int = 24) -> None:
 
 def export_glb(kind: str, seed: int, path: str | Path, n_actions: int = 2, frames: int = 24) -> Path:
     """Build an asset in a fresh scene and export it (every action as its own animation) to ``path``."""
-    bpy = _bpy()
-    bpy.ops.wm.read_factory_settings(use_empty=True)
+    _bpy().ops.wm.read_factory_settings(use_empty=True)
     build(kind, seed, n_actions, frames)
+    return write_glb(path, export_morph=True)
+
+
+def write_glb(path: str | Path, **options) -> Path:
+    """Export the current scene to ``path`` as GLB, every action (each in its own NLA track, see ``_stash``) as
+    its own animation, sampled at every frame; ``options``: further ``export_scene.gltf`` arguments.
+
+    Written to a temporary name first and renamed, so that a reader never sees half a file.
+    """
+    bpy = _bpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.glb")
     bpy.ops.export_scene.gltf(filepath=str(tmp), export_format="GLB", export_animations=True,
-                              export_animation_mode="ACTIONS", export_force_sampling=True,
-                              export_morph=True, export_skins=True, export_apply=False)
+                              export_animation_mode="ACTIONS", export_force_sampling=True, export_skins=True,
+                              export_apply=False, **options)
     tmp.replace(path)
     return path
 

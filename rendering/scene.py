@@ -16,9 +16,9 @@ import numpy as np
 import bpy
 import mathutils
 
-from rendering.cameras import CircleRig, blender_c2w
+from rendering.cameras import CircleRig, blender_c2w, intrinsics, opencv_w2c, project
 from rendering.errors import StageError
-from rendering.settings import RenderSettings
+from rendering.settings import MIN_THREADS, RenderSettings
 
 IMPORTERS = {
     ".glb": lambda p: bpy.ops.import_scene.gltf(filepath=p),
@@ -162,11 +162,23 @@ def set_frame(frame: float) -> None:
     bpy.context.scene.frame_set(int(whole), subframe=float(frame - whole))
 
 
-def world_bbox(frames: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned bounds of all evaluated geometry (modifiers, skinning, shape keys) over ``frames``."""
-    lo = np.full(3, np.inf)
-    hi = np.full(3, -np.inf)
-    for frame in frames:
+# Vertices kept per action for the render borders (all sampled frames together): ~24 MB of float32.
+BORDER_POINTS_MAX = 2_000_000
+
+
+def frame_bboxes(frames: list[float], points: list | None = None) -> np.ndarray:
+    """Axis-aligned world bounds (T x 2 x 3: lo, hi) of all evaluated geometry (modifiers, skinning, shape
+    keys) at each of ``frames``.
+
+    With a ``points`` list, also appends each frame's evaluated world vertices (float32, N x 3) to it, unless
+    they pass ``BORDER_POINTS_MAX`` in all; then the list is cleared (callers fall back to the boxes).
+    """
+    boxes = np.empty((len(frames), 2, 3))
+    kept = 0
+    for t, frame in enumerate(frames):
+        lo = np.full(3, np.inf)
+        hi = np.full(3, -np.inf)
+        frame_pts = []
         set_frame(frame)
         depsgraph = bpy.context.evaluated_depsgraph_get()
         for obj in geometry_objects():
@@ -188,9 +200,99 @@ def world_bbox(frames: list[float]) -> tuple[np.ndarray, np.ndarray]:
             world = pts @ mw[:3, :3].T + mw[:3, 3]
             lo = np.minimum(lo, world.min(0))
             hi = np.maximum(hi, world.max(0))
+            if points is not None and kept <= BORDER_POINTS_MAX:
+                frame_pts.append(world.astype(np.float32))
+                kept += len(world)
+        boxes[t, 0], boxes[t, 1] = lo, hi
+        if points is not None:
+            points.append(np.concatenate(frame_pts) if frame_pts else np.empty((0, 3), np.float32))
+    if points is not None and kept > BORDER_POINTS_MAX:
+        points.clear()
+    return boxes
+
+
+def world_bbox(frames: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned bounds of all evaluated geometry (modifiers, skinning, shape keys) over ``frames``."""
+    return bbox_union(frame_bboxes(frames))
+
+
+def bbox_union(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bounds over all frames of ``frame_bboxes``' boxes."""
+    lo, hi = boxes[:, 0].min(0), boxes[:, 1].max(0)
     if not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)):
         raise SceneError("normalize", "could not measure the asset's bounds (no vertices in any sampled frame)")
     return lo, hi
+
+
+def has_instances() -> bool:
+    """Whether the evaluated scene draws instances (geometry-nodes or glTF GPU instancing, particles, dupli
+    collections): their geometry is not in ``frame_bboxes``, so no render region may be cut from it."""
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    return any(inst.is_instance for inst in depsgraph.object_instances)
+
+
+Border = tuple[float, float, float, float]
+
+
+def render_borders(boxes: np.ndarray, norm: dict[str, Any], rig: CircleRig, width: int, height: int,
+                   points: list | None = None, per_view: bool = False,
+                   margin_px: float = 3.5) -> list:
+    """The part of the frame the object can cover, as Blender's render border (min_x, max_x, min_y, max_y in
+    0..1, y up; None for the whole frame): per time step the union over the views (what one multiview
+    render call can use), or with ``per_view`` a list per time step with one border per view.
+
+    Each frame's evaluated vertices (``points``, from ``frame_bboxes``; else the 8 corners of its bounding
+    box, a looser bound) are normalized and projected into the cameras; their pixel box is grown by
+    ``margin_px``: Cycles' Blackman-Harris pixel filter (width 1.5) spreads coverage up to 1.5 pixels past
+    the projected geometry (1.4 measured), Blender rounds the border to whole pixels, and one more pixel
+    stays clear for render_asset's check. Everything outside is background, which on a transparent film
+    renders to exact zeros: without denoising, the region gives the very same pixels as the whole frame.
+    """
+    K = intrinsics(rig.fov_deg, width, height)
+    w2cs = [opencv_w2c(c) for c in blender_c2w(rig)]
+    center, scale = np.asarray(norm["center"]), float(norm["scale"])
+
+    def to_border(x0: float, x1: float, y0: float, y1: float) -> Border | None:
+        x0, x1 = max(0.0, x0 - margin_px) / width, min(float(width), x1 + margin_px) / width
+        y0, y1 = max(0.0, y0 - margin_px) / height, min(float(height), y1 + margin_px) / height
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return (x0, x1, 1.0 - y1, 1.0 - y0)  # OpenCV rows run down; Blender's border y runs up
+
+    out: list = []
+    for t, (lo, hi) in enumerate(boxes):
+        if points:
+            pts = (points[t].astype(np.float64) - center) * scale
+        else:
+            pts = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+            pts = (pts - center) * scale
+        views: list[tuple[float, float, float, float] | None] = []
+        for w2c in w2cs:
+            depth = pts @ w2c[2, :3] + w2c[2, 3]
+            if len(pts) == 0 or np.any(depth <= 1e-3):  # a point at or behind the camera: no safe box
+                views.append(None)
+                continue
+            uv = project(K, w2c, pts)
+            views.append((uv[:, 0].min(), uv[:, 0].max(), uv[:, 1].min(), uv[:, 1].max()))
+        if per_view:
+            out.append([None if v is None else to_border(*v) for v in views])
+        elif any(v is None for v in views):
+            out.append(None)
+        else:
+            a = np.array(views)
+            out.append(to_border(a[:, 0].min(), a[:, 1].max(), a[:, 2].min(), a[:, 3].max()))
+    return out
+
+
+def set_border(border: tuple[float, float, float, float] | None) -> None:
+    """Render only ``border`` of the frame (full-size output, zeros outside), or the whole frame (None)."""
+    r = bpy.context.scene.render
+    if border is None:
+        r.use_border = False
+        return
+    r.use_border = True
+    r.use_crop_to_border = False
+    r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = border
 
 
 def normalize(lo: np.ndarray, hi: np.ndarray) -> dict[str, Any]:
@@ -291,7 +393,7 @@ def configure_engine(s: RenderSettings) -> None:
     scene.view_settings.view_transform = "Standard"
     if s.threads > 0:
         r.threads_mode = "FIXED"
-        r.threads = s.threads
+        r.threads = max(s.threads, MIN_THREADS)  # one thread would keep a second core spinning (settings.py)
     if s.engine == "eevee":
         r.engine = "BLENDER_EEVEE"
         scene.eevee.taa_render_samples = s.samples
@@ -312,6 +414,9 @@ def configure_engine(s: RenderSettings) -> None:
     c.caustics_refractive = False
     c.use_light_tree = False
     c.use_auto_tile = False
+    # Path guiding is off by default in Blender 5.0; set here so that another default cannot change every
+    # render's cost and look (it learns over many samples; 16 are few).
+    c.use_guiding = False
     if s.engine == "cycles-gpu":
         prefs = bpy.context.preferences.addons["cycles"].preferences
         for backend in ("OPTIX", "CUDA", "HIP", "METAL", "ONEAPI"):

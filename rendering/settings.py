@@ -9,6 +9,10 @@ ENGINES = ("cycles", "cycles-gpu", "eevee")
 DENOISE_QUALITY = ("FAST", "BALANCED", "HIGH")
 DENOISE_PREFILTER = ("NONE", "FAST", "ACCURATE")
 LIGHTING = ("studio", "sun", "ambient")
+# One Cycles thread makes oneTBB keep a second thread spinning (sched_yield) at 100% of another core for as
+# long as Blender's session lives (persistent data): measured here, a 1-thread worker used 1.97 cores while
+# rendering and 1.0 while idle. Two threads use the same two cores for real work.
+MIN_THREADS = 2
 # Widest arc whose neighbouring-view step (8 views, 144x256) stays inside the band of steps the pseudo-4D
 # data shows: 60 degrees moves a bbox-filling object 1.74% of the width per view, the pseudo-4D grids
 # 0.43-2.11% (p5-p95); 90 degrees would be 2.62%, past even their largest step (2.40%).
@@ -40,7 +44,8 @@ class RenderSettings:
     denoise: bool = _opt(True, "OpenImageDenoise on the render")
     denoise_quality: Literal[DENOISE_QUALITY] = _opt("FAST", "denoiser quality")
     denoise_prefilter: Literal[DENOISE_PREFILTER] = _opt("NONE", "denoiser prefilter")
-    threads: int = _opt(0, "render threads per Blender (0 = all cores of the actor)")
+    threads: int = _opt(0, f"render threads per Blender (0 = the actor's CPUs; at least {MIN_THREADS}: one thread "
+                           "keeps a second core spinning)")
     elevation: float = _opt(20.0, "camera elevation in degrees")
     distance: float = _opt(0.0, "camera distance in normalized units (0 = smallest that keeps the object in frame)")
     fov: float = _opt(40.0, "vertical camera field of view in degrees (the horizontal one follows the aspect)")
@@ -58,10 +63,16 @@ class RenderSettings:
     max_actions: int = _opt(4, "samples per asset at most (one per action)")
     multiview: bool = _opt(True, "render all views of a frame in one Blender call (multiview)")
     persistent_data: bool = _opt(True, "keep Blender's scene data between frames (faster; off only to debug)")
+    # On a transparent film everything outside the object renders to exact zeros, and path tracing and
+    # denoising cost per pixel: rendering only the object's box (its evaluated vertices projected, per time
+    # step) cut a 256x256 frame of the benchmark's skinned, textured characters from 0.28 to 0.18 s, path
+    # tracing 203 -> 132 ms and denoising 59 -> 31 ms (benchmarks/bench_render_real.py; docs/performance.md).
+    render_region: bool = _opt(True, "render only the part of the frame the object can cover (full-size output, "
+                                     "zeros outside; faster; the same pixels up to the denoiser's noise)")
     png_compression: int = _opt(15, "PNG compression of the frames, 0-100 (speed against shard size)")
     seed: int = _opt(0, "seed for procedural assets and random azimuths")
 
-    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("threads", "persistent_data", "png_compression")
+    SPEED_ONLY: ClassVar[tuple[str, ...]] = ("threads", "persistent_data", "png_compression", "render_region")
     """Fields that change how fast a render is made, not what it shows (a re-run into an output may change
     them)."""
 

@@ -404,8 +404,9 @@ def test_rerun_with_other_render_settings_is_refused_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"views: 2 -> 4.*samples: 1 -> 8"):
         main(["--preset", "tiny", "--output", str(out), "--views", "4", "--samples", "8"])
     assert not (out / "shards").exists() and not (out / "summary.json").exists()
-    # Every setting a render receives is guarded, under its option name; threads, persistent data and PNG
-    # compression change speed and file size, not pixels (RenderSettings.SPEED_ONLY).
+    # Every setting a render receives is guarded, under its option name; threads, persistent data, PNG
+    # compression and the render region change speed and file size, not what a frame shows
+    # (RenderSettings.SPEED_ONLY).
     from dataclasses import asdict
     base = asdict(cfg.render_settings())
     covered = set()
@@ -417,4 +418,4 @@ def test_rerun_with_other_render_settings_is_refused_before_any_work(tmp_path):
         changed = asdict(dataclasses.replace(cfg, **{opt: other}).render_settings())
         covered |= {k for k in base if base[k] != changed[k]}
     assert covered == {f.name for f in dataclasses.fields(RenderSettings)} - {"threads", "persistent_data",
-                                                                              "png_compression"}
+                                                                              "png_compression", "render_region"}

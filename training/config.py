@@ -221,11 +221,12 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                             width={"base": 64, "upsampler": 256, "4d": 64}),
                   optim=dict(lr=2e-4, warmup_samples=20_000)),
     "paper": dict(model_preset="paper",
-                  # 65 K steps of 32 x 24 clips; the 4D model 80 K steps of 2 x 24 grids. 32 base clips a GPU:
-                  # 8-frame clips at B=16 left GEMMs too small and the per-step costs (optimizer, DeepSpeed's
-                  # per-tensor gradient work) too large a share of a step (docs/performance.md, issue 15)
+                  # 65 K steps of 32 x 24 clips; the 4D model 40 K steps of 4 x 24 grids. Per GPU, 32 base clips
+                  # and 4 grids: smaller batches left GEMMs too small and the per-step costs (optimizer,
+                  # DeepSpeed's per-tensor gradient work, the 4D forward's kernel launches) too large a share of
+                  # a step: 4D MFU 36% at 2 grids, 42% at 3, 43% at 4 (73 of 80 GB; docs/performance.md, issue 15)
                   total_samples={"base": 49_920_000, "upsampler": 49_920_000, "4d": 20_000 * 24 * 8},
-                  batch_size={"base": 32, "upsampler": 16, "4d": 2}, num_workers=24, use_gpu=True,
+                  batch_size={"base": 32, "upsampler": 16, "4d": 4}, num_workers=24, use_gpu=True,
                   # loader processes: decoding in the training process contended for its GIL with the
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,

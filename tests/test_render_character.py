@@ -1,0 +1,188 @@
+"""The character test asset (rendering/character.py) through the job's render path, with its per-phase times.
+
+Real Blender: one build of the ``tiny`` variant (same structure as the benchmark's characters, fewer
+triangles and 256 px textures), one render request to the job's warm Blender child, one Blender process for
+the import-side checks and the render region's fallback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rendering.render_asset import PHASES
+from rendering.settings import MIN_THREADS, RenderSettings
+from rendering.worker import BlenderWorker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(out: Path, seed: int = 0) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "rendering.character", "--out", str(out), "--variant", "tiny",
+                           "--seed", str(seed)], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="module")
+def character(tmp_path_factory) -> dict:
+    return _build(tmp_path_factory.mktemp("character"))
+
+
+def _glb_json(path: str) -> dict:
+    data = Path(path).read_bytes()
+    magic, version, length = struct.unpack_from("<4sII", data)
+    assert magic == b"glTF" and version == 2 and length == len(data)
+    chunk_len, chunk_type = struct.unpack_from("<I4s", data, 12)
+    assert chunk_type == b"JSON"
+    return json.loads(data[20:20 + chunk_len])
+
+
+def test_character_glb_is_skinned_textured_with_several_actions(character, tmp_path):
+    g = _glb_json(character["path"])
+    assert len(g["skins"]) == 1 and len(g["skins"][0]["joints"]) >= 20
+    anims = {a["name"]: a for a in g["animations"]}
+    assert sorted(anims) == ["idle", "walk", "wave"]
+    assert len(set(character["actions"].values())) == 3, "actions should differ in length"
+    meshes = g["meshes"]
+    assert len(meshes) >= 4
+    for mesh in meshes:
+        for prim in mesh["primitives"]:
+            assert {"POSITION", "NORMAL", "TEXCOORD_0", "JOINTS_0", "WEIGHTS_0"} <= set(prim["attributes"])
+    skinned_nodes = [n for n in g["nodes"] if "mesh" in n]
+    assert all("skin" in n for n in skinned_nodes)
+    # Packed images (in the GLB's binary chunk), PBR materials with base colour, normal and metallic-roughness.
+    assert len(g["images"]) == 9 and all("bufferView" in im for im in g["images"])
+    assert {im["mimeType"] for im in g["images"]} == {"image/jpeg", "image/png"}
+    textured = [m for m in g["materials"] if "normalTexture" in m
+                and {"baseColorTexture", "metallicRoughnessTexture"} <= set(m["pbrMetallicRoughness"])]
+    assert len(textured) == 3
+    # Deterministic from the seed; another seed is another asset.
+    again = _build(tmp_path / "again")
+    assert Path(again["path"]).read_bytes() == Path(character["path"]).read_bytes()
+    other = _build(tmp_path / "other", seed=1)
+    assert Path(other["path"]).read_bytes() != Path(character["path"]).read_bytes()
+
+
+def test_character_renders_through_the_job_path_with_phase_times(character, tmp_path):
+    settings = RenderSettings(views=2, frames=2, height=64, width=64, samples=4, denoise=True, max_actions=4)
+    worker = BlenderWorker(log_dir=str(tmp_path))
+    try:
+        result = worker.call({"op": "render", "path": character["path"], "uid": "char", "source": "local",
+                              "settings": settings.to_dict()}, timeout=300)
+    finally:
+        worker.close()
+    assert [s["action"] for s in result["samples"]] == ["idle", "walk", "wave"]
+    for sample in result["samples"]:
+        meta = sample["meta"]
+        sec = meta["seconds"]
+        assert sec["import"] > 0 and sec["normalize"] > 0
+        phases = sec["phases"]
+        assert set(PHASES) <= set(phases) and all(phases[k] > 0 for k in PHASES), phases
+        assert "other" not in phases, "every render call should split on Cycles' status lines"
+        # The phases are the grid's wall time, cut into pieces: they add up to it.
+        assert abs(sum(phases.values()) - sec["render"]) <= 0.05 * sec["render"] + 0.02, sec
+        assert 0.0 < meta["render"]["region"] < 1.0 and meta["render"]["region_retries"] == 0
+        pngs = [k for k in sample["files"] if k.endswith(".png")]
+        assert len(pngs) == 4
+        for name in pngs:
+            alpha = np.asarray(Image.open(io.BytesIO(sample["files"][name])).getchannel("A"))
+            assert alpha.shape == (64, 64) and alpha.max() == 255
+
+
+SCRIPT = r"""
+import io, json, sys
+import numpy as np
+import bpy
+from PIL import Image
+from rendering import scene as S
+from rendering.render_asset import render_asset
+from rendering.settings import MIN_THREADS, RenderSettings
+
+path = sys.argv[1]
+S.reset()
+S.import_asset(path)
+out = {"actions": [a.name for a in S.list_actions()],
+       "skinned": sorted(o.name for o in S.geometry_objects() if any(m.type == "ARMATURE" and m.object for m in o.modifiers)),
+       "bones": max(len(o.data.bones) for o in bpy.data.objects if o.type == "ARMATURE"),
+       "images": sorted(i.name for i in bpy.data.images if i.packed_file is not None and i.size[0] > 0),
+       "triangles": 0}
+for o in S.geometry_objects():
+    o.data.calc_loop_triangles()
+    out["triangles"] += len(o.data.loop_triangles)
+
+def grid(**kw):
+    s = RenderSettings(views=2, frames=2, height=48, width=48, samples=2, denoise=False, max_actions=1, **kw)
+    smp = render_asset(path, "char", "local", s)["samples"][0]
+    return {k: np.asarray(Image.open(io.BytesIO(v))) for k, v in smp["files"].items()}, smp["meta"]["render"]
+
+full, meta_full = grid(render_region=False)
+region, meta_region = grid()
+# A border that cuts the object (as geometry the bounding boxes miss would): each time step is rendered again.
+real = S.render_borders
+S.render_borders = lambda *a, **k: [(0.45, 0.55, 0.45, 0.55) for _ in real(*a, **k)]
+cut, meta_cut = grid()
+S.render_borders = real
+out["region"] = meta_region["region"]
+out["full_region"] = meta_full["region"]
+out["region_same"] = all(np.array_equal(full[k], region[k]) for k in full)
+out["cut_retries"] = meta_cut["region_retries"]
+out["cut_same"] = all(np.array_equal(full[k], cut[k]) for k in full)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_import_side_and_render_region(character):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, character["path"]], cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][7:])
+    # The job's importer sees the GLB as Objaverse characters come: separate actions, skinned textured parts.
+    assert out["actions"] == ["idle", "walk", "wave"]
+    assert out["skinned"] == ["Body", "Gear", "Head", "Outfit"] and out["bones"] >= 20
+    assert len(out["images"]) == 9
+    assert out["triangles"] == character["triangles_total"]
+    # Without denoising, rendering only the object's region gives the very same pixels as the whole frame;
+    # a border that cuts the object is caught and the time step rendered again on the whole frame.
+    assert out["full_region"] == 1.0 and 0.0 < out["region"] < 1.0
+    assert out["region_same"]
+    assert out["cut_retries"] == 2 and out["cut_same"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_one_cpu_actor_leaves_no_core_spinning(character, tmp_path):
+    """An actor that reserves one CPU still gets two Cycles threads: with one, oneTBB kept a second thread
+    spinning at 100% of a core for as long as the Blender session lived (persistent data), while rendering and
+    while idle. The job's own thread choice, a real render, then the idle child's CPU use."""
+    from pipelines.common.config import ConfigError
+    from pipelines.render_objaverse import RenderJobConfig
+    cfg = RenderJobConfig(cpus_per_worker=1.0)
+    assert cfg.blender_threads() == MIN_THREADS
+    with pytest.raises(ConfigError, match="spinning"):
+        RenderJobConfig(threads=1).validate()
+    settings = RenderSettings(views=2, frames=2, height=48, width=48, samples=2, max_actions=1)
+    assert settings.persistent_data
+    worker = BlenderWorker(threads=cfg.blender_threads(), log_dir=str(tmp_path))
+    try:
+        worker.call({"op": "render", "path": character["path"], "uid": "char", "source": "local",
+                     "settings": settings.to_dict()}, timeout=300)
+        c0, t0 = _cpu_seconds(worker.proc.pid), time.monotonic()
+        time.sleep(2.0)
+        idle = (_cpu_seconds(worker.proc.pid) - c0) / (time.monotonic() - t0)
+    finally:
+        worker.close()
+    assert idle < 0.3, f"the idle Blender child used {idle:.2f} cores"
