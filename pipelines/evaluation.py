@@ -116,15 +116,26 @@ def _derived_name(spec: str) -> str:
     return name or "heldout"
 
 
-def _heldout(spec: str, limit: int) -> list[tuple[str, Any]]:
-    from pipelines.common.shards import iter_tar_samples
-    from pipelines.common.shards import LazyGrid, resolve_shards
+def _heldout(spec: str, limit: int, skipped: dict[str, int]) -> list[tuple[str, Any]]:
+    """The first ``limit`` grids of ``spec``. Grids the render job's filters marked bad (empty, leaving the
+    frame, static, distorted) are skipped as the training loader skips them: a blank or broken held-out grid
+    would score every variant on nothing. ``skipped`` counts them by reason."""
+    from pipelines.common.shards import LazyGrid, filtered_reason, iter_tar_samples, resolve_shards
     grids = []
     for shard in resolve_shards(spec):
         for key, files in iter_tar_samples(shard):
-            grids.append((key, LazyGrid(files)))
+            grid = LazyGrid(files)
+            reason = filtered_reason(grid.meta)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                continue
+            grids.append((key, grid))
             if len(grids) >= limit:
                 return grids
+    if not grids and skipped:
+        raise UserError(f"every grid in '{spec}' was marked bad by the render job's filters ("
+                        + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+                        + "); render more held-out assets, or render them again with --filters '' to keep them")
     if not grids:
         raise UserError(f"no grids in '{spec}'")
     return grids
@@ -277,8 +288,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out = ensure_output_dir(Path(cfg.out).resolve())
     sets = parse_grid_sets(cfg.grids)
     variants = plan_variants(cfg)
-    heldout = {name: _heldout(spec, cfg.max_grids) for name, spec in sets.items()}
+    skipped: dict[str, dict[str, int]] = {name: {} for name in sets}
+    heldout = {name: _heldout(spec, cfg.max_grids, skipped[name]) for name, spec in sets.items()}
     notes: dict[str, str] = {}
+    for name, counts in skipped.items():
+        if counts:
+            notes[f"filtered_{name}"] = (f"held-out set '{name}': skipped " + ", ".join(
+                f"{n} grid(s) marked {r}" for r, n in sorted(counts.items())) + " by the render job's filters")
 
     # Refuse training data before spending any time on generation.
     heldout_items: dict[str, str] = {}
@@ -368,7 +384,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             results[set_name][variant.name] = row
             print(f"[eval] {set_name}/{variant.name}: PSNR {_fmt(row['psnr'], 2)} dB, SSIM {_fmt(row['ssim'], 4)} "
                   f"over {len(reports)} grids ({row['seconds']:.1f}s)", flush=True)
-    set_info = {name: {"grids": sets[name], "count": len(heldout[name]),
+    set_info = {name: {"grids": sets[name], "count": len(heldout[name]), "skipped_filtered": skipped[name],
                        "items": sorted({str(g.meta["item_id"]) for _, g in heldout[name] if "item_id" in g.meta})}
                 for name in sets}
     report = _markdown(results, set_info, notes)

@@ -181,3 +181,24 @@ def test_grids_sampled_together_score_as_sampled_alone(heldout: dict[str, Path],
     from pipelines.common.config import ConfigError
     with pytest.raises(ConfigError, match="--batch must be >= 1"):
         dataclasses.replace(cfg, batch=0).validate()
+
+
+def test_grids_the_render_filters_marked_are_skipped(tmp_path: Path) -> None:
+    """Held-out grids the render job marked bad (an empty or static render) are not scored, as the training
+    loader does not train on them; the report counts them, and a set of only marked grids is one clear error."""
+    shards = make_grid_shards(tmp_path / "marked", n=3, views=4, frames=6, size=16, per_shard=3, rgba=True,
+                              filtered={0: "empty", 2: "static"})
+    ckpt = _base_ckpt(tmp_path / "base", data_items=[])
+    cfg = EvalConfig(grids=[f"render={shards}"], checkpoints=[f"base={ckpt}"], max_grids=3, steps=1,
+                     method="euler", device="cpu", train_free=False, out=str(tmp_path / "eval"))
+    res = evaluate(cfg)
+    info = res["sets"]["render"]
+    assert info["count"] == 1 and info["items"] == ["item1"]
+    assert info["skipped_filtered"] == {"empty": 1, "static": 1}
+    assert res["results"]["render"]["base"]["grids"] == 1
+    assert "1 grid(s) marked empty, 1 grid(s) marked static" in res["notes"]["filtered_render"]
+    assert "marked empty" in (tmp_path / "eval" / "report.md").read_text()
+    bad = make_grid_shards(tmp_path / "all_marked", n=2, views=4, frames=6, size=16, rgba=True,
+                           filtered={0: "empty", 1: "leaves_frame"})
+    with pytest.raises(UserError, match=r"every grid in .* was marked bad .*1 empty, 1 leaves_frame.*--filters ''"):
+        evaluate(dataclasses.replace(cfg, grids=[f"render={bad}"], out=str(tmp_path / "eval2")))
