@@ -135,7 +135,8 @@ def _heldout(spec: str, limit: int, skipped: dict[str, int]) -> list[tuple[str, 
     if not grids and skipped:
         raise UserError(f"every grid in '{spec}' was marked bad by the render job's filters ("
                         + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
-                        + "); render more held-out assets, or render them again with --filters '' to keep them")
+                        + "); render more held-out assets, or render them again into a new --output with --filters '' "
+                        "to keep them")
     if not grids:
         raise UserError(f"no grids in '{spec}'")
     return grids

@@ -50,7 +50,6 @@ class PhaseClock:
     def __init__(self) -> None:
         self.seconds = {k: 0.0 for k in PHASES}
         self.seconds["other"] = 0.0
-        self.calls = 0
         self.region_retries = 0
         self._events: list[tuple[float, str]] = []
 
@@ -71,7 +70,6 @@ class PhaseClock:
         t0 = time.perf_counter()
         bpy.ops.render.render(write_still=write_still)
         t1 = time.perf_counter()
-        self.calls += 1
         starts, finishes = [], []
         for t, msg in self._events:
             m = _SAMPLE.search(msg)
@@ -103,8 +101,10 @@ def _edges_clear(png: bytes, border, width: int, height: int) -> bool:
     """
     from PIL import Image
     alpha = np.asarray(Image.open(io.BytesIO(png)).getchannel("A"))
-    x0, x1 = round(border[0] * width), round(border[1] * width)
-    r0, r1 = height - round(border[3] * height), height - round(border[2] * height)  # rows, from the top
+    def px(b: float, n: int) -> int:  # Blender's border edge in pixels: float32 product, truncated (measured)
+        return int(np.float32(b) * np.float32(n))
+    x0, x1 = px(border[0], width), px(border[1], width)
+    r0, r1 = height - px(border[3], height), height - px(border[2], height)  # rows, from the top
     bands = []
     if x0 > 0:
         bands.append(alpha[r0:r1, x0])
@@ -218,7 +218,7 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
             boxes = S.frame_bboxes(frames, points if s.render_region else None)
             norm = S.normalize(*S.bbox_union(boxes))
             borders = None
-            if s.render_region and not S.has_instances():  # instanced geometry is not in the boxes
+            if s.render_region and not S.region_unsafe():  # geometry the boxes do not measure: whole frames
                 borders = S.render_borders(boxes, norm, rig, s.width, s.height, points, per_view=not s.multiview)
             t_norm = time.time() - t1
             t1 = time.time()

@@ -200,11 +200,11 @@ def frame_bboxes(frames: list[float], points: list | None = None) -> np.ndarray:
             world = pts @ mw[:3, :3].T + mw[:3, 3]
             lo = np.minimum(lo, world.min(0))
             hi = np.maximum(hi, world.max(0))
+            kept += len(world)
             if points is not None and kept <= BORDER_POINTS_MAX:
                 frame_pts.append(world.astype(np.float32))
-                kept += len(world)
         boxes[t, 0], boxes[t, 1] = lo, hi
-        if points is not None:
+        if points is not None and kept <= BORDER_POINTS_MAX:
             points.append(np.concatenate(frame_pts) if frame_pts else np.empty((0, 3), np.float32))
     if points is not None and kept > BORDER_POINTS_MAX:
         points.clear()
@@ -224,11 +224,29 @@ def bbox_union(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def has_instances() -> bool:
-    """Whether the evaluated scene draws instances (geometry-nodes or glTF GPU instancing, particles, dupli
-    collections): their geometry is not in ``frame_bboxes``, so no render region may be cut from it."""
+def region_unsafe() -> bool:
+    """Whether the scene renders geometry that ``frame_bboxes`` does not measure, so that no render region may
+    be cut from its boxes: instances (geometry-nodes or glTF GPU instancing, particles, dupli collections), or
+    objects hidden in the viewport but not in renders (``geometry_objects`` leaves them out; wholly outside
+    a region, the edge check would not see them either)."""
     depsgraph = bpy.context.evaluated_depsgraph_get()
-    return any(inst.is_instance for inst in depsgraph.object_instances)
+    if any(inst.is_instance for inst in depsgraph.object_instances):
+        return True
+    # Collections hidden in renders hide what is in them and in their children (the glTF importer puts its
+    # bone shapes in one); excluded collections' objects are not in the view layer at all.
+    hidden: set = set()
+
+    def walk(coll, parent_hidden: bool) -> None:
+        h = parent_hidden or coll.hide_render
+        if h:
+            hidden.add(coll.name)
+        for child in coll.children:
+            walk(child, h)
+    for child in bpy.context.scene.collection.children:
+        walk(child, False)
+    return any(o.type in GEOMETRY_TYPES and not o.hide_render and not o.visible_get()
+               and not any(c.name in hidden for c in o.users_collection)
+               for o in bpy.context.view_layer.objects)
 
 
 Border = tuple[float, float, float, float]
@@ -244,7 +262,7 @@ def render_borders(boxes: np.ndarray, norm: dict[str, Any], rig: CircleRig, widt
     Each frame's evaluated vertices (``points``, from ``frame_bboxes``; else the 8 corners of its bounding
     box, a looser bound) are normalized and projected into the cameras; their pixel box is grown by
     ``margin_px``: Cycles' Blackman-Harris pixel filter (width 1.5) spreads coverage up to 1.5 pixels past
-    the projected geometry (1.4 measured), Blender rounds the border to whole pixels, and one more pixel
+    the projected geometry (1.4 measured), Blender truncates the border to whole pixels, and one more pixel
     stays clear for render_asset's check. Everything outside is background, which on a transparent film
     renders to exact zeros: without denoising, the region gives the very same pixels as the whole frame.
     """

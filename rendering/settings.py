@@ -65,8 +65,8 @@ class RenderSettings:
     persistent_data: bool = _opt(True, "keep Blender's scene data between frames (faster; off only to debug)")
     # On a transparent film everything outside the object renders to exact zeros, and path tracing and
     # denoising cost per pixel: rendering only the object's box (its evaluated vertices projected, per time
-    # step) cut a 256x256 frame of the benchmark's skinned, textured characters from 0.28 to 0.18 s, path
-    # tracing 203 -> 132 ms and denoising 59 -> 31 ms (benchmarks/bench_render_real.py; docs/performance.md).
+    # step) cut a 256x256 frame of the benchmark's skinned, textured characters from 0.244 to 0.171 s
+    # (benchmarks/bench_render_real.py, bench_render_real_cpu.json's region row; docs/performance.md).
     render_region: bool = _opt(True, "render only the part of the frame the object can cover (full-size output, "
                                      "zeros outside; faster; the same pixels up to the denoiser's noise)")
     png_compression: int = _opt(15, "PNG compression of the frames, 0-100 (speed against shard size)")

@@ -131,12 +131,28 @@ region, meta_region = grid()
 real = S.render_borders
 S.render_borders = lambda *a, **k: [(0.45, 0.55, 0.45, 0.55) for _ in real(*a, **k)]
 cut, meta_cut = grid()
+# A border that cuts the object on its right side only, whose edge falls at 24.96 pixels (Blender truncates
+# to 24: the edge check must look at column 23, the last one rendered, not at a rounded 25th).
+S.render_borders = lambda *a, **k: [(0.0, 0.52, 0.0, 1.0) for _ in real(*a, **k)]
+right, meta_right = grid()
 S.render_borders = real
+# An object hidden in the viewport but not in renders is not in the boxes: no region is cut at all.
+original = S.import_asset
+def import_with_hidden(path):
+    original(path)
+    bpy.ops.mesh.primitive_cube_add(size=0.2, location=(3.0, 0.0, 0.0))
+    bpy.context.active_object.hide_set(True)
+S.import_asset = import_with_hidden
+_, meta_hidden = grid()
+S.import_asset = original
 out["region"] = meta_region["region"]
 out["full_region"] = meta_full["region"]
 out["region_same"] = all(np.array_equal(full[k], region[k]) for k in full)
 out["cut_retries"] = meta_cut["region_retries"]
 out["cut_same"] = all(np.array_equal(full[k], cut[k]) for k in full)
+out["right_retries"] = meta_right["region_retries"]
+out["right_same"] = all(np.array_equal(full[k], right[k]) for k in full)
+out["hidden_region"] = meta_hidden["region"]
 print("RESULT " + json.dumps(out))
 """
 
@@ -156,6 +172,8 @@ def test_import_side_and_render_region(character):
     assert out["full_region"] == 1.0 and 0.0 < out["region"] < 1.0
     assert out["region_same"]
     assert out["cut_retries"] == 2 and out["cut_same"]
+    assert out["right_retries"] == 2 and out["right_same"]
+    assert out["hidden_region"] == 1.0
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -167,7 +185,7 @@ def _cpu_seconds(pid: int) -> float:
 def test_one_cpu_actor_leaves_no_core_spinning(character, tmp_path):
     """An actor that reserves one CPU still gets two Cycles threads: with one, oneTBB kept a second thread
     spinning at 100% of a core for as long as the Blender session lived (persistent data), while rendering and
-    while idle. The job's own thread choice, a real render, then the idle child's CPU use."""
+    while idle. The job's thread choice, then a real render with one thread asked, and the idle child's CPU."""
     from pipelines.common.config import ConfigError
     from pipelines.render_objaverse import RenderJobConfig
     cfg = RenderJobConfig(cpus_per_worker=1.0)
@@ -176,7 +194,8 @@ def test_one_cpu_actor_leaves_no_core_spinning(character, tmp_path):
         RenderJobConfig(threads=1).validate()
     settings = RenderSettings(views=2, frames=2, height=48, width=48, samples=2, max_actions=1)
     assert settings.persistent_data
-    worker = BlenderWorker(threads=cfg.blender_threads(), log_dir=str(tmp_path))
+    # One thread asked of the worker directly: configure_engine still gives Cycles two.
+    worker = BlenderWorker(threads=1, log_dir=str(tmp_path))
     try:
         worker.call({"op": "render", "path": character["path"], "uid": "char", "source": "local",
                      "settings": settings.to_dict()}, timeout=300)

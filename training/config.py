@@ -225,6 +225,9 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # and 4 grids: smaller batches left GEMMs too small and the per-step costs (optimizer,
                   # DeepSpeed's per-tensor gradient work, the 4D forward's kernel launches) too large a share of
                   # a step: 4D MFU 36% at 2 grids, 42% at 3, 43% at 4 (73 of 80 GB; docs/performance.md, issue 15)
+                  # The 4D recipe changed with it: the same grids in half the optimizer steps at the same learning
+                  # rate, and what counts steps (checkpoint_every, sample_every, the EMA's decay) spans twice the
+                  # grids; not yet checked for quality at this scale.
                   total_samples={"base": 49_920_000, "upsampler": 49_920_000, "4d": 20_000 * 24 * 8},
                   batch_size={"base": 32, "upsampler": 16, "4d": 4}, num_workers=24, use_gpu=True,
                   # loader processes: decoding in the training process contended for its GIL with the
