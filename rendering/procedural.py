@@ -113,9 +113,14 @@ def _stash(id_block) -> None:
     ad.action = None
 
 
-def _rigid(rng: random.Random, n_actions: int, frames: int) -> None:
+def _body_and_head(rng: random.Random, round_body: bool = False):
+    """A unit cube body (an ico sphere with ``round_body``) with a sphere head parented to it, each with its
+    own drawn material (body's first): the rigid, idle and vanish kinds' figure. Returns (body, head)."""
     bpy = _bpy()
-    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    if round_body:
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=3, radius=0.5)
+    else:
+        bpy.ops.mesh.primitive_cube_add(size=1.0)
     body = bpy.context.object
     body.name = "body"
     body.data.materials.append(_material("body_mat", rng))
@@ -124,6 +129,11 @@ def _rigid(rng: random.Random, n_actions: int, frames: int) -> None:
     head.name = "head"
     head.data.materials.append(_material("head_mat", rng))
     head.parent = body
+    return body, head
+
+
+def _rigid(rng: random.Random, n_actions: int, frames: int) -> None:
+    body, head = _body_and_head(rng)
     motions = ["spin", "hop", "sway", "slide"]
     for a in range(n_actions):
         name = motions[a % len(motions)] + (f"_{a}" if a >= len(motions) else "")
@@ -244,18 +254,9 @@ def _action_name(base: str, a: int) -> str:
 
 
 def _idle(rng: random.Random, n_actions: int, frames: int) -> None:
-    bpy = _bpy()
     # Round, so no corner reaches the unit sphere normalization fits into view: it stays clear of the frame's
     # edge even at the closest camera distance (where the pole kind reaches it).
-    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=3, radius=0.5)
-    body = bpy.context.object
-    body.name = "body"
-    body.data.materials.append(_material("body_mat", rng))
-    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.35, location=(0, 0, 0.8), segments=16, ring_count=8)
-    head = bpy.context.object
-    head.name = "head"
-    head.data.materials.append(_material("head_mat", rng))
-    head.parent = body
+    body, head = _body_and_head(rng, round_body=True)
     for a in range(n_actions):
         _start_action(head, _action_name("idle", a))
         for f in range(0, frames + 1, max(1, frames // 4)):
@@ -285,16 +286,7 @@ def _flicker(rng: random.Random, n_actions: int, frames: int) -> None:
 
 
 def _vanish(rng: random.Random, n_actions: int, frames: int) -> None:
-    bpy = _bpy()
-    bpy.ops.mesh.primitive_cube_add(size=1.0)
-    body = bpy.context.object
-    body.name = "body"
-    body.data.materials.append(_material("body_mat", rng))
-    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.35, location=(0, 0, 0.8), segments=16, ring_count=8)
-    head = bpy.context.object
-    head.name = "head"
-    head.data.materials.append(_material("head_mat", rng))
-    head.parent = body
+    body, head = _body_and_head(rng)
     # (share of the action, scale): full size, a speck from a fifth to past the half, full size again. At the
     # job's 8 fps over a 24-frame action the sampled times 6, 9 and 12 fall in the speck.
     profile = [(0.0, 1.0), (0.125, 1.0), (0.21, 0.002), (0.54, 0.002), (0.62, 1.0), (1.0, 1.0)]
