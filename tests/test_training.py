@@ -53,6 +53,11 @@ def test_base_stage_runs_and_is_tracked_in_mlflow(base_run: TrainConfig) -> None
     assert any(a.startswith("samples/") and a.endswith(".mp4") for a in arts)
     assert (Path(base_run.output) / "config.yaml").exists()
     assert "data_wait" in rec.data.metrics
+    # the DeepSpeed config the job ran with, the user's extra entry as DeepSpeed read it
+    ds = json.loads((Path(base_run.output) / "deepspeed.json").read_text())
+    assert ds["config"]["zero_optimization"]["reduce_bucket_size"] == 300000
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 300000 and ds["zero_optimization"]["stage"] == 2
+    assert "deepspeed.json" in arts
 
 
 def test_profiled_steps_say_where_a_step_goes(base_run: TrainConfig) -> None:

@@ -67,6 +67,29 @@ def test_deepspeed_config_follows_the_training_config() -> None:
     assert "bf16" not in gpu and "fp16" not in gpu  # autocast over fp32 master weights, not cast weights
 
 
+def test_extra_deepspeed_entries_merge_over_the_jobs_config_and_the_jobs_own_are_refused() -> None:
+    from pipelines.common.config import ConfigError, apply_overrides
+    cfg = apply_overrides(_cfg(use_gpu=True, precision="bf16"), {  # as --set gives them: dotted, strings
+        "deepspeed.zero_optimization.reduce_bucket_size": "2e8", "deepspeed.zero_optimization.contiguous_gradients":
+        "false", "deepspeed.wall_clock_breakdown": "true"})
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 200000000,
+                                       "contiguous_gradients": False}  # merged into the job's section
+    assert ds["wall_clock_breakdown"] is True and ds["train_micro_batch_size_per_gpu"] == 2
+    # a YAML file gives nested mappings and typed values: the same result
+    nested = apply_overrides(_cfg(use_gpu=True, precision="bf16"), {"deepspeed": {"zero_optimization": {
+        "reduce_bucket_size": 200000000, "contiguous_gradients": False}, "wall_clock_breakdown": True}})
+    assert deepspeed_config(nested) == ds
+    for key, option in (("zero_optimization.stage", "zero_stage"), ("train_micro_batch_size_per_gpu", "batch_size"),
+                        ("bf16.enabled", "precision"), ("gradient_clipping", "optim.grad_clip")):
+        with pytest.raises(ConfigError, match=f"deepspeed.{key} is set by the job.*set {option}"):
+            apply_overrides(_cfg(), {f"deepspeed.{key}": "1"})
+    with pytest.raises(ConfigError, match="deepspeed.zero_optimization: reduce_bucket_sise: Extra inputs"):
+        apply_overrides(_cfg(), {"deepspeed.zero_optimization.reduce_bucket_sise": "2e8"})  # a typo, caught early
+    with pytest.raises(ConfigError, match="both a value and a section"):
+        apply_overrides(_cfg(), {"deepspeed": {"zero_optimization": 3, "zero_optimization.overlap_comm": "true"}})
+
+
 def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_path) -> None:
     """A config.yaml written before an option was added lacks its key: the option reads as its default, not
     as a difference, while a real difference is still refused."""

@@ -6,6 +6,7 @@ workers or the batch size keeps the schedule's meaning.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
@@ -29,6 +30,67 @@ RESUME_FREE = frozenset({
     # FP8 matmuls round the same weights differently; the checkpoints are the same with or without them
     "fp8",
 })
+
+
+# DeepSpeed entries the job derives from its own options (an extra entry there would silently disagree with
+# the loader's batch, the LR schedule's step count or the precision the model was built for).
+DEEPSPEED_OWN = {"train_micro_batch_size_per_gpu": "batch_size", "gradient_accumulation_steps": "grad_accum",
+                 "train_batch_size": "batch_size and grad_accum", "gradient_clipping": "optim.grad_clip",
+                 "zero_optimization.stage": "zero_stage", "torch_autocast.enabled": "precision",
+                 "torch_autocast.dtype": "precision", "bf16": "precision",
+                 "fp16": "precision", "optimizer": "optim (the job builds AdamW)", "scheduler": "optim (the job's "
+                 "cosine schedule)"}
+
+
+def _scalar(value: Any) -> Any:
+    """A CLI string as the JSON scalar it spells (true, 5e8, null), else the string itself."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    return int(parsed) if isinstance(parsed, float) and parsed.is_integer() else parsed
+
+
+def deepspeed_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig.deepspeed as nested DeepSpeed config (dotted keys split, CLI strings parsed), or ConfigError."""
+    out: dict[str, Any] = {}
+
+    def put(path: list[str], value: Any) -> None:
+        dotted = ".".join(path)
+        for own, option in DEEPSPEED_OWN.items():
+            if dotted == own or dotted.startswith(own + "."):
+                raise ConfigError(f"deepspeed.{dotted} is set by the job from its own options; set {option} "
+                                  f"instead")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(path + str(k).split("."), v)
+            return
+        node = out
+        for i, key in enumerate(path[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"deepspeed.{'.'.join(path[:i + 1])} is both a value and a section")
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"deepspeed.{dotted} is both a value and a section")
+        node[path[-1]] = _scalar(value)
+
+    for key, value in extra.items():
+        put(str(key).split("."), value)
+    if isinstance(out.get("zero_optimization"), dict):
+        # DeepSpeed refuses unknown or mistyped ZeRO entries only inside the workers; check them here, where a
+        # typo is one clear error before any Ray or GPU work starts (deepspeed imported only when asked).
+        from pydantic import ValidationError
+
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        try:
+            DeepSpeedZeroConfig(**out["zero_optimization"])
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"deepspeed.zero_optimization: {problems} (DeepSpeed's ZeRO options: "
+                              "https://www.deepspeed.ai/docs/config-json/)") from None
+    return out
 
 
 @dataclass
@@ -110,6 +172,10 @@ class TrainConfig:
     cpus_per_worker: float = doc(1.0, "CPUs reserved per worker")
     zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage")
     precision: Literal["bf16", "fp32"] = doc("fp32", "bf16 autocast needs a GPU or a recent CPU")
+    deepspeed: dict = doc(text="DeepSpeed config entries merged over the one the job builds (training/loop.py: "
+                          "deepspeed_config), dotted keys for nested ones, e.g. --set "
+                          "deepspeed.zero_optimization.reduce_bucket_size=200000000; the batch, accumulation, ZeRO "
+                          "stage, precision and clipping come from their own options", factory=dict)
     fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 with tensorwise scaling (model/fp8.py; "
                     "H100-class GPUs), the same weights and checkpoints. Measured on an H100: no measurable gain through "
                     "the job at the paper base (13 GB less memory), a loss at the 4D stage (docs/performance.md)")
@@ -160,6 +226,7 @@ class TrainConfig:
                               f"{', '.join(TRAINED_SYNC_VARIANTS)} (the training-free ones run on a base "
                               "checkpoint in generation and evaluation)")
         check_choices(self)
+        deepspeed_extra(self.deepspeed)  # the entries' shape, and none of them the job's own
         if not 0.0 <= self.data.freeze_time_fraction <= 1.0:
             raise ConfigError(f"data.freeze_time_fraction must be in [0, 1], got {self.data.freeze_time_fraction}")
         if not 0.0 <= self.data.first_frame_only_prob <= 1.0:

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from pipelines.common.config import from_dict, to_dict
-from training.config import TrainConfig
+from training.config import TrainConfig, deepspeed_extra
 
 # bf16 dense peak per device, for MFU (H100 SXM: 989 TFLOP/s; H200 the same silicon).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -54,7 +54,18 @@ def _lower_precision_modules() -> list[str]:
     return [*get_default_autocast_lower_precision_modules(), f"{Float8Linear.__module__}.{Float8Linear.__name__}"]
 
 
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        into[key] = _merge(dict(into.get(key) or {}), value) if isinstance(value, dict) else value
+    return into
+
+
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed config of a run: built from the TrainConfig, then ``cfg.deepspeed``'s entries merged in."""
+    return _merge(_deepspeed_base(cfg), deepspeed_extra(cfg.deepspeed))
+
+
+def _deepspeed_base(cfg: TrainConfig) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -231,8 +242,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
+    ds_config = deepspeed_config(cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg),
+        model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=trainable, dist_init_required=False)
     ema = EMA(named_trainable, cfg.optim.ema_decay, cfg.zero_stage == 3) if cfg.optim.ema_decay > 0 else None
     n_trainable = sum(p.numel() for p in trainable)
@@ -281,6 +293,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         say(f"[train {cfg.stage}] {what}: {n_trainable:,} trainable of {n_total:,} parameters; {world} workers on "
             f"{nodes} node{'s' if nodes != 1 else ''}")
     state["mlflow_run_id"] = tracker.run_id
+    if rank == 0:  # what DeepSpeed ran with: the job's config and its ZeRO settings as DeepSpeed read them
+        zero = engine._config.zero_config.model_dump(mode="json")
+        ds_file = Path(cfg.output) / "deepspeed.json"
+        ds_file.write_text(json.dumps({"config": ds_config, "zero_optimization": zero}, indent=1, default=str))
+        tracker.log_file(ds_file)
     preview: dict[str, torch.Tensor] | None = None
     peak = _peak_flops()
 

@@ -165,6 +165,11 @@ class Tracker:
                 write_mp4(gen[:, -1], Path(d) / f"col_last_step{step:07d}.mp4")
             self.mlflow.log_artifacts(d, artifact_path="samples")
 
+    def log_file(self, path: Path) -> None:
+        """One file of the run folder as a top-level MLflow artifact (rank 0, when tracking is on)."""
+        if self.active:
+            self.mlflow.log_artifact(str(path))
+
     def log_final_checkpoint(self, folder: Path) -> None:
         if self.active:
             self.mlflow.log_artifacts(str(folder), artifact_path="final_checkpoint")
