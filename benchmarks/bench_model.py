@@ -137,7 +137,7 @@ def case_base_train(args, device, dtype) -> dict:
         for block in model.blocks:
             enable_fp8(block)
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(**_compile_kwargs(args))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device).manual_seed(0)
     B, Fr = args.batch, args.frames
@@ -171,7 +171,7 @@ def build_fourd(args, device, dtype, sync_variant: str = "soft") -> FourDModel:
         for block in base.blocks:
             enable_fp8(block)
     if args.compile:
-        model.compile_blocks()
+        model.compile_blocks(**_compile_kwargs(args))
     return model
 
 
@@ -204,7 +204,7 @@ def case_generate(args, device, dtype) -> dict:
         up = VideoUpsampler(UPSAMPLER_PRESETS[args.up_preset])
     up.to(dtype).eval()
     if args.compile:
-        up.dit.compile_blocks()
+        up.dit.compile_blocks(**_compile_kwargs(args))
     g = torch.Generator(device).manual_seed(0)
     V, T, h, w = args.views, args.frames, args.height, args.width
     given = random_video((1, V, T, 3, h, w), device, g)
@@ -262,6 +262,7 @@ def run_case(args) -> dict:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     info = {"case": args.case, "preset": args.preset, "model": args.model, "batch": args.batch, "compile": bool(args.compile),
+            "compile_mode": args.compile_mode,
             "attn": args.attn, "checkpointing": bool(args.checkpointing), "fp8": bool(args.fp8), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     torch.manual_seed(0)
@@ -338,6 +339,10 @@ def print_table(results: list[dict]) -> None:
             print(f"{name:44s} {r['step_s']:12.3f} {r['achieved_tflops']:8.1f} {mfu} {r['peak_mem_gib'] or 0:8.1f}")
 
 
+def _compile_kwargs(args) -> dict:
+    return {} if args.compile_mode == "default" else {"mode": args.compile_mode}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", choices=["sweep", "matmul", "base_train", "fourd_train", "generate"])
@@ -353,6 +358,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=72)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--compile", type=int, default=0)
+    parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the blocks (max-autotune: Triton GEMM templates with fused "
+                             "epilogues, autotuned against cuBLAS; minutes of compilation)")
     parser.add_argument("--checkpointing", type=int, default=0)
     parser.add_argument("--fp8", type=int, default=0, help="the blocks' token matmuls in FP8 (model/fp8.py)")
     parser.add_argument("--attn", default="default", choices=["default", "flash", "cudnn", "efficient", "math"])
