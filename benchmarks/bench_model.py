@@ -262,7 +262,7 @@ def run_case(args) -> dict:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     info = {"case": args.case, "preset": args.preset, "model": args.model, "batch": args.batch, "compile": bool(args.compile),
-            "compile_mode": args.compile_mode,
+            "compile_mode": args.compile_mode if args.compile else None,
             "attn": args.attn, "checkpointing": bool(args.checkpointing), "fp8": bool(args.fp8), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     torch.manual_seed(0)

@@ -69,7 +69,7 @@ def base_run(ray_local, train_grids, tmp_path_factory):
     # its last two of four steps profiled: 5 asked for, so the window is closed by the run's end (test_training
     # checks the profile files); a DeepSpeed entry of the user's (a smaller gradient bucket) goes through
     cfg = tiny_train_config("base", tmp_path_factory.mktemp("base_run"), [str(train_grids)], profile_at=2,
-                            profile_steps=5, **{"deepspeed.zero_optimization.reduce_bucket_size": "300000"})
+                            profile_steps=5, **{"deepspeed.zero_optimization.reduce_bucket_size": "3e5"})
     run(cfg)
     return cfg
 

@@ -69,25 +69,49 @@ def test_deepspeed_config_follows_the_training_config() -> None:
 
 def test_extra_deepspeed_entries_merge_over_the_jobs_config_and_the_jobs_own_are_refused() -> None:
     from pipelines.common.config import ConfigError, apply_overrides
-    cfg = apply_overrides(_cfg(use_gpu=True, precision="bf16"), {  # as --set gives them: dotted, strings
-        "deepspeed.zero_optimization.reduce_bucket_size": "2e8", "deepspeed.zero_optimization.contiguous_gradients":
-        "false", "deepspeed.wall_clock_breakdown": "true"})
+    cfg = apply_overrides(_cfg(use_gpu=True, precision="bf16"), {  # dotted, as --set gives them (YAML-read
+        "deepspeed.zero_optimization.reduce_bucket_size": "2e8",       # values: 2e8 stays a string there)
+        "deepspeed.zero_optimization.contiguous_gradients": False, "deepspeed.wall_clock_breakdown": True})
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 200000000,
                                        "contiguous_gradients": False}  # merged into the job's section
     assert ds["wall_clock_breakdown"] is True and ds["train_micro_batch_size_per_gpu"] == 2
+    # kept nested and typed: config.yaml, MLflow and the resume check see one spelling
+    assert cfg.deepspeed == {"zero_optimization": {"reduce_bucket_size": 200000000, "contiguous_gradients": False},
+                             "wall_clock_breakdown": True}
     # a YAML file gives nested mappings and typed values: the same result
     nested = apply_overrides(_cfg(use_gpu=True, precision="bf16"), {"deepspeed": {"zero_optimization": {
         "reduce_bucket_size": 200000000, "contiguous_gradients": False}, "wall_clock_breakdown": True}})
-    assert deepspeed_config(nested) == ds
+    assert deepspeed_config(nested) == ds and nested.deepspeed == cfg.deepspeed
+    # ZeRO entries are checked at the run's own stage (compute_grad_norm=false is valid at 1-2 only)
+    assert apply_overrides(_cfg(zero_stage=2), {"deepspeed.zero_optimization.compute_grad_norm": False})
+    with pytest.raises(ConfigError, match="compute_grad_norm=false is supported only with ZeRO Stage 1 or 2"):
+        apply_overrides(_cfg(zero_stage=3), {"deepspeed.zero_optimization.compute_grad_norm": False})
     for key, option in (("zero_optimization.stage", "zero_stage"), ("train_micro_batch_size_per_gpu", "batch_size"),
-                        ("bf16.enabled", "precision"), ("gradient_clipping", "optim.grad_clip")):
+                        ("bf16.enabled", "precision"), ("amp", "precision"), ("gradient_clipping", "optim.grad_clip")):
         with pytest.raises(ConfigError, match=f"deepspeed.{key} is set by the job.*set {option}"):
             apply_overrides(_cfg(), {f"deepspeed.{key}": "1"})
     with pytest.raises(ConfigError, match="deepspeed.zero_optimization: reduce_bucket_sise: Extra inputs"):
         apply_overrides(_cfg(), {"deepspeed.zero_optimization.reduce_bucket_sise": "2e8"})  # a typo, caught early
+    # a value where the job has a section (it would replace the whole section, stage included), or a
+    # section where it has a value, is refused
+    for value in (False, '{"stage": 3}'):
+        with pytest.raises(ConfigError, match="deepspeed.zero_optimization is a section of the job's"):
+            apply_overrides(_cfg(), {"deepspeed": {"zero_optimization": value}})
+    with pytest.raises(ConfigError, match="deepspeed.steps_per_print is a single value"):
+        apply_overrides(_cfg(), {"deepspeed.steps_per_print.every": "1"})
     with pytest.raises(ConfigError, match="both a value and a section"):
-        apply_overrides(_cfg(), {"deepspeed": {"zero_optimization": 3, "zero_optimization.overlap_comm": "true"}})
+        apply_overrides(_cfg(), {"deepspeed": {"tensorboard": 3, "tensorboard.enabled": True}})
+
+
+def test_the_deepspeed_options_shape_matches_the_config_the_job_builds() -> None:
+    from training.config import DEEPSPEED_JOB_SECTIONS, DEEPSPEED_JOB_VALUES, DEEPSPEED_OWN
+    from training.loop import _deepspeed_base
+    for cfg in (_cfg(), _cfg(use_gpu=True, precision="bf16")):
+        base = _deepspeed_base(cfg)
+        assert {k for k, v in base.items() if isinstance(v, dict)} == set(DEEPSPEED_JOB_SECTIONS)
+        assert {k for k, v in base.items() if not isinstance(v, dict)} == set(DEEPSPEED_JOB_VALUES) | {
+            k for k in DEEPSPEED_OWN if "." not in k and k in base}
 
 
 def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_path) -> None:

@@ -6,7 +6,7 @@ workers or the batch size keeps the schedule's meaning.
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
@@ -37,28 +37,36 @@ RESUME_FREE = frozenset({
 DEEPSPEED_OWN = {"train_micro_batch_size_per_gpu": "batch_size", "gradient_accumulation_steps": "grad_accum",
                  "train_batch_size": "batch_size and grad_accum", "gradient_clipping": "optim.grad_clip",
                  "zero_optimization.stage": "zero_stage", "torch_autocast.enabled": "precision",
-                 "torch_autocast.dtype": "precision", "bf16": "precision",
-                 "fp16": "precision", "optimizer": "optim (the job builds AdamW)", "scheduler": "optim (the job's "
-                 "cosine schedule)"}
+                 "torch_autocast.dtype": "precision", "bf16": "precision", "fp16": "precision", "amp": "precision",
+                 "optimizer": "optim (the job builds AdamW)", "scheduler": "optim (the job's cosine schedule)"}
+# The shape of the rest of the config the job builds (training/loop.py: _deepspeed_base; a test keeps the two
+# in step): extra entries go inside its sections and replace its plain values, never the other way round.
+DEEPSPEED_JOB_SECTIONS = ("zero_optimization", "torch_autocast")
+DEEPSPEED_JOB_VALUES = ("zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown")
+_EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 def _scalar(value: Any) -> Any:
-    """A CLI string as the JSON scalar it spells (true, 5e8, null), else the string itself."""
-    if not isinstance(value, str):
-        return value
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        return value
-    return int(parsed) if isinstance(parsed, float) and parsed.is_integer() else parsed
+    """YAML (and so --set) reads 2e8 as a string: such a number becomes one (an int when whole, as DeepSpeed's
+    sizes are); every other value stays as given."""
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return value
 
 
-def deepspeed_extra(extra: dict[str, Any]) -> dict[str, Any]:
-    """TrainConfig.deepspeed as nested DeepSpeed config (dotted keys split, CLI strings parsed), or ConfigError."""
+def deepspeed_extra(extra: dict[str, Any], zero_stage: int | None = None,
+                    overlap_comm: bool | None = None) -> dict[str, Any]:
+    """TrainConfig.deepspeed as nested DeepSpeed config (dotted keys split, 2e8-style numbers read), or ConfigError.
+
+    With ``zero_stage`` (and the job's ``overlap_comm``), ZeRO entries are also checked by DeepSpeed's own model
+    of its ZeRO config, as the job will run it (some entries are valid at one stage only)."""
     out: dict[str, Any] = {}
 
     def put(path: list[str], value: Any) -> None:
         dotted = ".".join(path)
+        if not all(path):
+            raise ConfigError(f"deepspeed.{dotted}: a key has an empty part")
         for own, option in DEEPSPEED_OWN.items():
             if dotted == own or dotted.startswith(own + "."):
                 raise ConfigError(f"deepspeed.{dotted} is set by the job from its own options; set {option} "
@@ -67,6 +75,11 @@ def deepspeed_extra(extra: dict[str, Any]) -> dict[str, Any]:
             for k, v in value.items():
                 put(path + str(k).split("."), v)
             return
+        if dotted in DEEPSPEED_JOB_SECTIONS:
+            raise ConfigError(f"deepspeed.{dotted} is a section of the job's DeepSpeed config; set its entries, "
+                              f"deepspeed.{dotted}.<name>=<value>")
+        if path[0] in DEEPSPEED_JOB_VALUES and len(path) > 1:
+            raise ConfigError(f"deepspeed.{path[0]} is a single value in the job's DeepSpeed config, not a section")
         node = out
         for i, key in enumerate(path[:-1]):
             node = node.setdefault(key, {})
@@ -78,16 +91,18 @@ def deepspeed_extra(extra: dict[str, Any]) -> dict[str, Any]:
 
     for key, value in extra.items():
         put(str(key).split("."), value)
-    if isinstance(out.get("zero_optimization"), dict):
+    if zero_stage is not None and isinstance(out.get("zero_optimization"), dict):
         # DeepSpeed refuses unknown or mistyped ZeRO entries only inside the workers; check them here, where a
         # typo is one clear error before any Ray or GPU work starts (deepspeed imported only when asked).
         from pydantic import ValidationError
 
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
         try:
-            DeepSpeedZeroConfig(**out["zero_optimization"])
+            DeepSpeedZeroConfig(**{"stage": zero_stage, "overlap_comm": bool(overlap_comm),
+                                   **out["zero_optimization"]})
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            problems = "; ".join((f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "") + err["msg"]
+                                 for err in e.errors())
             raise ConfigError(f"deepspeed.zero_optimization: {problems} (DeepSpeed's ZeRO options: "
                               "https://www.deepspeed.ai/docs/config-json/)") from None
     return out
@@ -174,8 +189,9 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = doc("fp32", "bf16 autocast needs a GPU or a recent CPU")
     deepspeed: dict = doc(text="DeepSpeed config entries merged over the one the job builds (training/loop.py: "
                           "deepspeed_config), dotted keys for nested ones, e.g. --set "
-                          "deepspeed.zero_optimization.reduce_bucket_size=200000000; the batch, accumulation, ZeRO "
-                          "stage, precision and clipping come from their own options", factory=dict)
+                          "deepspeed.zero_optimization.reduce_bucket_size=2e8; the batch, accumulation, ZeRO stage, "
+                          "precision and clipping come from their own options; torch_autocast."
+                          "lower_precision_safe_modules replaces the job's list", factory=dict)
     fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 with tensorwise scaling (model/fp8.py; "
                     "H100-class GPUs), the same weights and checkpoints. Measured on an H100: no measurable gain through "
                     "the job at the paper base (13 GB less memory), a loss at the 4D stage (docs/performance.md)")
@@ -226,7 +242,9 @@ class TrainConfig:
                               f"{', '.join(TRAINED_SYNC_VARIANTS)} (the training-free ones run on a base "
                               "checkpoint in generation and evaluation)")
         check_choices(self)
-        deepspeed_extra(self.deepspeed)  # the entries' shape, and none of them the job's own
+        # The entries' shape, none of them the job's own, ZeRO entries valid at this stage; kept in their nested,
+        # typed form, so config.yaml, MLflow and the resume check see one spelling of each.
+        self.deepspeed = deepspeed_extra(self.deepspeed, self.zero_stage, self.use_gpu)
         if not 0.0 <= self.data.freeze_time_fraction <= 1.0:
             raise ConfigError(f"data.freeze_time_fraction must be in [0, 1], got {self.data.freeze_time_fraction}")
         if not 0.0 <= self.data.first_frame_only_prob <= 1.0:

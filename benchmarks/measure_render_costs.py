@@ -1,0 +1,137 @@
+"""Where a render call's time goes on one asset, in one warm Blender (issue 15, item 3; docs/performance.md).
+
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/measure_render_costs.py sizes ASSET.glb
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/measure_render_costs.py settings ASSET.glb \\
+        '{"scrambling_auto": {"cycles.auto_scrambling_distance": true}}'
+
+The scene is the job's (rendering/scene.py: engine, lighting, 4 cameras with multiview, the render region of
+the first action's 8 sampled frames), at 256x256, 16 samples with OpenImageDenoise, 2 threads.
+
+* ``sizes``: a square border of 16 to 256 pixels at the frame's centre, each rendered with and without the
+  denoiser (best of 3): the denoiser's cost per view by image size, and the tracing cost of the same pixels.
+* ``settings``: the job's settings ("base") and each named set of Cycles/scene property overrides, alternated
+  over ``--rounds`` rounds; each renders 3 of the 8 time steps in their render regions (ms a frame = per view
+  image, best and median round).
+
+Assets: benchmarks/bench_render_real.py builds them (its ``/tmp/bench_render_real_assets``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _scene(asset: str):
+    import rendering.scene as S
+    from rendering.cameras import CircleRig, fit_distance
+    from rendering.settings import RenderSettings
+    s = RenderSettings(width=256, height=256, views=4, frames=8, threads=2)
+    S.reset()
+    S.import_asset(asset)
+    rest = S.RestPose()
+    S.configure_engine(s)
+    S.setup_lighting(s)
+    rig = CircleRig(views=4, elevation_deg=s.elevation, distance=fit_distance(s.fov, 256, 256), fov_deg=s.fov,
+                    start_azimuth_deg=0, arc_deg=s.arc)
+    S.setup_cameras(rig, s)
+    start, end, _ = S.apply_action(S.list_actions()[0], rest)
+    frames = S.sample_frames(start, end, 8, 24, 8)
+    points: list = []
+    boxes = S.frame_bboxes(frames, points)
+    norm = S.normalize(*S.bbox_union(boxes))
+    return frames, S.render_borders(boxes, norm, rig, 256, 256, points)
+
+
+def sizes(asset: str, out: str) -> None:
+    import bpy
+
+    import rendering.scene as S
+    from rendering.render_asset import PhaseClock
+    frames, _ = _scene(asset)
+    S.set_frame(frames[0])
+    scene = bpy.context.scene
+    scene.render.filepath = str(Path(out) / "t.png")
+
+    def best_trace(border, denoise: bool) -> float:
+        scene.cycles.use_denoising = denoise
+        S.set_border(border)
+        best = float("inf")
+        for _ in range(3):
+            with PhaseClock() as clock:
+                clock.render()
+            best = min(best, clock.seconds["trace_denoise"])
+        return best
+
+    best_trace(None, True)  # warm
+    for px in (16, 48, 96, 128, 160, 192, 224, 256):
+        h = px / 512
+        border = (0.5 - h, 0.5 + h, 0.5 - h, 0.5 + h) if px < 256 else None
+        on, off = best_trace(border, True), best_trace(border, False)
+        per_view = (on - off) / 4
+        print(f"{px:4d}px square: trace+denoise {on * 1000:6.1f} ms, trace {off * 1000:6.1f} ms (4 views); denoise "
+              f"{per_view * 1000:6.2f} ms a view, {per_view / px ** 2 * 1e6:.3f} us a pixel", flush=True)
+
+
+def settings(asset: str, variants: dict, rounds: int, out: str) -> None:
+    import bpy
+
+    import rendering.scene as S
+    frames, borders = _scene(asset)
+    scene = bpy.context.scene
+    scene.render.filepath = str(Path(out) / "t.png")
+
+    def swap(path: str, value):
+        obj = scene
+        parts = path.split(".")
+        for p in parts[:-1]:
+            obj = getattr(obj, p)
+        old = getattr(obj, parts[-1])
+        setattr(obj, parts[-1], value)
+        return old
+
+    def steps(ts: list[int]) -> float:
+        total = 0.0
+        for t in ts:
+            S.set_frame(frames[t])
+            S.set_border(borders[t])
+            t0 = time.perf_counter()
+            bpy.ops.render.render(write_still=True)
+            total += time.perf_counter() - t0
+        return total
+
+    variants = {"base": {}, **variants}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        for name, overrides in variants.items():
+            old = {k: swap(k, v) for k, v in overrides.items()}
+            steps([0])  # a settings change resets Cycles' session: not timed
+            times[name].append(steps([0, 3, 6]) / 12)
+            for k, v in old.items():
+                swap(k, v)
+        print(f"round {r}: " + ", ".join(f"{k} {min(v) * 1000:.1f}" for k, v in times.items()), flush=True)
+    print("ms a frame, best:  ", {k: round(min(v) * 1000, 1) for k, v in times.items()})
+    print("ms a frame, median:", {k: round(sorted(v)[len(v) // 2] * 1000, 1) for k, v in times.items()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=("sizes", "settings"))
+    ap.add_argument("asset", help="a GLB (e.g. /tmp/bench_render_real_assets/char-medium-1-v1.glb)")
+    ap.add_argument("variants", nargs="?", default="{}", help="settings: JSON {name: {property path: value}}")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scratch", default="/tmp/measure_render_costs")
+    args = ap.parse_args()
+    if args.mode == "sizes":
+        sizes(args.asset, args.scratch)
+    else:
+        settings(args.asset, json.loads(args.variants), args.rounds, args.scratch)
+
+
+if __name__ == "__main__":
+    main()
