@@ -28,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _scene(asset: str):
+    import bpy
+
     import rendering.scene as S
     from rendering.cameras import CircleRig, fit_distance
     from rendering.settings import RenderSettings
-    s = RenderSettings(width=256, height=256, views=4, frames=8, threads=2)
+    s = RenderSettings(width=256, height=256, views=4, frames=8, threads=2)  # fps: the job's default
     S.reset()
     S.import_asset(asset)
     rest = S.RestPose()
@@ -41,7 +43,8 @@ def _scene(asset: str):
                     start_azimuth_deg=0, arc_deg=s.arc)
     S.setup_cameras(rig, s)
     start, end, _ = S.apply_action(S.list_actions()[0], rest)
-    frames = S.sample_frames(start, end, 8, 24, 8)
+    render = bpy.context.scene.render
+    frames = S.sample_frames(start, end, s.frames, render.fps / render.fps_base, s.fps)  # as render_asset does
     points: list = []
     boxes = S.frame_bboxes(frames, points)
     norm = S.normalize(*S.bbox_union(boxes))
