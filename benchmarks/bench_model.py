@@ -97,7 +97,7 @@ def maybe_profile(args, step) -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=90),
           file=sys.stderr, flush=True)
 
 
@@ -371,6 +371,7 @@ def main() -> None:
     parser.add_argument("--method", default="euler", choices=["euler", "heun"], help="generate: sampler (heun = 2 calls a step)")
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps (stderr)")
+    parser.add_argument("--profile-rows", type=int, default=25, help="how many kernels --profile prints")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     parser.add_argument("--out", default="bench_model.json", help="sweep: results file")
     parser.add_argument("--budget", type=float, default=540, help="sweep: seconds for all variants")

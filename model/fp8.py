@@ -7,9 +7,21 @@ optimizer state stay as they were (fp32 masters under autocast); only the three 
 input gradient, weight gradient) run in FP8, so a checkpoint is the same with or without it. Operands whose
 sizes the FP8 kernels cannot take (not multiples of 16) fall back to the plain matmul.
 
+Frozen layers (the 4D model's base) take another recipe, ``FrozenFloat8Linear``: rowwise scaling. Their
+weights never change, so their FP8 copies are made once, each with one scale per row, and no weight gradient
+is needed, so nothing but the weights is saved for the backward. Each activation or gradient row gets its own
+scale: an amax over one row, which the compiled block computes inside the kernel that produces the row, but
+only when that kernel holds the whole row at once (inductor's persistent reductions: rows of at most
+``PERSISTENT_ROW`` values). A wider row compiles into a looped reduction that reads its inputs twice; measured
+on an H200 at the 4D stage's shapes, that costs more than the FP8 GEMM saves (docs/performance.md). So each of
+a frozen layer's two GEMMs runs in FP8 only where the operand it quantizes has a row that short: at the paper
+preset the QKV and SwiGLU-input maps' forward (rows of the 1024-wide LayerNorm output) and the SwiGLU output
+map's input gradient (rows of the 1024-wide block gradient); the attention projection stays in bf16 (its
+input arrives permuted from attention, and quantizing it cost 5x what its GEMM saved).
+
 ``enable_fp8(module)`` switches the ``nn.Linear`` layers in ``module`` in place (same parameters and state-dict
-keys); ``disable_fp8`` switches them back. The training job leaves them on for its logged samples too: they
-are previews, and the exported weights are the same either way.
+keys; a frozen one becomes ``FrozenFloat8Linear``); ``disable_fp8`` switches them back. The training job leaves
+them on for its logged samples too: they are previews, and the exported weights are the same either way.
 """
 
 from __future__ import annotations
@@ -19,12 +31,25 @@ import torch.nn.functional as F
 from torch import nn
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+PERSISTENT_ROW = 1024
+"""The widest row whose amax the compiled producer kernel computes in one pass (inductor's persistent-reduction
+limit for rows): a frozen layer quantizes an operand only if its rows are at most this wide."""
+FROZEN_SKIP = ("proj",)
+"""Frozen layers left in bf16 by name (besides ``enable_fp8``'s ``skip``): see the module docstring."""
 
 
 def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (x * s in ``dtype``, 1 / s) with s = fp8 max / amax(x): the whole tensor uses the format's range."""
     fmax = torch.finfo(dtype).max
     amax = x.detach().abs().amax().float().clamp(min=1e-12)
+    scale = fmax / amax
+    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
+def _quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x * s in ``dtype``, 1 / s [M, 1]) with one scale per row: the rowwise recipe's operand."""
+    fmax = torch.finfo(dtype).max
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = fmax / amax
     return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
@@ -59,6 +84,39 @@ class _FP8Matmul(torch.autograd.Function):
         return gx, gw, None
 
 
+class _FrozenFP8Matmul(torch.autograd.Function):
+    """y = x @ w.T for a frozen w [N, K]; the backward computes the input gradient only. bf16 output.
+
+    ``w_fwd`` (w scaled per output row, row-major, scales [1, N]) makes the forward GEMM FP8; ``w_bwd`` (w scaled
+    per input column, column-major, scales [1, K]) makes the input-gradient GEMM grad [M, N] @ w FP8. Either may
+    be None: that GEMM runs in bf16. FP8 GEMMs are rowwise-scaled e4m3 (per-row scales leave e5m2's extra range
+    unneeded).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, w_fwd: torch.Tensor | None, s_fwd: torch.Tensor | None,
+                w_bwd: torch.Tensor | None, s_bwd: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(w, w_bwd, s_bwd)  # the weights only: no activation is kept
+        ctx.x_dtype = x.dtype
+        if w_fwd is None:
+            return x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()
+        x8, sx = _quantize_rows(x, E4M3)
+        return torch._scaled_mm(x8, w_fwd.t(), scale_a=sx, scale_b=s_fwd, out_dtype=torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, w_bwd, s_bwd = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if w_bwd is None:
+                gx = grad.to(torch.bfloat16) @ w.to(torch.bfloat16)
+            else:
+                g8, sg = _quantize_rows(grad.contiguous(), E4M3)
+                gx = torch._scaled_mm(g8, w_bwd, scale_a=sg, scale_b=s_bwd, out_dtype=torch.bfloat16)
+            gx = gx.to(ctx.x_dtype)
+        return gx, None, None, None, None, None
+
+
 def fp8_supported(device: torch.device | str) -> bool:
     """FP8 tensor cores: compute capability 8.9 (Ada) or 9.0+ (Hopper); CPUs run the same math, slowly."""
     device = torch.device(device)
@@ -84,16 +142,89 @@ class Float8Linear(nn.Linear):
         return y.reshape(*x.shape[:-1], N)
 
 
-def enable_fp8(module: nn.Module, skip: tuple[str, ...] = ("ada",)) -> int:
+class FrozenFloat8Linear(Float8Linear):
+    """A frozen ``nn.Linear`` whose matmuls run in FP8 from weight copies made once (rowwise recipe, see above).
+
+    ``fp8_forward`` / ``fp8_input_grad`` say which of its GEMMs run in FP8 (rows of at most ``PERSISTENT_ROW``
+    in, respectively out, features). The copies are non-persistent buffers: the state dict is the plain layer's. They are made again whenever the
+    weight may have changed under them: after ``load_state_dict`` and after ``.to()``/``.cuda()`` (which would
+    otherwise cast the FP8 buffers like any floating-point tensor). Outside bf16 autocast, or if the weight is made
+    trainable again, the layer falls back to ``Float8Linear``'s recipe.
+    """
+
+    fp8_row_limit: int = PERSISTENT_ROW  # enable_fp8's row_limit, kept on the layer
+
+    @property
+    def fp8_forward(self) -> bool:
+        return self.in_features <= self.fp8_row_limit
+
+    @property
+    def fp8_input_grad(self) -> bool:
+        return self.out_features <= self.fp8_row_limit
+
+    def refresh_fp8(self) -> None:
+        """Make the weight's FP8 copies from its current values (called by ``enable_fp8``, loading and moving)."""
+        w8_fwd = s_fwd = w8_bwd = s_bwd = None
+        with torch.no_grad():
+            w = self.weight.detach().float()
+            if self.fp8_forward:
+                w8_fwd, s_fwd = _quantize_rows(w, E4M3)  # one scale per output row
+                s_fwd = s_fwd.reshape(1, -1)
+            if self.fp8_input_grad:
+                w8_bwd, s_bwd = _quantize_rows(w.t().contiguous(), E4M3)  # one scale per input column
+                w8_bwd, s_bwd = w8_bwd.t(), s_bwd.reshape(1, -1)  # [N, K] column-major, as the GEMM wants it
+        for name, value in (("w8_fwd", w8_fwd), ("w8_fwd_scale", s_fwd), ("w8_bwd", w8_bwd), ("w8_bwd_scale", s_bwd)):
+            self.register_buffer(name, value, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.weight.numel() == self.in_features * self.out_features:  # not a partitioned (ZeRO-3) stub
+            self.refresh_fp8()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K, N = self.in_features, self.out_features
+        M = x.numel() // K if K else 0
+        dev = x.device.type
+        if (self.weight.requires_grad or not (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev)
+                                              == torch.bfloat16) or M == 0 or M % 16 or K % 16 or N % 16):
+            return super().forward(x)
+        y = _FrozenFP8Matmul.apply(x.reshape(M, K).contiguous(), self.weight, self.w8_fwd, self.w8_fwd_scale,
+                                   self.w8_bwd, self.w8_bwd_scale)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], N)
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys) -> None:
+    if type(module) is FrozenFloat8Linear:
+        module.refresh_fp8()
+
+
+def enable_fp8(module: nn.Module, skip: tuple[str, ...] = ("ada",), frozen_skip: tuple[str, ...] = FROZEN_SKIP,
+               row_limit: int = PERSISTENT_ROW) -> int:
     """Run the ``nn.Linear`` layers inside ``module`` in FP8, in place; returns how many were switched.
 
     Layers named in ``skip`` stay as they are: the blocks' adaLN layers map one conditioning vector per
-    sequence (a handful of rows, no speed to gain) to the shifts, scales and gates of every token.
+    sequence (a handful of rows, no speed to gain) to the shifts, scales and gates of every token. A layer
+    whose weight does not require gradients becomes a ``FrozenFloat8Linear`` (weight copies made now), unless
+    it is named in ``frozen_skip`` or neither of its GEMMs would run in FP8 (both row widths over ``row_limit``;
+    benchmarks/fp8_quality.py sets it to a small model's width to pick the GEMMs the paper preset picks).
     """
     n = 0
     for name, m in module.named_modules():
-        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip:
-            m.__class__ = Float8Linear
+        short = name.rsplit(".", 1)[-1]
+        if type(m) is nn.Linear and short not in skip:
+            if m.weight.requires_grad:
+                m.__class__ = Float8Linear
+            elif short in frozen_skip or min(m.in_features, m.out_features) > row_limit:
+                continue
+            else:
+                m.__class__ = FrozenFloat8Linear
+                m.fp8_row_limit = row_limit
+                m.refresh_fp8()
+                if not getattr(m, "_fp8_load_hook", None):
+                    m._fp8_load_hook = m.register_load_state_dict_post_hook(_refresh_after_load)
             n += 1
     return n
 
@@ -102,7 +233,10 @@ def disable_fp8(module: nn.Module) -> int:
     """Switch ``enable_fp8``'s layers back to ``nn.Linear`` (same parameters); returns how many."""
     n = 0
     for m in module.modules():
-        if type(m) is Float8Linear:
+        if type(m) in (Float8Linear, FrozenFloat8Linear):
+            for name in ("w8_fwd", "w8_fwd_scale", "w8_bwd", "w8_bwd_scale"):
+                m._buffers.pop(name, None)
+            m.__dict__.pop("fp8_row_limit", None)
             m.__class__ = nn.Linear
             n += 1
     return n

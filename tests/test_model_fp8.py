@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.dit import DiTBlock, VideoDiT, dit_config
-from model.fp8 import Float8Linear, disable_fp8, enable_fp8
+from model.fp8 import Float8Linear, FrozenFloat8Linear, disable_fp8, enable_fp8
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,10 +111,13 @@ def test_the_training_option_switches_every_stages_blocks(tmp_path) -> None:
         cfg = apply_overrides(presets_for(name)["tiny"](), {"fp8": True, "base_checkpoint": str(ckpt.parent)})
         stage = build_stage(cfg)
         kinds = {n: type(m) for n, m in stage.named_modules() if isinstance(m, nn.Linear)}
-        switched = {n for n, k in kinds.items() if k is Float8Linear}
+        want = FrozenFloat8Linear if name == "4d" else Float8Linear  # the 4D stage's base is frozen
+        switched = {n for n, k in kinds.items() if k is want}
         assert switched and all(".blocks." in n and not n.endswith("ada") for n in switched), (name, switched)
-        assert all(k is Float8Linear for n, k in kinds.items() if n.endswith(("qkv", "proj", "w_in", "w_out"))
+        assert all(k is want for n, k in kinds.items() if n.endswith(("qkv", "w_in", "w_out"))
                    and ".blocks." in n), name
+        # the frozen attention projection stays in bf16 (FROZEN_SKIP); a trained one switches
+        assert all((k is nn.Linear) == (name == "4d") for n, k in kinds.items() if n.endswith(".attn.proj")), name
         without = build_stage(apply_overrides(cfg, {"fp8": False}))
         assert not any(isinstance(m, Float8Linear) for m in without.modules())
 
@@ -134,3 +137,113 @@ def test_under_bf16_autocast_the_output_is_bf16_and_master_gradients_stay_fp32()
     assert layer(torch.empty(0, 64)).shape == (0, 32)  # no rows: the plain matmul, no amax of nothing
     t = torch.randn(64, 16).t()  # a transposed (column-major) input is made row-major for the FP8 GEMM
     assert _cos(layer(t), F.linear(t, layer.weight, layer.bias)) > 0.998
+
+
+def _frozen_pair(k: int = 64, n: int = 96) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    ref, layer = nn.Linear(k, n, bias=False), nn.Linear(k, n, bias=False)
+    layer.load_state_dict(ref.state_dict())
+    for m in (ref, layer):
+        m.weight.requires_grad_(False)
+    assert enable_fp8(nn.Sequential(layer)) == 1
+    return ref, layer
+
+
+def test_a_frozen_layer_runs_rowwise_fp8_and_keeps_no_activation_for_its_backward() -> None:
+    """The 4D stage's base layers: FP8 copies of the weight made once, close to bf16 forward and input
+    gradient, no weight gradient, and nothing of the size of the activations saved for the backward."""
+    ref, layer = _frozen_pair()
+    assert type(layer) is FrozenFloat8Linear and list(layer.state_dict()) == ["weight"]
+    assert layer.fp8_forward and layer.fp8_input_grad  # rows of 64 and 96: both GEMMs in FP8
+    assert layer.w8_fwd.dtype == torch.float8_e4m3fn and layer.w8_fwd_scale.shape == (1, 96)
+    assert layer.w8_bwd.shape == (96, 64) and layer.w8_bwd.stride() == (1, 96)  # column-major, scales per input
+    x = torch.randn(4, 32, 64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = ref(xa)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            yb = layer(xb)
+    assert yb.dtype == torch.bfloat16 and yb.shape == ya.shape
+    assert _cos(yb, ya) > 0.998 and not torch.equal(yb, ya)
+    assert saved and all(128 not in s for s in saved), saved  # weights only: no [128 rows, ...] activation
+    g = torch.randn(ya.shape)
+    ya.float().backward(g)
+    yb.float().backward(g)
+    assert _cos(xb.grad, xa.grad) > 0.998 and layer.weight.grad is None
+    disable_fp8(nn.Sequential(layer))
+    assert type(layer) is nn.Linear and not list(layer.buffers())
+
+
+def test_a_frozen_layers_fp8_copies_follow_its_weight() -> None:
+    """Loading weights, casting the module and unfreezing it must not leave stale or mangled FP8 copies."""
+    _, layer = _frozen_pair()
+    x = torch.randn(32, 64)
+    new = nn.Linear(64, 96, bias=False)
+    layer.load_state_dict(new.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cos(layer(x), new(x)) > 0.998  # the copies were made again from the loaded weight
+    layer.to(torch.bfloat16)  # Module.to casts floating buffers; the copies are made again instead
+    assert layer.w8_fwd.dtype == torch.float8_e4m3fn and layer.w8_bwd_scale.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cos(layer(x.bfloat16()), new(x)) > 0.998
+    layer.float().weight.requires_grad_(True)  # trainable again: the dynamic recipe, with a weight gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert _cos(layer(x), new(x)) > 0.998  # without autocast: no rowwise bf16 GEMM, the fp32 path
+
+
+def test_the_4d_model_with_an_fp8_base_gives_close_velocities_and_sync_gradients() -> None:
+    """A soft 4D model over a frozen tiny base, bf16 autocast, base blocks in FP8 or not: the velocity and the
+    sync layers' gradients (the only trained part) agree closely."""
+    from model.fourd import FourDConfig, FourDModel, grid_condition_mask
+
+    def run(fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        base = VideoDiT(dit_config("tiny", width=64, heads=4, depth=2))
+        with torch.no_grad():  # a "trained" base: adaLN-Zero's zero maps would make every block the identity
+            for p in base.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.08)
+        model = FourDModel(base, FourDConfig(sync="soft"))
+        if fp8:
+            assert sum(enable_fp8(b) for b in model.base.blocks) == 6  # qkv, w_in, w_out; proj stays bf16
+            assert all(type(b.mlp.w_in) is FrozenFloat8Linear for b in model.base.blocks)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 4, 3, 16, 16, generator=g)
+        t = torch.rand(2, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = model(x, t, x, grid_condition_mask(2, 4, 4))
+        v.float().square().mean().backward()
+        return v.detach(), torch.cat([p.grad.flatten() for p in model.sync_parameters() if p.grad is not None])
+
+    (v_ref, g_ref), (v8, g8) = run(False), run(True)
+    assert _cos(v8, v_ref) > 0.995 and not torch.equal(v8, v_ref)
+    assert _cos(g8, g_ref) > 0.99
+
+
+def test_a_frozen_layer_quantizes_only_operands_with_short_rows() -> None:
+    """Rows wider than PERSISTENT_ROW would cost a second pass to quantize: that GEMM stays in bf16 (exactly
+    the bf16 result), a layer with no short side is not switched, and frozen_skip names stay as they are."""
+    from model.fp8 import PERSISTENT_ROW
+    wide = PERSISTENT_ROW * 2
+    torch.manual_seed(0)
+    layer = nn.Linear(64, wide, bias=False).requires_grad_(False)
+    assert enable_fp8(nn.Sequential(layer)) == 1
+    assert layer.fp8_forward and not layer.fp8_input_grad and layer.w8_bwd is None and layer.w8_fwd is not None
+    x = torch.randn(32, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    g = torch.randn(32, wide)
+    y.float().backward(g)
+    torch.testing.assert_close(x.grad, (g.bfloat16() @ layer.weight.bfloat16()).float())  # the bf16 GEMM
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cos(y, x @ layer.weight.t()) > 0.998 and not torch.equal(y, (x.bfloat16() @ layer.weight.bfloat16().t()))
+    out = nn.Linear(wide, 64, bias=False).requires_grad_(False)
+    assert enable_fp8(nn.Sequential(out)) == 1 and not out.fp8_forward and out.fp8_input_grad
+    assert enable_fp8(nn.Sequential(nn.Linear(wide, wide).requires_grad_(False))) == 0
+    proj = nn.Module()
+    proj.proj = nn.Linear(64, 64).requires_grad_(False)
+    assert enable_fp8(proj) == 0 and type(proj.proj) is nn.Linear
+    assert enable_fp8(proj, frozen_skip=()) == 1

@@ -192,9 +192,10 @@ class TrainConfig:
                           "deepspeed.zero_optimization.reduce_bucket_size=2e8; the batch, accumulation, ZeRO stage, "
                           "precision and clipping come from their own options; torch_autocast."
                           "lower_precision_safe_modules replaces the job's list", factory=dict)
-    fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 with tensorwise scaling (model/fp8.py; "
-                    "H100-class GPUs), the same weights and checkpoints. Measured on an H100: no measurable gain through "
-                    "the job at the paper base (13 GB less memory), a loss at the 4D stage (docs/performance.md)")
+    fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 (model/fp8.py; H100-class GPUs): tensorwise "
+                    "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
+                    "Measured on an H100: no measurable gain through the job at the paper base (13 GB less memory), "
+                    "+3.5% at the 4D stage (42.7% -> 44.2% MFU; docs/performance.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
