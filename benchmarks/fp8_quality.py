@@ -41,11 +41,8 @@ from model.fp8 import FrozenFloat8Linear, enable_fp8  # noqa: E402
 PRECISIONS = ("fp32", "bf16", "fp8")
 
 
-def build(checkpoint: str, device: torch.device, fp8: bool, row_limit: int | None) -> tuple[FourDModel, dict]:
-    from pipelines.common.checkpoints import base_from_checkpoint, load_checkpoint, sync_state
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt["stage"] != "4d":
-        raise SystemExit(f"error: '{checkpoint}' holds a '{ckpt['stage']}' model; pass a trained 4D checkpoint")
+def build(ckpt: dict, checkpoint: str, device: torch.device, fp8: bool, row_limit: int | None) -> FourDModel:
+    from pipelines.common.checkpoints import base_from_checkpoint, sync_state
     model = FourDModel(base_from_checkpoint(ckpt, checkpoint), FourDConfig(**ckpt["fourd_config"]))
     model.load_state_dict(sync_state(ckpt), strict=False)
     model.to(device).eval()
@@ -53,22 +50,15 @@ def build(checkpoint: str, device: torch.device, fp8: bool, row_limit: int | Non
         limit = model.base.cfg.width if row_limit is None else row_limit
         switched = sum(enable_fp8(block, row_limit=limit) for block in model.base.blocks)
         assert switched and all(type(b.mlp.w_in) is FrozenFloat8Linear for b in model.base.blocks)
-    return model, ckpt
+    return model
 
 
 def heldout(spec: str, size: tuple[int, int], limit: int) -> list[torch.Tensor]:
-    from pipelines.common.shards import decode_grid, iter_tar_samples, resolve_shards
+    """The first ``limit`` usable grids of ``spec`` as evaluate_4d.py picks them, [V, T, 3, H, W] in [-1, 1]."""
+    from pipelines.evaluation import _heldout
     from pipelines.generation import frames_to_tensor
-    grids = []
-    for shard in resolve_shards(spec):
-        for _, files in iter_tar_samples(shard):
-            frames, _ = decode_grid(files)
-            grids.append(frames_to_tensor(frames, *size))  # [V, T, 3, H, W] in [-1, 1]
-            if len(grids) >= limit:
-                return grids
-    if not grids:
-        raise SystemExit(f"error: no grids in '{spec}'")
-    return grids
+    return [frames_to_tensor(g.cells(range(g.shape[0]), range(g.shape[1])), *size)
+            for _, g in _heldout(spec, limit, {})]
 
 
 def _ctx(device: torch.device, precision: str):
@@ -96,9 +86,11 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     t0 = time.time()
-    models = {}
-    for p in PRECISIONS:
-        models[p], ckpt = build(args.checkpoint, device, fp8=p == "fp8", row_limit=args.row_limit)
+    from pipelines.common.checkpoints import load_checkpoint
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt["stage"] != "4d":
+        raise SystemExit(f"error: '{args.checkpoint}' holds a '{ckpt['stage']}' model; pass a trained 4D checkpoint")
+    models = {p: build(ckpt, args.checkpoint, device, fp8=p == "fp8", row_limit=args.row_limit) for p in PRECISIONS}
     from pipelines.generation import checkpoint_geometry
     (wv, wt), size = checkpoint_geometry(ckpt)
     grids = [g[:wv, :wt].to(device) for g in heldout(args.grids, size, args.limit)]

@@ -34,22 +34,17 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 PERSISTENT_ROW = 1024
 """The widest row whose amax the compiled producer kernel computes in one pass (inductor's persistent-reduction
 limit for rows): a frozen layer quantizes an operand only if its rows are at most this wide."""
+_FROZEN_BUFFERS = ("w8_fwd", "w8_fwd_scale", "w8_bwd", "w8_bwd_scale")  # FrozenFloat8Linear's weight copies
 FROZEN_SKIP = ("proj",)
 """Frozen layers left in bf16 by name (besides ``enable_fp8``'s ``skip``): see the module docstring."""
 
 
-def _quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (x * s in ``dtype``, 1 / s) with s = fp8 max / amax(x): the whole tensor uses the format's range."""
+def _quantize(x: torch.Tensor, dtype: torch.dtype, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (x * s in ``dtype``, 1 / s) with s = fp8 max / amax(x): the format's whole range is used. One scale
+    for the tensor, or with ``rows`` one per row of x [M, K] (scales [M, 1]: the rowwise recipe's operand)."""
     fmax = torch.finfo(dtype).max
-    amax = x.detach().abs().amax().float().clamp(min=1e-12)
-    scale = fmax / amax
-    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
-
-
-def _quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x * s in ``dtype``, 1 / s [M, 1]) with one scale per row: the rowwise recipe's operand."""
-    fmax = torch.finfo(dtype).max
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    x_abs = x.detach().abs()
+    amax = (x_abs.amax(dim=-1, keepdim=True) if rows else x_abs.amax()).float().clamp(min=1e-12)
     scale = fmax / amax
     return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
@@ -100,7 +95,7 @@ class _FrozenFP8Matmul(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         if w_fwd is None:
             return x.to(torch.bfloat16) @ w.to(torch.bfloat16).t()
-        x8, sx = _quantize_rows(x, E4M3)
+        x8, sx = _quantize(x, E4M3, rows=True)
         return torch._scaled_mm(x8, w_fwd.t(), scale_a=sx, scale_b=s_fwd, out_dtype=torch.bfloat16)
 
     @staticmethod
@@ -111,7 +106,7 @@ class _FrozenFP8Matmul(torch.autograd.Function):
             if w_bwd is None:
                 gx = grad.to(torch.bfloat16) @ w.to(torch.bfloat16)
             else:
-                g8, sg = _quantize_rows(grad.contiguous(), E4M3)
+                g8, sg = _quantize(grad.contiguous(), E4M3, rows=True)
                 gx = torch._scaled_mm(g8, w_bwd, scale_a=sg, scale_b=s_bwd, out_dtype=torch.bfloat16)
             gx = gx.to(ctx.x_dtype)
         return gx, None, None, None, None, None
@@ -145,11 +140,11 @@ class Float8Linear(nn.Linear):
 class FrozenFloat8Linear(Float8Linear):
     """A frozen ``nn.Linear`` whose matmuls run in FP8 from weight copies made once (rowwise recipe, see above).
 
-    ``fp8_forward`` / ``fp8_input_grad`` say which of its GEMMs run in FP8 (rows of at most ``PERSISTENT_ROW``
-    in, respectively out, features). The copies are non-persistent buffers: the state dict is the plain layer's. They are made again whenever the
-    weight may have changed under them: after ``load_state_dict`` and after ``.to()``/``.cuda()`` (which would
-    otherwise cast the FP8 buffers like any floating-point tensor). Outside bf16 autocast, or if the weight is made
-    trainable again, the layer falls back to ``Float8Linear``'s recipe.
+    ``fp8_forward`` / ``fp8_input_grad`` say which of its GEMMs run in FP8 (in, respectively out, features of
+    at most ``fp8_row_limit``). The copies are non-persistent buffers: the state dict is the plain layer's. They
+    are made again whenever the weight may have changed under them: after ``load_state_dict`` and after
+    ``.to()``/``.cuda()`` (which would otherwise cast the FP8 buffers like any floating-point tensor). Outside
+    bf16 autocast, or if the weight is made trainable again, the layer falls back to ``Float8Linear``'s recipe.
     """
 
     fp8_row_limit: int = PERSISTENT_ROW  # enable_fp8's row_limit, kept on the layer
@@ -168,12 +163,12 @@ class FrozenFloat8Linear(Float8Linear):
         with torch.no_grad():
             w = self.weight.detach().float()
             if self.fp8_forward:
-                w8_fwd, s_fwd = _quantize_rows(w, E4M3)  # one scale per output row
+                w8_fwd, s_fwd = _quantize(w, E4M3, rows=True)  # one scale per output row
                 s_fwd = s_fwd.reshape(1, -1)
             if self.fp8_input_grad:
-                w8_bwd, s_bwd = _quantize_rows(w.t().contiguous(), E4M3)  # one scale per input column
+                w8_bwd, s_bwd = _quantize(w.t().contiguous(), E4M3, rows=True)  # one scale per input column
                 w8_bwd, s_bwd = w8_bwd.t(), s_bwd.reshape(1, -1)  # [N, K] column-major, as the GEMM wants it
-        for name, value in (("w8_fwd", w8_fwd), ("w8_fwd_scale", s_fwd), ("w8_bwd", w8_bwd), ("w8_bwd_scale", s_bwd)):
+        for name, value in zip(_FROZEN_BUFFERS, (w8_fwd, s_fwd, w8_bwd, s_bwd)):
             self.register_buffer(name, value, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
@@ -234,9 +229,12 @@ def disable_fp8(module: nn.Module) -> int:
     n = 0
     for m in module.modules():
         if type(m) in (Float8Linear, FrozenFloat8Linear):
-            for name in ("w8_fwd", "w8_fwd_scale", "w8_bwd", "w8_bwd_scale"):
+            for name in _FROZEN_BUFFERS:
                 m._buffers.pop(name, None)
             m.__dict__.pop("fp8_row_limit", None)
+            hook = m.__dict__.pop("_fp8_load_hook", None)
+            if hook is not None:
+                hook.remove()
             m.__class__ = nn.Linear
             n += 1
     return n
