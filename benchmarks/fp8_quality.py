@@ -55,10 +55,10 @@ def build(ckpt: dict, checkpoint: str, device: torch.device, fp8: bool, row_limi
 
 def heldout(spec: str, size: tuple[int, int], limit: int) -> list[torch.Tensor]:
     """The first ``limit`` usable grids of ``spec`` as evaluate_4d.py picks them, [V, T, 3, H, W] in [-1, 1]."""
-    from pipelines.evaluation import _heldout
+    from pipelines.evaluation import heldout_grids
     from pipelines.generation import frames_to_tensor
     return [frames_to_tensor(g.cells(range(g.shape[0]), range(g.shape[1])), *size)
-            for _, g in _heldout(spec, limit, {})]
+            for _, g in heldout_grids(spec, limit, {})]
 
 
 def _ctx(device: torch.device, precision: str):

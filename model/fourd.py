@@ -41,7 +41,6 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, VideoDiT, block_flops
 
@@ -67,6 +66,56 @@ def schedule_weight(layer: int, depth: int) -> float:
     return 0.1 + 0.4 * (layer + 1) / depth
 
 
+def memory_order(x: torch.Tensor) -> list[int]:
+    """x's dimensions from the outermost in memory to the innermost (x.permute(order) is contiguous for a
+    permuted dense tensor)."""
+    return sorted(range(x.dim()), key=lambda i: -x.stride(i))
+
+
+def _in_order(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    return x.permute(order).contiguous().permute([order.index(i) for i in range(x.dim())])
+
+
+def in_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x (shaped as like) laid out in memory as like is: a no-op when it already is, one strided write
+    otherwise, which torch.compile fuses into the kernel that computes x."""
+    return _in_order(x, memory_order(like))
+
+
+class _GradInLayout(torch.autograd.Function):
+    """The identity, with the gradient laid out as the input is. A compiled backward returns its input
+    gradients contiguous (on CUDA), and a permuted input's would then be regrouped by a copy outside."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.order = memory_order(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _in_order(grad, ctx.order)
+
+
+def grad_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself, whose gradient will be laid out in memory as x is (fused into the backward's kernels)."""
+    return _GradInLayout.apply(x) if x.requires_grad else x
+
+
+def tokenwise(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A map over the last (channel) dimension applied in x's memory order: the same values as f(x), but a
+    permuted x is not copied to be flattened for the GEMM (a per-token map does not care in which order its
+    tokens come)."""
+    order = memory_order(x)
+    if order[-1] != x.dim() - 1:
+        return f(x)
+    return f(x.permute(order)).permute([order.index(i) for i in range(x.dim())])
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, C] -> [B, 1, ..., 1, C], broadcasting over like's token dimensions."""
+    return v.view(v.shape[0], *(1,) * (like.dim() - 2), v.shape[-1])
+
+
 class SoftSync(nn.Module):
     """(dy^v, dy^t) = Linear([y^v, y^t]) * (1 + g(t)); x^v = y^v + dy^v, x^t = y^t + dy^t (Eqs. 9-10)."""
 
@@ -85,10 +134,15 @@ class SoftSync(nn.Module):
                 self.linear.weight.copy_(torch.cat([torch.cat([-eye, eye], 1), torch.cat([eye, -eye], 1)], 0))
 
     def forward(self, yv: torch.Tensor, yt: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """yv, yt [B, N, width] aligned tokens; temb [B, width] flow-time embedding."""
-        gate = self.time_gate(F.silu(temb))[:, None]
+        """yv, yt [B, ..., width] aligned tokens in any memory layout; temb [B, width] flow-time embedding.
+
+        Each output keeps its input's memory layout (``in_layout``): in the 4D model the view stream's tokens
+        lie as its view pass reads them, so compiled, the regrouping between the passes costs no copy.
+        """
+        yv, yt = grad_in_layout(yv), grad_in_layout(yt)
+        gate = _per_sample(self.time_gate(F.silu(temb)), yv)
         dv, dt = (self.linear(torch.cat([yv, yt], dim=-1)) * (1 + gate)).chunk(2, dim=-1)
-        return yv + dv, yt + dt
+        return in_layout(yv + dv, yv), in_layout(yt + dt, yt)
 
 
 class HardSync(nn.Module):
@@ -116,23 +170,30 @@ class HardSync(nn.Module):
         nn.init.zeros_(self.time_mod.bias)
 
     def forward(self, yv: torch.Tensor, yt: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        mv, mt = self.time_mod(F.silu(temb))[:, None].chunk(2, dim=-1)
+        """yv, yt [B, ..., width] aligned tokens in any memory layout -> the merged stream, laid out as yt."""
+        yv, yt = grad_in_layout(yv), grad_in_layout(yt)
+        mv, mt = _per_sample(self.time_mod(F.silu(temb)), yv).chunk(2, dim=-1)
         if self.full:
-            merged = (1 + mv) * self.w_view(yv) + (1 + mt) * self.w_time(yt)
+            merged = (1 + mv) * tokenwise(self.w_view, yv) + (1 + mt) * tokenwise(self.w_time, yt)
         else:
             merged = self.w_view * (1 + mv) * yv + self.w_time * (1 + mt) * yt
         # fp32 weights must not promote a bf16 token stream to fp32 (memory, kernel choice).
-        return merged.to(yv.dtype)
+        return in_layout(merged.to(yv.dtype), yt)
 
 
 class Passes(NamedTuple):
-    """What a sync variant's layer step gets besides the tokens: the base block run along each axis."""
+    """What a sync variant's layer step gets besides the tokens: the base block run along each axis.
+
+    Both passes take and return the grid's tokens g [B, V, T, n, d], so the two streams are always indexed
+    alike (elementwise mixing of them is right whatever their memory layout). The view pass returns its
+    tokens as it computed them, time columns outermost in memory (a transposed view, not a copy), and reads
+    such a tensor without a copy; the time pass reads and writes view rows outermost (contiguous). A step
+    that keeps each stream in its own pass's layout (``in_layout``) saves the regrouping copies.
+    """
     view: Callable[..., torch.Tensor]
     """view(block, g): the block over every time column (V frames of one instant), freeze-time context."""
     time: Callable[..., torch.Tensor]
     """time(block, g, attn=None): the block over every view row (T frames of one camera), dynamic context."""
-    flat: Callable[[torch.Tensor], torch.Tensor]
-    """[B, V, T, n, d] -> [B, V*T*n, d], the token layout the sync layers take."""
     temb: torch.Tensor
     """[B, width] flow-time embedding (the sync layers' modulation)."""
 
@@ -173,14 +234,13 @@ def _sequential(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor,
 def _soft(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
           p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
     yv, yt = p.view(block, xv), p.time(block, xt)  # Eq. 4, independent and parallel
-    sv, st = model.soft[l](p.flat(yv), p.flat(yt), p.temb)
-    return sv.view_as(yv), st.view_as(yt)
+    return model.soft[l](yv, yt, p.temb)
 
 
 def _hard(model: "FourDModel", l: int, block: nn.Module, xv: torch.Tensor, xt: torch.Tensor,
           p: Passes) -> tuple[torch.Tensor, torch.Tensor]:
     yv, yt = p.view(block, xv), p.time(block, xt)
-    x = model.hard[l](p.flat(yv), p.flat(yt), p.temb).view_as(yv)
+    x = model.hard[l](yv, yt, p.temb)
     return x, x
 
 
@@ -290,18 +350,15 @@ class FourDModel(nn.Module):
         c_time_seq = c_time.repeat_interleave(V, dim=0)  # one sequence per (b, v) row
 
         def view_pass(block: nn.Module, g: torch.Tensor) -> torch.Tensor:
-            s = rearrange(g, "b v t n d -> (b t) (v n) d")
-            s = base.run_block(block, s, c_view_seq, rope_view)
-            return rearrange(s, "(b t) (v n) d -> b v t n d", b=B, n=n).contiguous()
+            # (b t) (v n) d: a free view when g lies time column outermost, as this pass returns it.
+            s = base.run_block(block, g.transpose(1, 2).reshape(B * T, V * n, d), c_view_seq, rope_view)
+            return s.view(B, T, V, n, d).transpose(1, 2)
 
         def time_pass(block: nn.Module, g: torch.Tensor, attn: nn.Module | None = None) -> torch.Tensor:
             s = base.run_block(block, g.reshape(B * V, T * n, d), c_time_seq, rope_time, attn)
             return s.view(B, V, T, n, d)
 
-        def flat(g: torch.Tensor) -> torch.Tensor:
-            return g.view(B, V * T * n, d)
-
-        passes = Passes(view_pass, time_pass, flat, temb)
+        passes = Passes(view_pass, time_pass, temb)
         xv = xt = grid
         for l, block in enumerate(base.blocks):
             xv, xt = self.variant.step(self, l, block, xv, xt, passes)

@@ -116,7 +116,7 @@ def _derived_name(spec: str) -> str:
     return name or "heldout"
 
 
-def _heldout(spec: str, limit: int, skipped: dict[str, int]) -> list[tuple[str, Any]]:
+def heldout_grids(spec: str, limit: int, skipped: dict[str, int]) -> list[tuple[str, Any]]:
     """The first ``limit`` grids of ``spec``. Grids the render job's filters marked bad (empty, leaving the
     frame, static, distorted) are skipped as the training loader skips them: a blank or broken held-out grid
     would score every variant on nothing. ``skipped`` counts them by reason."""
@@ -290,7 +290,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     sets = parse_grid_sets(cfg.grids)
     variants = plan_variants(cfg)
     skipped: dict[str, dict[str, int]] = {name: {} for name in sets}
-    heldout = {name: _heldout(spec, cfg.max_grids, skipped[name]) for name, spec in sets.items()}
+    heldout = {name: heldout_grids(spec, cfg.max_grids, skipped[name]) for name, spec in sets.items()}
     notes: dict[str, str] = {}
     for name, counts in skipped.items():
         if counts:

@@ -58,7 +58,12 @@ def test_deepspeed_config_follows_the_training_config() -> None:
     assert cpu["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # gloo on CPU: nothing to overlap
     assert cpu["torch_autocast"]["enabled"] is False and cpu["gradient_clipping"] == 1.0
     gpu = deepspeed_config(_cfg(use_gpu=True, precision="bf16", optim=OptimConfig(grad_clip=0.5)))
-    assert gpu["zero_optimization"]["overlap_comm"] is True
+    assert gpu["zero_optimization"]["overlap_comm"] is True  # two GPUs: the reduction overlaps the backward
+    one = deepspeed_config(_cfg(use_gpu=True, precision="bf16", num_workers=1, batch_size=4))
+    assert one["zero_optimization"]["overlap_comm"] is False  # one GPU: nothing to reduce, no device sync a step
+    forced = deepspeed_config(_cfg(use_gpu=True, num_workers=1, batch_size=4,
+                                   deepspeed={"zero_optimization.overlap_comm": True}))
+    assert forced["zero_optimization"]["overlap_comm"] is True
     assert {k: gpu["torch_autocast"][k] for k in ("enabled", "dtype")} == {"enabled": True, "dtype": "bfloat16"}
     # FP8 linears get their gradients reduced in bf16 like nn.Linear (DeepSpeed matches classes exactly)
     assert {"torch.nn.modules.linear.Linear", "model.fp8.Float8Linear"} <= set(

@@ -245,7 +245,7 @@ class TrainConfig:
         check_choices(self)
         # The entries' shape, none of them the job's own, ZeRO entries valid at this stage; kept in their nested,
         # typed form, so config.yaml, MLflow and the resume check see one spelling of each.
-        self.deepspeed = deepspeed_extra(self.deepspeed, self.zero_stage, self.use_gpu)
+        self.deepspeed = deepspeed_extra(self.deepspeed, self.zero_stage, self.overlap_comm)
         if not 0.0 <= self.data.freeze_time_fraction <= 1.0:
             raise ConfigError(f"data.freeze_time_fraction must be in [0, 1], got {self.data.freeze_time_fraction}")
         if not 0.0 <= self.data.first_frame_only_prob <= 1.0:
@@ -257,6 +257,15 @@ class TrainConfig:
             if getattr(self.data, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {getattr(self.data, name)}")
         TRAIN_SPECS[self.stage].check_config(self)
+
+    @property
+    def overlap_comm(self) -> bool:
+        """DeepSpeed's ``overlap_comm`` for this job: reduce gradients on a side stream, overlapped with the
+        backward, only with several GPUs. On one there is nothing to reduce, and with it ZeRO 1/2 waits for the
+        whole device at the end of every backward, so the GPU idles while the host runs the optimizer step
+        (measured, docs/performance.md "Session 13"). ``--set deepspeed.zero_optimization.overlap_comm=...``
+        still overrides it."""
+        return self.use_gpu and self.num_workers > 1
 
     @property
     def samples_per_step(self) -> int:

@@ -70,7 +70,7 @@ def _deepspeed_base(cfg: TrainConfig) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.use_gpu},
+        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.overlap_comm},
         # bf16 as autocast inside the engine over fp32 master weights (gradients reduced in bf16).
         # DeepSpeed's "bf16" mode would cast the weights instead, and its forward turns an outer
         # torch.autocast off, so fp32 internals (time embeddings, RoPE) would meet bf16 linears.

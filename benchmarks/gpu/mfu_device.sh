@@ -5,7 +5,9 @@
 #
 # RUNS_FILE has one run a line, "<name> <script> <args...>", where script is `job`
 # (benchmarks/bench_train_loop.py: Ray Train + DeepSpeed + loader + EMA, paper preset) or `bare`
-# (benchmarks/bench_model.py: the compiled model step alone, fused AdamW). Lines starting with # are skipped.
+# (benchmarks/bench_model.py: the compiled model step alone, fused AdamW) or `bare@DIR` (the same, run from a
+# copy of an earlier tree in DIR, e.g. `git archive <commit> model benchmarks/bench_model.py pipelines/common
+# pipelines/__init__.py | tar -x -C DIR`: a before/after ratio in one call). Lines starting with # are skipped.
 # Carry .whl (benchmarks/gpu/build_wheels.sh). $OUT gets results.jsonl (one JSON line a run, the job's phase
 # table included), kernels_<run>.txt (the profiled steps' top kernels) and logs.tgz (every log and trace):
 # few files, as a device call returns at most 8.
@@ -30,7 +32,10 @@ grep -v '^#' "$RUNS" | while read -r name script args; do
              cp "$LOGS/profile_$name/kernels_rank0.txt" "$OUT/kernels_$name.txt" 2>/dev/null ;;
         bare) timeout "${RUN_TIMEOUT:-200}" python3 benchmarks/bench_model.py $args --json > "$LOGS/$name.log" 2>&1
               rc=$? ;;
-        *) echo "[mfu] $name: unknown script '$script' (job or bare)"; continue ;;
+        bare@*) (cd "${script#bare@}" && PYTHONPATH=/tmp/site:$PWD timeout "${RUN_TIMEOUT:-200}" \
+                     python3 benchmarks/bench_model.py $args --json) > "$LOGS/$name.log" 2>&1
+                rc=$? ;;
+        *) echo "[mfu] $name: unknown script '$script' (job, bare or bare@DIR)"; continue ;;
     esac
     echo "[mfu] $name: rc $rc in $(( $(date +%s) - t0 ))s"
     grep -a -E '^\[train' "$LOGS/$name.log" | grep -v final | tail -3 | cut -c1-300
