@@ -352,7 +352,7 @@ class FourDModel(nn.Module):
         def view_pass(block: nn.Module, g: torch.Tensor) -> torch.Tensor:
             # (b t) (v n) d: a free view when g lies time column outermost, as this pass returns it.
             s = base.run_block(block, g.transpose(1, 2).reshape(B * T, V * n, d), c_view_seq, rope_view)
-            return s.view(B, T, V, n, d).transpose(1, 2)
+            return s.reshape(B, T, V, n, d).transpose(1, 2)
 
         def time_pass(block: nn.Module, g: torch.Tensor, attn: nn.Module | None = None) -> torch.Tensor:
             s = base.run_block(block, g.reshape(B * V, T * n, d), c_time_seq, rope_time, attn)

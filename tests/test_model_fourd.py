@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -199,29 +201,39 @@ def test_tokenwise_maps_and_layouts_follow_memory_order():
     assert memory_order(in_layout(plain, plain)) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("sync", ["soft", "hard"])
-def test_sync_layers_keep_each_stream_in_its_pass_layout(sync):
-    """The view pass returns its tokens time column outermost (a view of the block's output); the sync layer
-    gives them back so, and the time stream row outermost, so neither pass regroups its input by a copy."""
-    model = FourDModel(tiny_dit(), FourDConfig(sync=sync))
-    x, t, cond, mask = grid_inputs()
-    seen = []
-    step = model.variant.step
-
-    def spy(model, l, block, xv, xt, p):
-        yv = p.view(block, xv)
-        seen.append(("view pass", yv))
-        out = step(model, l, block, xv, xt, p)
-        seen.extend((("view stream", out[0]), ("time stream", out[1])))
-        return out
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(SYNCS, sync, SyncVariant(spy, model.variant.attr, model.variant.build, True))
-        model(x, t, cond, mask)
-    from model.fourd import memory_order
-    orders = {name: memory_order(g) for name, g in seen}
-    assert orders["view pass"] == [0, 2, 1, 3, 4]
+@pytest.mark.parametrize("sync,compiled", [("soft", False), ("soft", True), ("hard", False)])
+def test_sync_layers_keep_each_stream_and_its_gradient_in_its_pass_layout(sync, compiled):
+    """The view pass leaves its tokens time column outermost (a transposed view of the block's output); the sync
+    layer writes each stream back as its next pass reads it, and the view stream's gradient the same way even
+    when the gradient arriving is laid out otherwise, so neither pass regroups by a copy, forward or backward."""
+    from model.fourd import SoftSync, memory_order
+    torch.manual_seed(0)
+    layer = SoftSync(16, 0.3) if sync == "soft" else HardSync(16)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref = copy.deepcopy(layer)
+    if compiled:
+        layer.compile()
+    yv_mem = torch.randn(2, 4, 3, 5, 16, requires_grad=True)  # [B, T, V, n, w]: the view pass's memory
+    yv = yv_mem.transpose(1, 2)  # [B, V, T, n, w] indexed like yt
+    yt = torch.randn(2, 3, 4, 5, 16, requires_grad=True)
+    temb = torch.randn(2, 16)
+    out = layer(yv, yt, temb)
+    expect = ref(yv.detach().contiguous(), yt.detach(), temb)
+    outs, expects = (out, expect) if sync == "soft" else ((out,), (expect,))
+    for o, e in zip(outs, expects):
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
     if sync == "soft":
-        assert orders["view stream"] == [0, 2, 1, 3, 4] and orders["time stream"] == [0, 1, 2, 3, 4]
+        assert memory_order(out[0]) == [0, 2, 1, 3, 4] and out[1].is_contiguous()
+    else:
+        assert out.is_contiguous()  # the merged stream, laid out for the time pass
+    seen = []
+    yv.register_hook(lambda g: seen.append(memory_order(g)))
+    grads = [torch.randn(o.shape) for o in outs]  # contiguous: laid out otherwise than the view stream
+    torch.autograd.backward(list(outs), grads)
+    assert seen == [[0, 2, 1, 3, 4]]  # so the view pass's input gradient is a view, not a copy
+    assert yv_mem.grad is not None and yt.grad is not None
 
 
 def test_compiled_4d_step_regroups_the_streams_without_copies_per_layer():

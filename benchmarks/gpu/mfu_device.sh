@@ -9,7 +9,8 @@
 # copy of an earlier tree in DIR, e.g. `git archive <commit> model benchmarks/bench_model.py pipelines/common
 # pipelines/__init__.py | tar -x -C DIR`: a before/after ratio in one call). Lines starting with # are skipped.
 # Carry .whl (benchmarks/gpu/build_wheels.sh). $OUT gets results.jsonl (one JSON line a run, the job's phase
-# table included), kernels_<run>.txt (the profiled steps' top kernels) and logs.tgz (every log and trace):
+# table included), kernels_<run>.txt (the profiled steps' top kernels) and logs.tgz (every log, and each job's
+# gaps_<run>.json from benchmarks/trace_gaps.py; the traces themselves stay on the machine):
 # few files, as a device call returns at most 8.
 set -uo pipefail
 RUNS=${1:?runs file}
@@ -29,7 +30,10 @@ grep -v '^#' "$RUNS" | while read -r name script args; do
         job) timeout "${RUN_TIMEOUT:-200}" python3 benchmarks/bench_train_loop.py $args --profile-out "$LOGS/profile_$name" \
                  > "$LOGS/$name.log" 2>&1
              rc=$?
-             cp "$LOGS/profile_$name/kernels_rank0.txt" "$OUT/kernels_$name.txt" 2>/dev/null ;;
+             cp "$LOGS/profile_$name/kernels_rank0.txt" "$OUT/kernels_$name.txt" 2>/dev/null
+             # where the GPU idled (benchmarks/trace_gaps.py): the summary here, the table in logs.tgz
+             [ -f "$LOGS/profile_$name/trace_rank0.json" ] && python3 benchmarks/trace_gaps.py \
+                 "$LOGS/profile_$name/trace_rank0.json" --json "$LOGS/gaps_$name.json" --top 6 2>&1 | cut -c1-200 ;;
         bare) timeout "${RUN_TIMEOUT:-200}" python3 benchmarks/bench_model.py $args --json > "$LOGS/$name.log" 2>&1
               rc=$? ;;
         bare@*) (cd "${script#bare@}" && PYTHONPATH=/tmp/site:$PWD timeout "${RUN_TIMEOUT:-200}" \
