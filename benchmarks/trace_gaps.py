@@ -116,8 +116,9 @@ def analyse(trace: dict[str, Any], steps: int, min_gap_us: float = 5.0) -> dict[
     for e in syncs:
         names = ops(e["tid"], e["ts"])
         where = " > ".join(names[:2] + ["..."] + names[-2:] if len(names) > 4 else names) or "?"
-        by_sync[f"{e['name']} in {phase_at(e['ts'])}: {where}"][0] += 1
-        by_sync[f"{e['name']} in {phase_at(e['ts'])}: {where}"][1] += e.get("dur", 0)
+        row = by_sync[f"{e['name']} in {phase_at(e['ts'])}: {where}"]
+        row[0] += 1
+        row[1] += e.get("dur", 0)
 
     def per_step(table: dict[str, float]) -> dict[str, float]:
         return {k: v / 1e3 / steps for k, v in sorted(table.items(), key=lambda kv: -kv[1])}

@@ -72,8 +72,12 @@ def memory_order(x: torch.Tensor) -> list[int]:
     return sorted(range(x.dim()), key=lambda i: -x.stride(i))
 
 
+def _inverse(order: list[int]) -> list[int]:
+    return [order.index(i) for i in range(len(order))]
+
+
 def _in_order(x: torch.Tensor, order: list[int]) -> torch.Tensor:
-    return x.permute(order).contiguous().permute([order.index(i) for i in range(x.dim())])
+    return x.permute(order).contiguous().permute(_inverse(order))
 
 
 def in_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,7 @@ def tokenwise(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     order = memory_order(x)
     if order[-1] != x.dim() - 1:
         return f(x)
-    return f(x.permute(order)).permute([order.index(i) for i in range(x.dim())])
+    return f(x.permute(order)).permute(_inverse(order))
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

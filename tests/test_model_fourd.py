@@ -247,7 +247,6 @@ def test_compiled_4d_step_regroups_the_streams_without_copies_per_layer():
     def clones(depth):
         model = FourDModel(tiny_dit(depth=depth), FourDConfig(sync="soft"))
         eager = FourDModel(tiny_dit(depth=depth), FourDConfig(sync="soft"))
-        eager.load_state_dict(model.state_dict())
         with torch.no_grad():
             for p in model.sync_parameters():
                 p.normal_(0, 0.05)
