@@ -1,11 +1,11 @@
-"""The real training job on a GPU: Ray Train + DeepSpeed (ZeRO-2, bf16, NCCL) + compiled blocks, paper preset.
+"""The real training job on a GPU: Ray Train + DeepSpeed (ZeRO-2, bf16, NCCL) + compiled blocks, paper preset (its 4D stage with an FP8 frozen base).
 
 Where bench_model.py times bare model steps, this runs `training.launch.run` end to end on synthetic
 shards of the paper's data shape (the loader, DeepSpeed, EMA, checkpointing and all) and reports the
 loop's own status-line metrics: samples/s and MFU over the last logging window.
 
     python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32
-    python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=2, over a random-init base
+    python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=4, over a random-init base (fp8 on, the preset's)
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 
 samples/s is the whole job's (all workers); per GPU divide by --workers. MFU is per GPU.

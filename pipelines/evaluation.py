@@ -284,6 +284,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from pipelines.generation import frames_to_tensor
 
     cfg.validate()  # parse_config already did, for the command line; evaluate() is also a library call
+    if cfg.mlflow_uri.lower() != "none":  # found missing after the grids are scored, it would cost the run
+        from pipelines.common.errors import require
+        require("mlflow")
     # config.yaml is written with the report, not before: a failed run leaves the folder's config describing
     # the report that is there
     out = ensure_output_dir(Path(cfg.out).resolve())

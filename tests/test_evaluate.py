@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import mlflow
@@ -134,6 +135,21 @@ def test_evaluation_reports_every_variant_per_set(heldout: dict[str, Path], tmp_
     assert {"render/base/psnr", "render/base/psnr_std", "pseudo/copy_first_row/ssim_max",
             "render/train_free_sequential/psnr_object"} <= keys
     assert "pseudo/base/psnr_object" not in keys  # n/a is not logged as a number
+
+
+def test_missing_mlflow_fails_before_any_grid_is_scored(heldout: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracking asked for but MLflow not installed (a GPU node's image): one line saying so, at the start;
+    with tracking off the same evaluation runs."""
+    ckpt = _base_ckpt(tmp_path / "base", None)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    cfg = EvalConfig(grids=[f"render={heldout['render']}"], checkpoints=[f"base={ckpt}"], max_grids=1, steps=1,
+                     method="euler", device="cpu", train_free=False, out=str(tmp_path / "eval"))
+    with pytest.raises(UserError, match="missing dependency 'mlflow'"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval").exists()
+    res = evaluate(dataclasses.replace(cfg, mlflow_uri="none"))
+    assert "base" in res["results"]["render"]
 
 
 def test_evaluation_refuses_training_items(heldout: dict[str, Path], tmp_path: Path) -> None:

@@ -105,6 +105,46 @@ def test_missing_base_checkpoint_fails_before_workers_start(tmp_path: Path, trai
         run(cfg)
 
 
+def test_relative_paths_reach_the_workers(ray_local, base_run: TrainConfig, train_grids: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train runs each worker in a folder of its own: a base checkpoint and grids given relative to the
+    driver's directory must still be found there (they were not, until the driver made them absolute)."""
+    (tmp_path / "base").symlink_to(Path(base_run.output) / "checkpoint_final")
+    (tmp_path / "grids").symlink_to(train_grids)
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny("4d", "run", ["grids"], base_checkpoint="base", total_samples=8)
+    run(cfg)
+    four = load_checkpoint(str(tmp_path / "run" / "checkpoint_final"))
+    base = load_checkpoint(str(Path(base_run.output) / "checkpoint_final"))
+    assert all(torch.equal(four["state_dict"][f"base.{k}"], v) for k, v in base["state_dict"].items())
+    recorded = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"{tmp_path}/grids" in recorded and f"{tmp_path}/base" in recorded
+
+
+def test_a_4d_job_with_an_fp8_base_trains_and_exports_plain_weights(ray_local, base_run: TrainConfig,
+                                                                     fourd_run: TrainConfig, train_grids: Path,
+                                                                     tmp_path: Path) -> None:
+    """fp8=true (the paper preset's 4D default) through the real job on two workers: DeepSpeed wraps blocks
+    whose frozen layers carry FP8 copies, the sync layers train, and the export is the plain checkpoint (the
+    FP8 copies are not state), so evaluation and generation load it without FP8."""
+    cfg = tiny("4d", tmp_path, [str(train_grids)], base_checkpoint=str(Path(base_run.output) / "checkpoint_final"),
+               fp8=True)
+    assert cfg.num_workers == 2
+    run(cfg)
+    four = load_checkpoint(str(tmp_path / "checkpoint_final"))
+    assert set(four["state_dict"]) == set(load_checkpoint(str(Path(fourd_run.output) / "checkpoint_final"))["state_dict"])
+    base = load_checkpoint(str(Path(base_run.output) / "checkpoint_final"))
+    assert all(torch.equal(four["state_dict"][f"base.{k}"], v) for k, v in base["state_dict"].items())
+    # The same job in full precision (same data, order, noise): its sync layers differ, so FP8 did run; by
+    # little, so it trained the same way.
+    run(dataclasses.replace(cfg, fp8=False, output=str(tmp_path / "plain")))
+    twin = load_checkpoint(str(tmp_path / "plain" / "checkpoint_final"))["state_dict"]
+    sync = [k for k in four["state_dict"] if not k.startswith("base.")]
+    diff = sum((four["state_dict"][k].float() - twin[k].float()).norm() ** 2 for k in sync) ** 0.5
+    size = sum(twin[k].float().norm() ** 2 for k in sync) ** 0.5
+    assert 0 < diff < 0.1 * size, (diff, size)
+
+
 def test_loss_falls_when_overfitting(ray_local, tmp_path: Path, one_grid: Path) -> None:
     cfg = tiny("base", tmp_path, [str(one_grid)], total_samples=480, **{"optim.lr": 3e-3, "optim.warmup_samples": 8,
                                                                            "data.mask_prob": 0.0})

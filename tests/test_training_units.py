@@ -143,3 +143,25 @@ def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_pat
     assert check_resume(dataclasses.replace(cfg, fp8=True, profile_at=5), tmp_path) is None  # resume-free
     with pytest.raises(UserError, match="batch_size"):
         check_resume(dataclasses.replace(cfg, batch_size=cfg.batch_size * 2), tmp_path)
+
+
+def test_fp8_is_the_paper_4d_default_and_a_gpu_without_fp8_is_told_how_to_turn_it_off(monkeypatch) -> None:
+    """The paper preset runs the 4D stage's frozen base in FP8 (docs/performance.md, session 14); on a GPU
+    without FP8 tensor cores the worker refuses at build time with the override that turns it off."""
+    import model.fp8
+    from pipelines.common.errors import UserError
+    from training.config import presets_for
+    from training.stages import build_stage
+
+    assert presets_for("4d")["paper"]().fp8 and not presets_for("base")["paper"]().fp8
+    assert not presets_for("4d")["proof"]().fp8
+    cfg = dataclasses.replace(presets_for("base")["tiny"](), fp8=True, use_gpu=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(model.fp8, "fp8_supported", lambda device: False)
+    with pytest.raises(UserError, match="A100.*--set fp8=false"):
+        build_stage(cfg)
+    monkeypatch.setattr(model.fp8, "fp8_supported", lambda device: True)
+    stage = build_stage(cfg)  # a GPU with FP8: the blocks' token matmuls are switched
+    assert any(type(m).__name__ == "Float8Linear" for m in stage.modules())

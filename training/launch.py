@@ -51,6 +51,23 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     return kept
 
 
+def absolute_paths(cfg: TrainConfig, cwd: str | None = None) -> TrainConfig:
+    """The config with every local input path made absolute against the driver's working directory.
+
+    Ray Train runs each worker in a folder of its own (under the Ray session), so a relative
+    ``--data.grids outputs/pseudo4d`` or ``--base-checkpoint weights/base.pt.gz`` that the driver found
+    would point nowhere in the workers. URIs (``runs:/<id>``, ``s3://...``) are left alone.
+    """
+    cwd = cwd or os.getcwd()
+
+    def fix(spec: str) -> str:
+        return spec if not spec or "://" in spec or spec.startswith("runs:/") or os.path.isabs(spec) \
+            else os.path.join(cwd, spec)
+    data = dataclasses.replace(cfg.data, grids=[fix(s) for s in cfg.data.grids], clips=[fix(s) for s in cfg.data.clips])
+    return dataclasses.replace(cfg, data=data, base_checkpoint=fix(cfg.base_checkpoint), init_from=fix(cfg.init_from),
+                               resume_from=fix(cfg.resume_from))
+
+
 def run(cfg: TrainConfig) -> dict:
     """Run a resolved config through Ray Train; returns a small summary."""
     require("ray", "deepspeed", "torch", *(["mlflow"] if cfg.mlflow_uri.lower() != "none" else []))
@@ -62,7 +79,7 @@ def run(cfg: TrainConfig) -> dict:
     from training.tracking import ensure_experiment, experiment_name, mark_run_ended, tracking_uri
 
     output = ensure_output_dir(Path(cfg.output).resolve())  # a file or read-only folder: one line, now
-    cfg = dataclasses.replace(cfg, output=str(output))
+    cfg = dataclasses.replace(absolute_paths(cfg), output=str(output))
     cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver ("none": off)
     from training.specs import TRAIN_SPECS
     # the weights the stage starts from, resolved to local files before any worker starts, and the item ids

@@ -220,8 +220,8 @@ def build_stage(cfg: TrainConfig) -> Stage:
         from model.dit import DiTBlock
         from model.fp8 import enable_fp8, fp8_supported
         if cfg.use_gpu and torch.cuda.is_available() and not fp8_supported(torch.cuda.current_device()):
-            raise UserError(f"fp8 needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
-                            f"{torch.cuda.get_device_name()} has none: set fp8=false")
+            raise UserError(f"fp8 (on at the paper preset's 4D stage) needs FP8 tensor cores (compute capability "
+                            f"8.9+, e.g. H100); {torch.cuda.get_device_name()} has none: pass --set fp8=false")
         for block in (m for m in stage.modules() if isinstance(m, DiTBlock)):
             enable_fp8(block)
     if cfg.compile_blocks:
