@@ -119,9 +119,10 @@ def test_the_deepspeed_options_shape_matches_the_config_the_job_builds() -> None
             k for k in DEEPSPEED_OWN if "." not in k and k in base}
 
 
-def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_path) -> None:
+def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_path, capsys) -> None:
     """A config.yaml written before an option was added lacks its key: the option reads as its default, not
-    as a difference, while a real difference is still refused."""
+    as a difference, while a real difference is still refused. A resume that turns fp8 on (a paper-preset 4D
+    run started before the preset did) goes on, says so, and keeps the recorded config."""
     import dataclasses
 
     import pytest
@@ -140,14 +141,19 @@ def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_pat
     recorded["data"].pop("keep_filtered")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
     assert check_resume(cfg, tmp_path) is None
-    assert check_resume(dataclasses.replace(cfg, fp8=True, profile_at=5), tmp_path) is None  # resume-free
+    assert check_resume(dataclasses.replace(cfg, profile_at=5), tmp_path) is None  # resume-free
     with pytest.raises(UserError, match="batch_size"):
         check_resume(dataclasses.replace(cfg, batch_size=cfg.batch_size * 2), tmp_path)
+    kept = check_resume(dataclasses.replace(cfg, fp8=True), tmp_path)
+    assert kept is not None and kept.is_file() and not (tmp_path / "config.yaml").exists()
+    assert "fp8" not in yaml.safe_load(kept.read_text())  # the record as it was
+    assert "other arithmetic from here on (fp8 False -> True" in capsys.readouterr().out
 
 
 def test_fp8_is_the_paper_4d_default_and_a_gpu_without_fp8_is_told_how_to_turn_it_off(monkeypatch) -> None:
     """The paper preset runs the 4D stage's frozen base in FP8 (docs/performance.md, session 14); on a GPU
-    without FP8 tensor cores the worker refuses at build time with the override that turns it off."""
+    without FP8 tensor cores the worker refuses at build time with the override that turns it off, and the
+    driver ends the command in that line (not Ray's traceback: ``worker_user_error``)."""
     import model.fp8
     from pipelines.common.errors import UserError
     from training.config import presets_for
@@ -162,6 +168,14 @@ def test_fp8_is_the_paper_4d_default_and_a_gpu_without_fp8_is_told_how_to_turn_i
     monkeypatch.setattr(model.fp8, "fp8_supported", lambda device: False)
     with pytest.raises(UserError, match="A100.*--set fp8=false"):
         build_stage(cfg)
+    # What the driver gets back from Ray Train when a worker raised it
+    from ray.train import WorkerGroupError
+    from training.launch import worker_user_error
+    with pytest.raises(UserError) as raised:
+        build_stage(cfg)
+    failed = WorkerGroupError("Training failed", {0: raised.value, 1: RuntimeError("NCCL timeout")})
+    assert str(worker_user_error(failed)) == str(raised.value)
+    assert worker_user_error(WorkerGroupError("Training failed", {0: RuntimeError("NCCL timeout")})) is None
     monkeypatch.setattr(model.fp8, "fp8_supported", lambda device: True)
     stage = build_stage(cfg)  # a GPU with FP8: the blocks' token matmuls are switched
     assert any(type(m).__name__ == "Float8Linear" for m in stage.modules())

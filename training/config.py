@@ -30,6 +30,10 @@ RESUME_FREE = frozenset({
     # FP8 matmuls round the same weights differently; the checkpoints are the same with or without them
     "fp8",
 })
+NUMERICS_FREE = frozenset({"fp8"})
+"""Keys of RESUME_FREE that change a run's arithmetic from the resume on (not what its weights are): a resume
+that changes one says so in a line and keeps the recorded config beside the new one, so the run's record shows
+where the arithmetic changed (e.g. a 4D run started in bf16 before the paper preset turned fp8 on)."""
 
 
 # DeepSpeed entries the job derives from its own options (an extra entry there would silently disagree with
@@ -194,7 +198,7 @@ class TrainConfig:
                           "lower_precision_safe_modules replaces the job's list", factory=dict)
     fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 (model/fp8.py; H100-class GPUs): tensorwise "
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
-                    "On at the paper preset's 4D stage (H100 job: 42.5% -> 46.9-47.4% MFU; sync layers trained with it "
+                    "On at the paper preset's 4D stage (+4-8% through the job, 47.4% MFU on an H100; sync layers trained with it "
                     "score 0.04 dB below bf16's on held-out grids, docs/performance.md); no measurable gain through "
                     "the job at the paper base (13 GB less memory)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
@@ -330,7 +334,7 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
-                  # The 4D stage's frozen base in FP8: +10% samples/s through the H100 job (42.5% -> 46.9-47.4% MFU);
+                  # The 4D stage's frozen base in FP8: +4-8% samples/s through the job (47.4% MFU on an H100, bf16 ~44%);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids
                   # (docs/performance.md, session 14). At the base, FP8 gained nothing measurable through the job.
                   fp8={"base": False, "upsampler": False, "4d": True},

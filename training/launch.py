@@ -25,7 +25,7 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     import time
 
     from pipelines.common.config import ConfigError, flatten, from_dict, load_yaml
-    from training.config import RESUME_FREE
+    from training.config import NUMERICS_FREE, RESUME_FREE
     old_path = output / "config.yaml"
     if not old_path.is_file() or not (output / "ray" / (cfg.run_name or cfg.stage)).exists():
         return None
@@ -36,18 +36,24 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
         pass
     old, new = flatten(recorded), flatten(cfg)
     diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
-    if not diff:
+    switched = sorted(k for k in NUMERICS_FREE if old.get(k) != new.get(k))
+    if not diff and not switched:
         return None
     what = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
     what += f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-    if not cfg.force:
+    if diff and not cfg.force:
         raise UserError(f"{output} holds checkpoints of a run with other options ({what}); re-run with the "
                         "recorded options to continue it, give another --output for a new run, or pass --force "
                         "to continue these weights with the new options")
     kept = output / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
     old_path.replace(kept)
-    print(f"[train {cfg.stage}] --force: continuing {output} with other options ({what}); the previous config "
-          f"is kept as {kept.name}", flush=True)
+    if diff:
+        print(f"[train {cfg.stage}] --force: continuing {output} with other options ({what}); the previous config "
+              f"is kept as {kept.name}", flush=True)
+    if switched:
+        how = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in switched)
+        print(f"[train {cfg.stage}] continuing {output} with other arithmetic from here on ({how}; the weights "
+              f"carry over); the previous config is kept as {kept.name}", flush=True)
     return kept
 
 
@@ -56,16 +62,28 @@ def absolute_paths(cfg: TrainConfig, cwd: str | None = None) -> TrainConfig:
 
     Ray Train runs each worker in a folder of its own (under the Ray session), so a relative
     ``--data.grids outputs/pseudo4d`` or ``--base-checkpoint weights/base.pt.gz`` that the driver found
-    would point nowhere in the workers. URIs (``runs:/<id>``, ``s3://...``) are left alone.
+    would point nowhere in the workers. URIs (``runs:/<id>``, ``s3://...``) are left alone; the MLflow store
+    is made absolute where it is resolved (``pipelines.common.tracking.default_uri``).
     """
+    from pipelines.common.tracking import URI_SCHEME
     cwd = cwd or os.getcwd()
 
     def fix(spec: str) -> str:
-        return spec if not spec or "://" in spec or spec.startswith("runs:/") or os.path.isabs(spec) \
-            else os.path.join(cwd, spec)
+        if not spec or URI_SCHEME.match(spec):
+            return spec
+        return os.path.normpath(os.path.join(cwd, os.path.expanduser(spec)))
     data = dataclasses.replace(cfg.data, grids=[fix(s) for s in cfg.data.grids], clips=[fix(s) for s in cfg.data.clips])
     return dataclasses.replace(cfg, data=data, base_checkpoint=fix(cfg.base_checkpoint), init_from=fix(cfg.init_from),
                                resume_from=fix(cfg.resume_from))
+
+
+def worker_user_error(exc: BaseException) -> UserError | None:
+    """The UserError a training worker raised (a problem only a worker can see, e.g. a GPU without FP8 tensor
+    cores), so that the command ends in its one line instead of Ray's traceback; None for other failures."""
+    for failure in (getattr(exc, "worker_failures", None) or {}).values():
+        if isinstance(failure, UserError):
+            return UserError(str(failure))
+    return None
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -113,12 +131,15 @@ def run(cfg: TrainConfig) -> dict:
     except KeyboardInterrupt:
         mark_run_ended(cfg, "KILLED")
         raise
-    except Exception:
+    except Exception as exc:
         mark_run_ended(cfg, "FAILED")
+        user = worker_user_error(exc)
+        if user is not None:
+            raise user from None
         raise
     if result.error:
         mark_run_ended(cfg, "FAILED")
-        raise result.error
+        raise worker_user_error(result.error) or result.error
     final = output / "checkpoint_final" / "model.pt"
     summary = {"stage": cfg.stage, "output": str(output), "final_checkpoint": str(final),
                "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -4,14 +4,26 @@ store. The training run's tracker (metrics, pictures, checkpoints as artifacts) 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 
 def default_uri(given: str, folder: str | Path) -> str:
     """The tracking URI of a job: ``given`` (its --mlflow-uri), else MLFLOW_TRACKING_URI (a team's server),
-    else a SQLite file in the job's output ``folder`` (one machine, nothing to set up)."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(folder).resolve()}/mlflow.db"
+    else a SQLite file in the job's output ``folder`` (one machine, nothing to set up). A local store given
+    relative to the working directory (``sqlite:///mlflow.db``, ``./mlruns``) is made absolute: the
+    training workers log from another directory, and would otherwise write to a store of their own."""
+    uri = given or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(folder).resolve()}/mlflow.db"
+    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
+    if uri.lower() not in ("none", "databricks") and not URI_SCHEME.match(uri):  # a folder: MLflow's file store
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri
+
+
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+"""A URI's scheme (``sqlite:``, ``http:``, ``runs:``, ``s3:``, ``models:``): what is not a local path."""
 
 
 def say(message: str) -> None:
