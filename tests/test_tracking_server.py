@@ -84,18 +84,3 @@ def test_training_logs_to_a_tracking_server(ray_local, train_grids, mlflow_serve
     ckpt = Path(client.download_artifacts(rec.info.run_id, "final_checkpoint", str(tmp_path / "dl")))
     assert load_checkpoint(str(ckpt))["stage"] == "base"
 
-
-def test_a_local_store_given_relative_is_made_absolute(tmp_path, monkeypatch) -> None:
-    """Training workers log from a folder of their own: a relative SQLite file or store folder (flag or
-    MLFLOW_TRACKING_URI) must name the driver's, and servers, URIs and 'none' pass as they are."""
-    from pipelines.common.tracking import default_uri
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert default_uri("sqlite:///runs/mlflow.db", "out") == f"sqlite:///{tmp_path}/runs/mlflow.db"
-    assert default_uri("sqlite:////abs/mlflow.db", "out") == "sqlite:////abs/mlflow.db"
-    assert default_uri("./mlruns", "out") == f"{tmp_path}/mlruns"
-    assert default_uri("", "out") == f"sqlite:///{tmp_path}/out/mlflow.db"
-    for uri in ("http://127.0.0.1:5000", "none", "databricks", "file:///abs/mlruns"):
-        assert default_uri(uri, "out") == uri
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
-    assert default_uri("", "out") == f"sqlite:///{tmp_path}/team.db"

@@ -148,6 +148,9 @@ def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_pat
     assert kept is not None and kept.is_file() and not (tmp_path / "config.yaml").exists()
     assert "fp8" not in yaml.safe_load(kept.read_text())  # the record as it was
     assert "other arithmetic from here on (fp8 False -> True" in capsys.readouterr().out
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))  # resumed again at once: a record of its own
+    again = check_resume(dataclasses.replace(cfg, fp8=True), tmp_path)
+    assert again is not None and again != kept and kept.is_file() and again.is_file()
 
 
 def test_fp8_is_the_paper_4d_default_and_a_gpu_without_fp8_is_told_how_to_turn_it_off(monkeypatch) -> None:
@@ -179,3 +182,20 @@ def test_fp8_is_the_paper_4d_default_and_a_gpu_without_fp8_is_told_how_to_turn_i
     monkeypatch.setattr(model.fp8, "fp8_supported", lambda device: True)
     stage = build_stage(cfg)  # a GPU with FP8: the blocks' token matmuls are switched
     assert any(type(m).__name__ == "Float8Linear" for m in stage.modules())
+
+
+def test_a_local_store_given_relative_is_made_absolute(tmp_path, monkeypatch) -> None:
+    """Training workers log from a folder of their own: a relative SQLite file or store folder (flag or
+    MLFLOW_TRACKING_URI) must name the driver's, and servers, URIs and 'none' pass as they are."""
+    from pipelines.common.tracking import default_uri
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_uri("sqlite:///runs/mlflow.db", "out") == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert default_uri("sqlite:////abs/mlflow.db", "out") == "sqlite:////abs/mlflow.db"
+    assert default_uri("./mlruns", "out") == f"{tmp_path}/mlruns"
+    assert default_uri("", "out") == f"sqlite:///{tmp_path}/out/mlflow.db"
+    assert default_uri("file:mlruns", "out") == f"file://{tmp_path}/mlruns"
+    for uri in ("http://127.0.0.1:5000", "none", "databricks", "file:///abs/mlruns", "sqlite:///:memory:"):
+        assert default_uri(uri, "out") == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
+    assert default_uri("", "out") == f"sqlite:///{tmp_path}/team.db"

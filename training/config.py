@@ -334,7 +334,7 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
-                  # The 4D stage's frozen base in FP8: +4-8% samples/s through the job (47.4% MFU on an H100, bf16 ~44%);
+                  # The 4D stage's frozen base in FP8: +4-8% samples/s through the job (47.4% MFU on an H100, bf16 est. 44%);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids
                   # (docs/performance.md, session 14). At the base, FP8 gained nothing measurable through the job.
                   fp8={"base": False, "upsampler": False, "4d": True},

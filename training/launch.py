@@ -45,7 +45,11 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
         raise UserError(f"{output} holds checkpoints of a run with other options ({what}); re-run with the "
                         "recorded options to continue it, give another --output for a new run, or pass --force "
                         "to continue these weights with the new options")
-    kept = output / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    stamp, n = time.strftime('%Y%m%d-%H%M%S'), 1
+    kept = output / f"config.before-{stamp}.yaml"
+    while kept.exists():  # two resumes within a second must not overwrite the earlier record
+        n += 1
+        kept = output / f"config.before-{stamp}-{n}.yaml"
     old_path.replace(kept)
     if diff:
         print(f"[train {cfg.stage}] --force: continuing {output} with other options ({what}); the previous config "
@@ -71,7 +75,8 @@ def absolute_paths(cfg: TrainConfig, cwd: str | None = None) -> TrainConfig:
     def fix(spec: str) -> str:
         if not spec or URI_SCHEME.match(spec):
             return spec
-        return os.path.normpath(os.path.join(cwd, os.path.expanduser(spec)))
+        # joined, not normalised: an absolute path stays exactly as a run recorded it, so its resume matches
+        return os.path.join(cwd, os.path.expanduser(spec))
     data = dataclasses.replace(cfg.data, grids=[fix(s) for s in cfg.data.grids], clips=[fix(s) for s in cfg.data.clips])
     return dataclasses.replace(cfg, data=data, base_checkpoint=fix(cfg.base_checkpoint), init_from=fix(cfg.init_from),
                                resume_from=fix(cfg.resume_from))

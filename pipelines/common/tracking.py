@@ -15,8 +15,11 @@ def default_uri(given: str, folder: str | Path) -> str:
     relative to the working directory (``sqlite:///mlflow.db``, ``./mlruns``) is made absolute: the
     training workers log from another directory, and would otherwise write to a store of their own."""
     uri = given or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(folder).resolve()}/mlflow.db"
-    if uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
-        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
+    path = uri[len("sqlite:///"):]
+    if uri.startswith("sqlite:///") and not path.startswith("/") and path != ":memory:":
+        return f"sqlite:///{os.path.abspath(path)}"
+    if uri.startswith("file:") and not uri.startswith("file://") and not uri[len("file:"):].startswith("/"):
+        return f"file://{os.path.abspath(uri[len('file:'):])}"
     if uri.lower() not in ("none", "databricks") and not URI_SCHEME.match(uri):  # a folder: MLflow's file store
         return os.path.abspath(os.path.expanduser(uri))
     return uri
