@@ -78,7 +78,8 @@ def main() -> None:
         if args.profile_out and phases.is_file():
             import shutil
             shutil.copytree(phases.parent, args.profile_out, dirs_exist_ok=True)
-    print(json.dumps({"stage": args.stage, "batch": cfg.batch_size, "zero": args.zero, "steps": args.steps,
+    print(json.dumps({"stage": args.stage, "batch": cfg.batch_size, "zero": args.zero, "zero_run": cfg.zero_stage_run,
+                      "steps": args.steps,
                       "workers": args.workers, "frames": cfg.data.frames, "overrides": args.set, "profile": profile,
                       "data_wait_last_window": metrics.get("data_wait"),
                       "wall_s": time.time() - t0, "samples_per_s_last_window": metrics.get("samples_per_s"),

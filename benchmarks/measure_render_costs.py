@@ -28,27 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _scene(asset: str):
+    """The job's scene for ``asset`` at 256x256 (rendering/render_asset.py's own set-up): the frames and render
+    regions (None: whole frames) of the first action the job would render."""
     import bpy
 
-    import rendering.scene as S
-    from rendering.cameras import CircleRig, fit_distance
+    from rendering.render_asset import plan_frames, stage_scene
     from rendering.settings import RenderSettings
     s = RenderSettings(width=256, height=256, views=4, frames=8, threads=2)  # fps: the job's default
-    S.reset()
-    S.import_asset(asset)
-    rest = S.RestPose()
-    S.configure_engine(s)
-    S.setup_lighting(s)
-    rig = CircleRig(views=4, elevation_deg=s.elevation, distance=fit_distance(s.fov, 256, 256), fov_deg=s.fov,
-                    start_azimuth_deg=0, arc_deg=s.arc)
-    S.setup_cameras(rig, s)
-    start, end, _ = S.apply_action(S.list_actions()[0], rest)
+    staged = stage_scene(asset, s, start_azimuth_deg=0.0)
     render = bpy.context.scene.render
-    frames = S.sample_frames(start, end, s.frames, render.fps / render.fps_base, s.fps)  # as render_asset does
-    points: list = []
-    boxes = S.frame_bboxes(frames, points)
-    norm = S.normalize(*S.bbox_union(boxes))
-    return frames, S.render_borders(boxes, norm, rig, 256, 256, points)
+    plan = plan_frames(staged.actions[0], staged.rest, staged.rig, s, render.fps / render.fps_base)
+    return plan.frames, plan.borders
 
 
 def sizes(asset: str, out: str) -> None:
@@ -102,7 +92,7 @@ def settings(asset: str, variants: dict, rounds: int, out: str) -> None:
         total = 0.0
         for t in ts:
             S.set_frame(frames[t])
-            S.set_border(borders[t])
+            S.set_border(borders[t] if borders else None)
             t0 = time.perf_counter()
             bpy.ops.render.render(write_still=True)
             total += time.perf_counter() - t0

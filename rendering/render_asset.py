@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import bpy
 import numpy as np
@@ -183,8 +183,30 @@ def _region_fraction(borders: list | None) -> float:
     return round(sum(1.0 if b is None else (b[1] - b[0]) * (b[3] - b[2]) for b in flat) / len(flat), 4)
 
 
-def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[str, Any]:
-    """Import ``path`` into a fresh scene and render up to ``s.max_actions`` actions of it."""
+class FramePlan(NamedTuple):
+    """What an action renders: its range, the sampled frames, the normalization and the render regions."""
+    start: float
+    end: float
+    animated: list[str]    # the names the action drives
+    frames: list[float]
+    norm: dict[str, Any]
+    borders: list | None   # per time step (per view without multiview); None: whole frames
+    seconds: float         # normalization and regions (meta's seconds.normalize)
+
+
+class StagedScene(NamedTuple):
+    """A scene ready to render: what stage_scene set up."""
+    actions: list         # the actions that move (more than one frame long), in the asset's order
+    rest: Any             # the rest pose, restored before each action
+    rig: CircleRig
+    cameras: list
+    import_seconds: float  # reset and import (meta's seconds.import)
+
+
+def stage_scene(path: str, s: RenderSettings, start_azimuth_deg: float) -> StagedScene:
+    """A fresh scene holding ``path`` under the job's engine, lighting and camera circle, or SceneError
+    ("static") before any set-up when nothing in it moves. The job's set-up, shared with the benchmarks that
+    take its render calls apart (benchmarks/measure_render_costs.py), so they measure the scene the job renders."""
     t0 = time.time()
     S.reset()
     S.import_asset(path)
@@ -195,32 +217,43 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
     if not moving:
         what = "no actions" if not actions else f"only single-frame actions ({', '.join(a.name for a in actions[:3])})"
         raise S.SceneError("static", f"asset has no animation ({what}); it cannot make a 4D sample")
-    actions = moving
     rest = S.RestPose()
-    scene = bpy.context.scene
-    scene_fps = scene.render.fps / scene.render.fps_base
     S.configure_engine(s)
     S.setup_lighting(s)
     distance = s.distance if s.distance > 0 else fit_distance(s.fov, s.width, s.height)
     rig = CircleRig(views=s.views, elevation_deg=s.elevation, distance=distance, fov_deg=s.fov,
-                    start_azimuth_deg=start_azimuth(uid, s.seed, s.random_azimuth), arc_deg=s.arc)
-    cams = S.setup_cameras(rig, s)
+                    start_azimuth_deg=start_azimuth_deg, arc_deg=s.arc)
+    return StagedScene(moving, rest, rig, S.setup_cameras(rig, s), t_import)
+
+
+def plan_frames(action: Any, rest: Any, rig: CircleRig, s: RenderSettings, scene_fps: float) -> FramePlan:
+    """Apply ``action``, sample its frames, normalize the object over them and find the render regions."""
+    start, end, animated = S.apply_action(action, rest)
+    frames = S.sample_frames(start, end, s.frames, scene_fps, s.fps)
+    t1 = time.time()
+    S.clear_normalization()
+    points: list = []
+    boxes = S.frame_bboxes(frames, points if s.render_region else None)
+    norm = S.normalize(*S.bbox_union(boxes))
+    borders = None
+    if s.render_region and not S.region_unsafe():  # geometry the boxes do not measure: whole frames
+        borders = S.render_borders(boxes, norm, rig, s.width, s.height, points, per_view=not s.multiview)
+    return FramePlan(start, end, animated, frames, norm, borders, time.time() - t1)
+
+
+def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[str, Any]:
+    """Import ``path`` into a fresh scene and render up to ``s.max_actions`` actions of it."""
+    t0 = time.time()
+    actions, rest, rig, cams, t_import = stage_scene(path, s, start_azimuth(uid, s.seed, s.random_azimuth))
+    scene = bpy.context.scene
+    scene_fps = scene.render.fps / scene.render.fps_base
+    distance = rig.distance
     cameras = cameras_json(rig, s.width, s.height)
     samples = []
     tmp = tempfile.mkdtemp(prefix="render-", dir=os.environ.get("RENDER_SCRATCH") or None)
     try:
         for action in actions[: s.max_actions]:
-            start, end, animated = S.apply_action(action, rest)
-            frames = S.sample_frames(start, end, s.frames, scene_fps, s.fps)
-            t1 = time.time()
-            S.clear_normalization()
-            points: list = []
-            boxes = S.frame_bboxes(frames, points if s.render_region else None)
-            norm = S.normalize(*S.bbox_union(boxes))
-            borders = None
-            if s.render_region and not S.region_unsafe():  # geometry the boxes do not measure: whole frames
-                borders = S.render_borders(boxes, norm, rig, s.width, s.height, points, per_view=not s.multiview)
-            t_norm = time.time() - t1
+            start, end, animated, frames, norm, borders, t_norm = plan_frames(action, rest, rig, s, scene_fps)
             t1 = time.time()
             try:
                 with PhaseClock() as clock:

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.common.config import apply_overrides
 from pipelines.common.errors import UserError
 from pipelines.common.visuals import to_uint8
 from pipelines.generation import GenerateConfig, Generator4D, frames_to_tensor, generate_one

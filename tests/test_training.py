@@ -203,6 +203,43 @@ def test_resume_matches_straight_training(ray_local, train_grids: Path, tmp_path
     assert f"lr: {other.optim.lr}" in (Path(halves.output) / "config.yaml").read_text()
 
 
+def test_stage_0_clips_as_deepspeed_does_and_a_resume_keeps_its_checkpoints_stage(ray_local, train_grids: Path,
+                                                                                   tmp_path: Path) -> None:
+    """At ZeRO stage 0 the loop clips on the device (clip_on_device), DeepSpeed's clipping off. With clipping
+    active every step: two workers accumulating two micro-batches train the same weights as DeepSpeed's ZeRO-2
+    clipping does; one worker (ZeRO-2 asked, stage 0 run, no all-reduce) the same as DeepSpeed's ZeRO-3 on one
+    worker. A one-worker checkpoint continued on two workers (where the config's stage 2 would run) stays at
+    stage 0: DeepSpeed cannot load one stage's optimizer state into another."""
+    def trained(name: str, **kw) -> dict:
+        cfg = tiny("base", tmp_path / name, [str(train_grids)], **{"optim.grad_clip": 0.02, **kw})
+        run(cfg)
+        return load_checkpoint(str(tmp_path / name / "checkpoint_final"))["state_dict"]
+
+    def same(a: dict, b: dict) -> None:
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    def ran_at(name: str) -> int:
+        return json.loads((tmp_path / name / "deepspeed.json").read_text())["zero_optimization"]["stage"]
+
+    same(trained("own", zero_stage=0, grad_accum=2, total_samples=24),
+         trained("ds", zero_stage=2, grad_accum=2, total_samples=24))
+    client, rec = _run_record(tiny("base", tmp_path / "own", []))
+    norms = [m.value for m in client.get_metric_history(rec.info.run_id, "grad_norm")]
+    assert len(norms) == 3 and min(norms) > 0.02  # clipping acted at every step
+    assert json.loads((tmp_path / "own" / "deepspeed.json").read_text())["config"]["gradient_clipping"] == 0.0
+    same(trained("one", num_workers=1, zero_stage=2, total_samples=8),
+         trained("one_z3", num_workers=1, zero_stage=3, total_samples=8))
+    assert (ran_at("one"), ran_at("one_z3")) == (0, 3)
+
+    part = tiny("base", tmp_path / "part", [str(train_grids)], num_workers=1, steps_this_run=2, total_samples=8)
+    run(part)
+    two = dataclasses.replace(part, num_workers=2, steps_this_run=0, force=True)
+    assert two.zero_stage_run == 2
+    run(two)
+    assert ran_at("part") == 0 and (tmp_path / "part" / "checkpoint_final").exists()
+
+
 def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path, tmp_path: Path) -> None:
     cfg = tiny("base", tmp_path, [str(train_grids)], total_samples=24, checkpoint_every=2, fail_at_step=3,
                max_failures=1)

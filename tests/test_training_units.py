@@ -61,6 +61,14 @@ def test_deepspeed_config_follows_the_training_config() -> None:
     assert gpu["zero_optimization"]["overlap_comm"] is True  # two GPUs: the reduction overlaps the backward
     one = deepspeed_config(_cfg(use_gpu=True, precision="bf16", num_workers=1, batch_size=4))
     assert one["zero_optimization"]["overlap_comm"] is False  # one GPU: nothing to reduce, no device sync a step
+    # one worker runs ZeRO-2 as stage 0, where the loop clips on the device (DeepSpeed's clipping is off)
+    assert one["zero_optimization"]["stage"] == 0 and one["gradient_clipping"] == 0.0
+    assert deepspeed_config(_cfg(num_workers=1), zero_stage=2)["gradient_clipping"] == 1.0  # a resumed ZeRO-2 run
+    # DeepSpeed's throughput timer (a device-wide sync at every forward and step) is off, unless asked for
+    assert cpu["timers"] == {"throughput": {"enabled": False}}
+    from pipelines.common.config import apply_overrides
+    timed = apply_overrides(_cfg(), {"deepspeed.timers.throughput.enabled": True})
+    assert deepspeed_config(timed)["timers"] == {"throughput": {"enabled": True}}
     forced = deepspeed_config(_cfg(use_gpu=True, num_workers=1, batch_size=4,
                                    deepspeed={"zero_optimization.overlap_comm": True}))
     assert forced["zero_optimization"]["overlap_comm"] is True
@@ -109,12 +117,88 @@ def test_extra_deepspeed_entries_merge_over_the_jobs_config_and_the_jobs_own_are
         apply_overrides(_cfg(), {"deepspeed": {"tensorboard": 3, "tensorboard.enabled": True}})
 
 
+def test_one_worker_runs_zero_1_and_2_as_stage_0_but_keeps_zero_3_and_offload() -> None:
+    from pipelines.common.config import apply_overrides
+    assert [_cfg(num_workers=1, zero_stage=z).zero_stage_run for z in (0, 1, 2, 3)] == [0, 0, 0, 3]
+    assert [_cfg(num_workers=2, zero_stage=z).zero_stage_run for z in (0, 1, 2, 3)] == [0, 1, 2, 3]
+    one = {"num_workers": 1, "zero_stage": 2}
+    for entry, value in (("offload_optimizer.device", "cpu"), ("offload_param.device", "nvme"), ("cpu_offload", True)):
+        offload = apply_overrides(_cfg(**one), {f"deepspeed.zero_optimization.{entry}": value})
+        assert offload.zero_stage_run == 2, entry  # ZeRO-Offload is a one-GPU feature: the stage stays
+    for entry, value in (("offload_optimizer.device", "none"), ("cpu_offload", False)):  # no offload after all
+        assert apply_overrides(_cfg(**one), {f"deepspeed.zero_optimization.{entry}": value}).zero_stage_run == 0
+    # ZeRO entries are checked at the stage that runs: compute_grad_norm=false (stages 1-2 only) on one worker
+    # would reach DeepSpeed at stage 0 and fail in the workers, so it fails here, saying why
+    from pipelines.common.config import ConfigError
+    with pytest.raises(ConfigError, match="compute_grad_norm=false is supported only with ZeRO Stage 1 or 2.*"
+                                          "one worker runs ZeRO stage 2 as stage 0"):
+        apply_overrides(_cfg(**one), {"deepspeed.zero_optimization.compute_grad_norm": False})
+    # the loop clips after the last micro-batch's backward: DeepSpeed must reduce there (managed accumulation)
+    with pytest.raises(ConfigError, match="managed_gradient_accumulation is set by the job.*grad_accum"):
+        apply_overrides(_cfg(), {"deepspeed.managed_gradient_accumulation": False})
+
+
+def test_a_resume_runs_at_its_checkpoints_zero_stage() -> None:
+    from training.loop import run_zero_stage
+    one = _cfg(num_workers=1, zero_stage=2)
+    assert run_zero_stage(one, None) == 0  # fresh: one worker runs stage 0
+    assert run_zero_stage(one, {"step": 3, "zero_stage": 0}) == 0
+    assert run_zero_stage(_cfg(num_workers=4, zero_stage=2), {"step": 3, "zero_stage": 0}) == 0  # kept on 4
+    assert run_zero_stage(one, {"step": 3}) == 2  # written before the stage was recorded: the configured one
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_clip_on_device_clips_like_torch_and_skips_a_non_finite_step(fused: bool) -> None:
+    """The loop's clipping at ZeRO stage 0: the same gradients as torch's clip_grad_norm_, the norm returned
+    without a host read, and a step with a non-finite gradient updates nothing (the fused AdamW through
+    found_inf, as on GPUs; the unfused one by dropping the gradients)."""
+    from training.loop import clip_on_device
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=fused)
+    ref_opt = torch.optim.AdamW(ref, lr=0.1)
+    for a, b in zip(params, ref):
+        a.grad = torch.randn_like(a) * 10
+        b.grad = a.grad.clone()
+    norm = clip_on_device(params, 1.0, opt)
+    assert norm.item() == pytest.approx(torch.nn.utils.clip_grad_norm_(ref, 1.0).item())
+    assert norm.item() > 1.0  # clipping was active
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+    opt.step()
+    ref_opt.step()
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b)
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    params[1].grad = torch.full_like(params[1], float("inf"))
+    params[0].grad = torch.ones_like(params[0])
+    assert not torch.isfinite(clip_on_device(params, 1.0, opt))
+    opt.step()
+    for a, b, m in zip(params, before, moments):
+        torch.testing.assert_close(a.detach(), b)  # no update, no weight decay
+        torch.testing.assert_close(opt.state[a]["exp_avg"], m)
+        assert float(opt.state[a]["step"]) == 1  # the skipped step is not counted
+    # the next finite step updates again; a parameter no loss reached (no gradient) still decays
+    params[0].grad, params[1].grad = torch.ones_like(params[0]), None
+    clip_on_device(params, 0.0, opt)  # 0: no clipping, the norm still measured
+    opt.step()
+    assert not torch.equal(params[0].detach(), before[0])
+    # AdamW skips a parameter without a gradient; with the zero one it decays and follows its moments, as
+    # under DeepSpeed
+    assert torch.equal(params[1].grad, torch.zeros_like(params[1])) and not torch.equal(params[1].detach(), before[1])
+
+
 def test_the_deepspeed_options_shape_matches_the_config_the_job_builds() -> None:
     from training.config import DEEPSPEED_JOB_SECTIONS, DEEPSPEED_JOB_VALUES, DEEPSPEED_OWN
     from training.loop import _deepspeed_base
     for cfg in (_cfg(), _cfg(use_gpu=True, precision="bf16")):
-        base = _deepspeed_base(cfg)
-        assert {k for k, v in base.items() if isinstance(v, dict)} == set(DEEPSPEED_JOB_SECTIONS)
+        base = _deepspeed_base(cfg, cfg.zero_stage_run)
+        def sections(d: dict, prefix: str = "") -> set[str]:  # every nested section, dotted
+            return {n for k, v in d.items() if isinstance(v, dict)
+                    for n in {prefix + k} | sections(v, prefix + k + ".")}
+        assert sections(base) == set(DEEPSPEED_JOB_SECTIONS)
         assert {k for k, v in base.items() if not isinstance(v, dict)} == set(DEEPSPEED_JOB_VALUES) | {
             k for k in DEEPSPEED_OWN if "." not in k and k in base}
 
@@ -151,6 +235,12 @@ def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_pat
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))  # resumed again at once: a record of its own
     again = check_resume(dataclasses.replace(cfg, fp8=True), tmp_path)
     assert again is not None and again != kept and kept.is_file() and again.is_file()
+    capsys.readouterr()
+    # --force with other options and fp8 switched: one line that names both
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    check_resume(dataclasses.replace(cfg, fp8=True, batch_size=cfg.batch_size * 2, force=True), tmp_path)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "--force" in line and "batch_size" in line and "other arithmetic from here on (fp8 False -> True)" in line
 
 
 def test_fp8_is_the_paper_4d_default_and_a_gpu_without_fp8_is_told_how_to_turn_it_off(monkeypatch) -> None:

@@ -42,10 +42,13 @@ DEEPSPEED_OWN = {"train_micro_batch_size_per_gpu": "batch_size", "gradient_accum
                  "train_batch_size": "batch_size and grad_accum", "gradient_clipping": "optim.grad_clip",
                  "zero_optimization.stage": "zero_stage", "torch_autocast.enabled": "precision",
                  "torch_autocast.dtype": "precision", "bf16": "precision", "fp16": "precision", "amp": "precision",
-                 "optimizer": "optim (the job builds AdamW)", "scheduler": "optim (the job's cosine schedule)"}
+                 "optimizer": "optim (the job builds AdamW)", "scheduler": "optim (the job's cosine schedule)",
+                 # the loop's clipping at stage 0 runs after the last micro-batch's backward, where DeepSpeed's
+                 # managed accumulation has reduced the gradients; unmanaged, it would reduce them later
+                 "managed_gradient_accumulation": "grad_accum"}
 # The shape of the rest of the config the job builds (training/loop.py: _deepspeed_base; a test keeps the two
 # in step): extra entries go inside its sections and replace its plain values, never the other way round.
-DEEPSPEED_JOB_SECTIONS = ("zero_optimization", "torch_autocast")
+DEEPSPEED_JOB_SECTIONS = ("zero_optimization", "torch_autocast", "timers", "timers.throughput")
 DEEPSPEED_JOB_VALUES = ("zero_allow_untested_optimizer", "steps_per_print", "wall_clock_breakdown")
 _EXPONENT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
@@ -189,7 +192,9 @@ class TrainConfig:
     num_workers: int = doc(2, "Ray Train workers")
     use_gpu: bool = doc(False, "one GPU per worker (NCCL); otherwise CPU workers over gloo")
     cpus_per_worker: float = doc(1.0, "CPUs reserved per worker")
-    zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage")
+    zero_stage: Literal[0, 1, 2, 3] = doc(2, "DeepSpeed ZeRO stage (1 and 2 run as 0 on a single worker, where "
+                                          "they would partition nothing, unless ZeRO-Offload is set: "
+                                          "TrainConfig.zero_stage_run)")
     precision: Literal["bf16", "fp32"] = doc("fp32", "bf16 autocast needs a GPU or a recent CPU")
     deepspeed: dict = doc(text="DeepSpeed config entries merged over the one the job builds (training/loop.py: "
                           "deepspeed_config), dotted keys for nested ones, e.g. --set "
@@ -198,9 +203,9 @@ class TrainConfig:
                           "lower_precision_safe_modules replaces the job's list", factory=dict)
     fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 (model/fp8.py; H100-class GPUs): tensorwise "
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
-                    "On at the paper preset's 4D stage (+4-8% through the job, 47.4% MFU on an H100; sync layers trained with it "
-                    "score 0.04 dB below bf16's on held-out grids, docs/performance.md); no measurable gain through "
-                    "the job at the paper base (13 GB less memory)")
+                    "On at the paper preset's 4D stage (+4-8% through the job, 48.5% MFU on an H100; sync layers trained with it "
+                    "score 0.04 dB below bf16's on held-out grids, docs/performance.md); off at the base: +3% through the "
+                    "job there (43.5% against 42.2% MFU, 13 GB less memory), but FP8-trained weights are unchecked")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
@@ -250,7 +255,14 @@ class TrainConfig:
         check_choices(self)
         # The entries' shape, none of them the job's own, ZeRO entries valid at this stage; kept in their nested,
         # typed form, so config.yaml, MLflow and the resume check see one spelling of each.
-        self.deepspeed = deepspeed_extra(self.deepspeed, self.zero_stage, self.overlap_comm)
+        self.deepspeed = deepspeed_extra(self.deepspeed)
+        try:
+            deepspeed_extra(self.deepspeed, self.zero_stage_run, self.overlap_comm)
+        except ConfigError as e:
+            if self.zero_stage_run == self.zero_stage:
+                raise
+            raise ConfigError(f"{e} (one worker runs ZeRO stage {self.zero_stage} as stage 0, where it would "
+                              "partition nothing: TrainConfig.zero_stage_run)") from None
         if not 0.0 <= self.data.freeze_time_fraction <= 1.0:
             raise ConfigError(f"data.freeze_time_fraction must be in [0, 1], got {self.data.freeze_time_fraction}")
         if not 0.0 <= self.data.first_frame_only_prob <= 1.0:
@@ -271,6 +283,23 @@ class TrainConfig:
         (measured, docs/performance.md "Session 13"). ``--set deepspeed.zero_optimization.overlap_comm=...``
         still overrides it."""
         return self.use_gpu and self.num_workers > 1
+
+    @property
+    def zero_stage_run(self) -> int:
+        """The ZeRO stage a fresh run of this config runs: ``zero_stage``, except stages 1 and 2 on a single
+        worker, which run as stage 0. With one data-parallel rank they partition nothing, yet DeepSpeed's
+        version keeps a second fp32 copy of the weights (10 GB at the paper base), runs a Python hook per
+        gradient tensor and an optimizer step that waits for the GPU (docs/performance.md, "Session 15"); at
+        stage 0 the loop clips on the device (``clip_on_device``) and nothing waits. Kept: stage 3, and any
+        stage with ZeRO-Offload entries (``deepspeed.zero_optimization.offload_*``), which exist for one GPU.
+        A resumed run keeps the stage its checkpoint was written with (DeepSpeed cannot load one stage's
+        optimizer state into another)."""
+        zero = self.deepspeed.get("zero_optimization") or {}
+        # offload_optimizer/offload_param with a device (DeepSpeed's default device is "none"), or the older
+        # cpu_offload flags DeepSpeed still reads
+        offload = any((k.startswith("offload_") and isinstance(v, dict) and str(v.get("device", "none")) != "none")
+                      or (k in ("cpu_offload", "cpu_offload_param") and bool(v)) for k, v in zero.items())
+        return 0 if self.num_workers == 1 and self.zero_stage in (1, 2) and not offload else self.zero_stage
 
     @property
     def samples_per_step(self) -> int:
@@ -334,9 +363,10 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
-                  # The 4D stage's frozen base in FP8: +4-8% samples/s through the job (47.4% MFU on an H100, bf16 est. 44%);
+                  # The 4D stage's frozen base in FP8: +4-8% samples/s through the job (48.5% MFU on an H100, session 15);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids
-                  # (docs/performance.md, session 14). At the base, FP8 gained nothing measurable through the job.
+                  # (docs/performance.md, session 14). At the base, FP8 gains 3% through the job (session 15), and
+                  # training its weights in FP8 is unchecked: off.
                   fp8={"base": False, "upsampler": False, "4d": True},
                   checkpoint_every=2000, output="outputs/paper/{stage}",
                   data=dict(frames=8, views=8, height={"base": 72, "upsampler": 288, "4d": 72},

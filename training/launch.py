@@ -51,11 +51,12 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
         n += 1
         kept = output / f"config.before-{stamp}-{n}.yaml"
     old_path.replace(kept)
-    if diff:
-        print(f"[train {cfg.stage}] --force: continuing {output} with other options ({what}); the previous config "
-              f"is kept as {kept.name}", flush=True)
-    if switched:
-        how = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in switched)
+    how = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in switched)
+    if diff:  # one line, naming the arithmetic change too when both meet
+        print(f"[train {cfg.stage}] --force: continuing {output} with other options ({what})"
+              + (f" and other arithmetic from here on ({how})" if switched else "")
+              + f"; the previous config is kept as {kept.name}", flush=True)
+    else:
         print(f"[train {cfg.stage}] continuing {output} with other arithmetic from here on ({how}; the weights "
               f"carry over); the previous config is kept as {kept.name}", flush=True)
     return kept

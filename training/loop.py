@@ -60,17 +60,21 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed config of a run: built from the TrainConfig, then ``cfg.deepspeed``'s entries merged in."""
-    return _merge(_deepspeed_base(cfg), deepspeed_extra(cfg.deepspeed))
+def deepspeed_config(cfg: TrainConfig, zero_stage: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a run at ``zero_stage`` (default: the stage a fresh run runs,
+    ``cfg.zero_stage_run``): built from the TrainConfig, then ``cfg.deepspeed``'s entries merged in."""
+    return _merge(_deepspeed_base(cfg, cfg.zero_stage_run if zero_stage is None else zero_stage),
+                  deepspeed_extra(cfg.deepspeed))
 
 
-def _deepspeed_base(cfg: TrainConfig) -> dict[str, Any]:
+def _deepspeed_base(cfg: TrainConfig, zero_stage: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": cfg.overlap_comm},
+        # at stage 0 the loop clips itself, on the device (clip_on_device): DeepSpeed's stage-0 clipping waits
+        # for the GPU every step
+        "gradient_clipping": cfg.optim.grad_clip if zero_stage else 0.0,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": cfg.overlap_comm},
         # bf16 as autocast inside the engine over fp32 master weights (gradients reduced in bf16).
         # DeepSpeed's "bf16" mode would cast the weights instead, and its forward turns an outer
         # torch.autocast off, so fp32 internals (time embeddings, RoPE) would meet bf16 linears.
@@ -82,7 +86,53 @@ def _deepspeed_base(cfg: TrainConfig) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer, on by default, waits for the whole device at the start of every forward
+        # and the end of every step (cudaDeviceSynchronize), only to print a samples/s the loop measures itself
+        "timers": {"throughput": {"enabled": False}},
     }
+
+
+def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
+                   optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """Clip the gradients' global norm to ``max_norm`` (0 = no clipping) and skip a step whose norm is not
+    finite, without the host waiting for the GPU; returns the norm before clipping, on the device.
+
+    The loop's clipping at ZeRO stage 0 (TrainConfig.zero_stage_run). DeepSpeed's own reads values back or
+    copies host constants in, so the host waits for the backward to finish and the GPU then idles while the
+    host queues the optimizer step, the EMA and the next forward (19-30 ms a step at the paper base,
+    docs/performance.md). A non-finite norm skips the update (weights and AdamW's moments stay, as with
+    DeepSpeed's ZeRO 1/2; the learning-rate schedule still advances, with the loop's step count): the fused
+    AdamW (on GPUs) reads the flag on the device (``found_inf``, as torch's GradScaler sets it); elsewhere,
+    where reading it costs nothing, the gradients are dropped so the step updates nothing. A parameter no loss
+    reached gets a zero gradient, as DeepSpeed gives it, so AdamW still decays it (with one worker nothing
+    else fills it in).
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    bad = ~torch.isfinite(norm)
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
+    elif bool(bad):
+        optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def run_zero_stage(cfg: TrainConfig, resumed: dict[str, Any] | None) -> int:
+    """The ZeRO stage this attempt runs: a fresh run's ``cfg.zero_stage_run``; a resume keeps the stage its
+    checkpoint (``resumed``, its train_state.json) was written with, since DeepSpeed cannot load one stage's
+    optimizer state into another. Checkpoints from before the stage was recorded ran the configured one."""
+    return cfg.zero_stage_run if resumed is None else int(resumed.get("zero_stage", cfg.zero_stage))
+
+
+def checkpoint_state(ckpt: Any) -> dict[str, Any]:
+    """A Ray Train checkpoint's ``train_state.json``, read alone (not the whole checkpoint)."""
+    with ckpt.filesystem.open_input_file(f"{ckpt.path}/train_state.json") as f:
+        return json.loads(f.read())
 
 
 class EMA:
@@ -242,18 +292,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
-    ds_config = deepspeed_config(cfg)
+    ckpt = ray.train.get_checkpoint() or (Checkpoint(cfg.resume_from) if cfg.resume_from else None)
+    zero_stage = run_zero_stage(cfg, checkpoint_state(ckpt) if ckpt is not None else None)
+    if rank == 0 and zero_stage != cfg.zero_stage_run:
+        say(f"[train] the checkpoint was written at ZeRO stage {zero_stage}; continuing at that stage "
+            f"(a fresh run of this config runs stage {cfg.zero_stage_run})")
+    ds_config = deepspeed_config(cfg, zero_stage)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=stage, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=trainable, dist_init_required=False)
-    ema = EMA(named_trainable, cfg.optim.ema_decay, cfg.zero_stage == 3) if cfg.optim.ema_decay > 0 else None
+    if zero_stage == 0 and world == 1:
+        # one rank: DeepSpeed would still flatten every gradient into buckets, all-reduce them with themselves
+        # and copy them back, each backward
+        engine.enable_backward_allreduce = False
+    ema = EMA(named_trainable, cfg.optim.ema_decay, zero_stage == 3) if cfg.optim.ema_decay > 0 else None
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in stage.parameters())
 
     # ---- resume: the run's own latest checkpoint, else an explicit one
     state: dict[str, Any] = {"step": 0, "samples_seen": 0, "mlflow_run_id": None}
     data_state = None
-    ckpt = ray.train.get_checkpoint() or (Checkpoint(cfg.resume_from) if cfg.resume_from else None)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag="ds")
@@ -291,7 +349,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         from training.specs import TRAIN_SPECS
         what = TRAIN_SPECS[cfg.stage].describe(cfg)
         say(f"[train {cfg.stage}] {what}: {n_trainable:,} trainable of {n_total:,} parameters; {world} workers on "
-            f"{nodes} node{'s' if nodes != 1 else ''}")
+            f"{nodes} node{'s' if nodes != 1 else ''}, ZeRO stage {zero_stage}")
     state["mlflow_run_id"] = tracker.run_id
     if rank == 0:  # what DeepSpeed ran with: the job's config and its ZeRO settings as DeepSpeed read them
         zero = engine._config.zero_config.model_dump(mode="json")
@@ -306,7 +364,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             engine.save_checkpoint(d, tag="ds")
             (Path(d) / f"data_rank{rank}.json").write_text(json.dumps(data_pos))
             if rank == 0:
-                (Path(d) / "train_state.json").write_text(json.dumps({**state, "world": world}))
+                (Path(d) / "train_state.json").write_text(json.dumps({**state, "world": world,
+                                                                      "zero_stage": zero_stage}))
                 if ema is not None:
                     torch.save({k: v.cpu() for k, v in ema.shadow.items()}, Path(d) / "ema.pt")
             ray.train.report({**metrics, "nodes": nodes, "resumed_at": resumed_at},
@@ -316,6 +375,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t_last, samples_last = time.time(), state["samples_seen"]
     waited = 0.0  # seconds this logging window spent waiting for the loader
     metrics: dict[str, Any] = {}
+    grad_norm: Any = None  # the last step's, read only when logged (at stage 0 a device tensor: no wait a step)
     phase = torch.profiler.record_function
     stop_at = min(cfg.total_steps, state["step"] + cfg.steps_this_run) if cfg.steps_this_run else cfg.total_steps
     while state["step"] < stop_at:
@@ -335,6 +395,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with phase("train/backward"):
                 engine.backward(loss)
             with phase("train/optimizer"):  # at accumulation boundaries: clipping and the optimizer step
+                if zero_stage == 0 and micro == cfg.grad_accum - 1:
+                    grad_norm = clip_on_device(trainable, cfg.optim.grad_clip, optimizer)
                 engine.step()
             losses.append(loss.detach().float())
         state["step"] += 1
@@ -360,7 +422,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 window = max(now - t_last, 1e-9)
                 sps = (state["samples_seen"] - samples_last) / window
                 t_last, samples_last = now, state["samples_seen"]
-                grad_norm = engine.get_global_grad_norm()
+                if zero_stage:
+                    grad_norm = engine.get_global_grad_norm()
                 metrics = {"loss": float(loss_val), "lr": float(scheduler.get_last_lr()[0]),
                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                            "samples_per_s": sps, "tokens_per_s": sps * stage.tokens_per_sample(preview),
@@ -391,7 +454,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 save(metrics)
 
     if state["step"] == cfg.total_steps:
-        _export(stage, ema, cfg, tracker, rank)
+        _export(stage, ema, cfg, tracker, rank, zero_stage == 3)
     elif rank == 0:
         say(f"[train] stopped at step {state['step']}/{cfg.total_steps} (steps_this_run); run again to continue")
     tracker.finish()
@@ -414,11 +477,11 @@ def data_items(path: Path) -> dict[str, Any]:
     return {"items": items, "digest": hashlib.sha256("\n".join(items).encode()).hexdigest()}
 
 
-def _export(stage, ema, cfg: TrainConfig, tracker, rank: int) -> None:
+def _export(stage, ema, cfg: TrainConfig, tracker, rank: int, zero3: bool) -> None:
     """Write checkpoint_final/model.pt (EMA weights when kept) and log it to MLflow."""
     import deepspeed
     params = list(stage.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params) if cfg.zero_stage == 3 else nullcontext()
+    ctx = deepspeed.zero.GatheredParameters(params) if zero3 else nullcontext()
     with ctx:
         if rank != 0:
             return

@@ -10,11 +10,7 @@ RUNS=${1:-"base:1:2 base:2:2 base:2:3 4d:1:2 4d:2:2"}
 STEPS=${STEPS:-30}
 OUT=${OUT:-/tmp/multigpu}
 mkdir -p "$OUT"
-if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+source benchmarks/gpu/wheels.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for run in $RUNS; do
     IFS=: read -r stage workers zero <<< "$run"

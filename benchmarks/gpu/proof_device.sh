@@ -18,12 +18,7 @@ OUT=${OUT:-$RUN/out}
 mkdir -p "$RUN/data" "$OUT"
 t0=$(date +%s)
 
-if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
-    echo "[device] wheels installed in $(( $(date +%s) - t0 ))s"
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0
+source benchmarks/gpu/wheels.sh
 # Carried inputs (renders made where Blender is; checkpoints brought back from an earlier machine).
 for d in outputs/proof/data/*; do [ -e "$d" ] && [ ! -e "$RUN/data/$(basename "$d")" ] && cp -r "$d" "$RUN/data/"; done
 for d in outputs/proof/carry/*; do [ -e "$d" ] && [ ! -e "$RUN/$(basename "$d")" ] && cp -r "$d" "$RUN/"; done

@@ -18,11 +18,7 @@ EV=${EV:-/tmp/ev}
 OUT=${OUT:-$EV/out}
 mkdir -p "$EV/data" "$EV/logs" "$OUT"
 t0=$(date +%s)
-if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source benchmarks/gpu/wheels.sh
 [ -d outputs/proof/data/render_heldout ] && [ ! -e "$EV/data/render_heldout" ] && cp -r outputs/proof/data/render_heldout "$EV/data/"
 [ -n "$WEIGHTS" ] && [ -d "$WEIGHTS" ] && [ ! -e "$EV/weights" ] && cp -r "$WEIGHTS" "$EV/weights"
 

@@ -19,11 +19,7 @@ OUT=${OUT:-/tmp/resume}
 WORK=/tmp/resume_work
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/A" "$WORK/B" "$WORK/C"  # a warm machine's earlier runs would resume finished and "pass"
-if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && touch /tmp/site/.installed || { echo "wheel install failed"; exit 1; }
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH RAY_DEDUP_LOGS=0
+source benchmarks/gpu/wheels.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f "$WORK/data/summary.json" ] || python3 pipelines/make_pseudo4d.py --preset proof --output "$WORK/data" \
     --procedural.count 200 > "$OUT/data.log" 2>&1 || { tail -5 "$OUT/data.log"; exit 1; }

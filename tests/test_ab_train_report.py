@@ -1,4 +1,4 @@
-"""benchmarks/fp8_train_report.py on the committed FP8-vs-bf16 phase-1 metrics: it reproduces the paired loss
+"""benchmarks/ab_train_report.py on the committed FP8-vs-bf16 phase-1 metrics: it reproduces the paired loss
 ratio docs/performance.md quotes, draws the figure, and refuses runs that logged different steps."""
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "results" / "fp8_train_proof_h100"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from fp8_train_report import figure, summary  # noqa: E402
+from ab_train_report import figure, summary  # noqa: E402
 
 
 def test_the_committed_runs_give_the_documented_ratio_and_a_figure(tmp_path: Path) -> None:
-    s = summary(RUN)
+    s = summary(RUN, ("bf16", "fp8"))
     assert len(s["samples"]) == 60 and s["samples"][-1] == 9600
-    assert s["ratio_fp8_bf16"]["mean"] == pytest.approx(1.0048, abs=5e-5)
+    assert s["ratio"]["mean"] == pytest.approx(1.0048, abs=5e-5)
     assert s["last_quarter_mean"]["bf16"] == pytest.approx(0.02392, abs=5e-6)
     assert s["evaluation"] == {}  # the evaluation's per-cell results.json is not committed, only its summary
-    path = figure(s, tmp_path)
+    path = figure(s, tmp_path, "fig.png", "bf16 vs fp8")
     assert path.stat().st_size > 10_000
 
 
@@ -31,4 +31,4 @@ def test_runs_that_logged_different_steps_are_refused(tmp_path: Path) -> None:
     metrics = tmp_path / "run" / "p1_fp8" / "metrics.jsonl"
     metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-3]))  # a run cut short
     with pytest.raises(SystemExit, match="different steps"):
-        summary(tmp_path / "run")
+        summary(tmp_path / "run", ("bf16", "fp8"))
