@@ -27,6 +27,10 @@ from training.recipes.proof_figures import read_losses, smooth  # noqa: E402
 def summary(run: Path, arms: tuple[str, str]) -> dict:
     """Paired losses, their ratio (B / A) and, with the evaluation, per-grid PSNR/SSIM differences (B - A)."""
     first, second = arms
+    for name in arms:
+        if not (run / f"p1_{name}" / "metrics.jsonl").is_file():
+            there = sorted(d.name[3:] for d in run.glob("p1_*"))
+            raise SystemExit(f"{run}: no p1_{name}/metrics.jsonl; the runs there are {', '.join(there) or 'none'}")
     curves = {name: read_losses(run / f"p1_{name}" / "metrics.jsonl") for name in arms}
     (x, a), (x8, b) = curves[first], curves[second]
     if len(x) != len(x8) or not np.array_equal(x, x8):
