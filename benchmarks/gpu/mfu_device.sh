@@ -6,8 +6,7 @@
 # RUNS_FILE has one run a line, "<name> <script> <args...>", where script is `job`
 # (benchmarks/bench_train_loop.py: Ray Train + DeepSpeed + loader + EMA, paper preset), `job@DIR` (the same
 # from a copy of an earlier tree, e.g. `mkdir -p DIR && git archive <commit> benchmarks model pipelines training |
-# tar -x -C DIR`:
-# before/after in one call) or `bare`
+# tar -x -C DIR`: before/after in one call) or `bare`
 # (benchmarks/bench_model.py: the compiled model step alone, fused AdamW) or `bare@DIR` (the same, run from a
 # copy of an earlier tree in DIR, e.g. `mkdir -p DIR && git archive <commit> model benchmarks/bench_model.py pipelines/common
 # pipelines/__init__.py | tar -x -C DIR`: a before/after ratio in one call). Lines starting with # are skipped.
