@@ -3,7 +3,8 @@ side and step by step.
 
     python benchmarks/ab_train_report.py RUN_DIR --arms bf16,fp8 [--figure NAME] [--out docs/results] [--json FILE]
 
-RUN_DIR holds ``p1_<A>/metrics.jsonl`` and ``p1_<B>/metrics.jsonl`` (the device script's archive, unpacked).
+RUN_DIR holds ``p1_<A>/metrics.jsonl`` and ``p1_<B>/metrics.jsonl`` (the device script's archive, unpacked), or
+``base_<A>``/``base_<B>`` for the base stage's runs (AB_STAGE=base).
 Both runs see the same grids in the same order and the same noise, so their logged single-batch losses are
 paired: the figure shows both curves and, below, B's loss relative to A's at every logged step. The printed
 summary gives each run's mean loss over the last quarter and the paired ratio's mean and spread. With the
@@ -27,11 +28,12 @@ from training.recipes.proof_figures import read_losses, smooth  # noqa: E402
 def summary(run: Path, arms: tuple[str, str]) -> dict:
     """Paired losses, their ratio (B / A) and, with the evaluation, per-grid PSNR/SSIM differences (B - A)."""
     first, second = arms
+    prefix = "base_" if any(run.glob("base_*/metrics.jsonl")) else "p1_"  # AB_STAGE=base runs, or the 4D's
     for name in arms:
-        if not (run / f"p1_{name}" / "metrics.jsonl").is_file():
-            there = sorted(d.name[3:] for d in run.glob("p1_*"))
-            raise SystemExit(f"{run}: no p1_{name}/metrics.jsonl; the runs there are {', '.join(there) or 'none'}")
-    curves = {name: read_losses(run / f"p1_{name}" / "metrics.jsonl") for name in arms}
+        if not (run / f"{prefix}{name}" / "metrics.jsonl").is_file():
+            there = sorted(d.parent.name[len(prefix):] for d in run.glob(f"{prefix}*/metrics.jsonl"))
+            raise SystemExit(f"{run}: no {prefix}{name}/metrics.jsonl; the runs there are {', '.join(there) or 'none'}")
+    curves = {name: read_losses(run / f"{prefix}{name}" / "metrics.jsonl") for name in arms}
     (x, a), (x8, b) = curves[first], curves[second]
     if len(x) != len(x8) or not np.array_equal(x, x8):
         raise SystemExit(f"{run}: the two runs logged different steps ({len(x)} against {len(x8)} points); "
@@ -79,7 +81,7 @@ def figure(s: dict, out: Path, name: str, title: str) -> Path:
     bottom.axhline(1.0, color="0.5", lw=0.8)
     bottom.plot(x, ratio, color="tab:red", lw=1.0, marker=".", ms=3)
     bottom.set_ylabel(f"{second} / {first} loss")
-    bottom.set_xlabel("grids seen")
+    bottom.set_xlabel("samples seen (4D: grids, base: clips)")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
     path = out / name
@@ -91,7 +93,7 @@ def figure(s: dict, out: Path, name: str, title: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run", type=Path)
-    ap.add_argument("--arms", default="bf16,fp8", help="the two arms' names, A,B (the runs' p1_<name> folders)")
+    ap.add_argument("--arms", default="bf16,fp8", help="the two arms' names, A,B (the runs' p1_<name> or base_<name> folders)")
     ap.add_argument("--figure", default="", help="figure file name in --out (default: <B>_vs_<A>_loss.png)")
     ap.add_argument("--title", default="", help="figure title")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))

@@ -205,7 +205,7 @@ class TrainConfig:
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
                     "On at the paper preset's 4D stage (+4-8% through the job, 48.5% MFU on an H100; sync layers trained with it "
                     "score 0.04 dB below bf16's on held-out grids, docs/performance.md); off at the base: +3% through the "
-                    "job there (43.5% against 42.2% MFU, 13 GB less memory), but FP8-trained weights are unchecked")
+                    "job there (43.5-43.9% against 42.2% MFU, 13 GB less memory), checked in training only briefly (docs/results.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")

@@ -3,9 +3,11 @@
 # layers (the 4D stage), identical but for what ARMS_FILE names, side by side on one GPU: the same shipped base
 # (weights/proof/base.pt.gz), the same pseudo-4D grids in the same order, the same seed; then both checkpoints on
 # the held-out and validation pseudo-4D grids, evaluated alike (bf16, Euler 20). benchmarks/ab_train_report.py
-# draws the paired loss curves and the per-grid differences from what comes back.
+# draws the paired loss curves and the per-grid differences from what comes back. With AB_STAGE=base the two
+# runs train the base instead: the shipped proof base continued (--init-from) on the same pseudo-4D grids, the
+# runs in base_<arm> (no evaluation: the paired training losses are the comparison).
 #
-#   benchmarks/gpu/ab_train_device.sh ARMS_FILE [BUDGET]   # on the GPU machine, from the repo root; call again to go on
+#   [AB_STAGE=base] benchmarks/gpu/ab_train_device.sh ARMS_FILE [BUDGET]   # on the GPU machine, from the repo root; call again to go on
 #
 # ARMS_FILE has two lines "<name> <tree> [train_4d.py options...]": <tree> is `.` or a copy of another commit's
 # tree (e.g. `mkdir -p .ab_old && git archive <commit> model pipelines training rendering | tar -x -C .ab_old`,
@@ -22,7 +24,14 @@ ARMS=${1:?arms file}
 BUDGET=${2:-540}
 RUN=$(realpath -m "${AB_RUN:-/tmp/abrun}")  # absolute: each arm runs from its own tree
 OUT=${OUT:-$RUN/out}
-SAMPLES=${AB_SAMPLES:-9600}
+STAGE=${AB_STAGE:-4d}
+case $STAGE in
+    4d) SAMPLES=${AB_SAMPLES:-9600}; prefix=p1_; script=training/train_4d.py
+        stage_opts="--sync soft --base-checkpoint $PWD/weights/proof/base.pt.gz" ;;
+    base) SAMPLES=${AB_SAMPLES:-120000}; prefix=base_; script=training/train_base.py
+          stage_opts="--init-from $PWD/weights/proof/base.pt.gz" ;;
+    *) echo "[device] AB_STAGE must be 4d or base, not '$STAGE'"; exit 1 ;;
+esac
 mkdir -p "$RUN/logs" "$OUT"
 t0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
@@ -31,8 +40,8 @@ mapfile -t arms < <(grep -v -e '^#' -e '^\s*$' "$ARMS")
 names=()
 for arm in "${arms[@]}"; do
     read -r name tree _ <<< "$arm"
-    [ -n "$tree" ] && [ -f "$tree/training/train_4d.py" ] \
-        || { echo "[device] arm $name: no tree '$tree' with training/train_4d.py (carry it with the call)"; exit 1; }
+    [ -n "$tree" ] && [ -f "$tree/$script" ] \
+        || { echo "[device] arm $name: no tree '$tree' with $script (carry it with the call)"; exit 1; }
     names+=("$name")
 done
 
@@ -46,26 +55,27 @@ if [ ! -f "$RUN/.data_done" ]; then
     [ -f "$RUN/.data_done" ] || { echo "[device] pseudo-4D sets not finished; call again"; exit 0; }
 fi
 
-# 2. The two phase-1 runs, side by side (the GPU holds both; a 5 M-parameter model leaves most of it idle).
-repo=$PWD
+# 2. The two runs, side by side (the GPU holds both; a 5 M-parameter model leaves most of it idle).
 for arm in "${arms[@]}"; do
     read -r name tree opts <<< "$arm"
-    out="$RUN/p1_$name"
+    out="$RUN/$prefix$name"
     [ -e "$out/checkpoint_final" ] && continue
     pgrep -f "output $out( |$)" >/dev/null && continue
-    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD setsid nohup python3 training/train_4d.py --preset proof --sync soft \
-        --base-checkpoint "$repo/weights/proof/base.pt.gz" --data.grids "$RUN/data/pseudo4d" --total-samples "$SAMPLES" \
-        $opts --output "$out" --run-name "p1_$name" --mlflow-uri none >> "$RUN/logs/p1_$name.log" 2>&1 < /dev/null &)
-    echo "[device] started p1_$name (tree $tree${opts:+, $opts})"
+    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD setsid nohup python3 $script --preset proof $stage_opts \
+        --data.grids "$RUN/data/pseudo4d" --total-samples "$SAMPLES" \
+        $opts --output "$out" --run-name "$prefix$name" --mlflow-uri none >> "$RUN/logs/$prefix$name.log" 2>&1 < /dev/null &)
+    echo "[device] started $prefix$name (tree $tree${opts:+, $opts})"
 done
-while [ "$(left)" -gt 60 ] && pgrep -f "training/train_4d.py" >/dev/null; do sleep 10; done
+while [ "$(left)" -gt 60 ] && pgrep -f "$script" >/dev/null; do sleep 10; done
 for name in "${names[@]}"; do
-    echo "[device] p1_$name: $(grep -a -E '\[train' "$RUN/logs/p1_$name.log" | tail -1 | cut -c1-200)"
+    echo "[device] $prefix$name: $(grep -a -E '\[train' "$RUN/logs/$prefix$name.log" | tail -1 | cut -c1-200)"
 done
 
-# 3. Both checkpoints, evaluated alike (by this tree's evaluation).
+# 3. Both 4D checkpoints, evaluated alike (by this tree's evaluation).
 a=${names[0]} b=${names[1]}
-if [ -e "$RUN/p1_$a/checkpoint_final" ] && [ -e "$RUN/p1_$b/checkpoint_final" ] && [ ! -f "$RUN/eval/results.json" ] \
+if [ "$STAGE" != 4d ]; then
+    :
+elif [ -e "$RUN/p1_$a/checkpoint_final" ] && [ -e "$RUN/p1_$b/checkpoint_final" ] && [ ! -f "$RUN/eval/results.json" ] \
         && [ "$(left)" -lt 180 ]; then
     # the evaluation takes about two minutes and writes its per-grid results only at the end: a call cut short
     # would lose them (session 15's first call printed the means and wrote nothing)
