@@ -25,15 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.recipes.proof_figures import read_losses, smooth  # noqa: E402
 
+def arm_metrics(run: Path, name: str) -> Path:
+    """An arm's metrics.jsonl: its 4D phase-1 run (p1_<name>) or, with AB_STAGE=base, its base run (base_<name>)."""
+    for prefix in ("p1_", "base_"):
+        if (run / f"{prefix}{name}" / "metrics.jsonl").is_file():
+            return run / f"{prefix}{name}" / "metrics.jsonl"
+    there = sorted(d.parent.name for d in run.glob("*_*/metrics.jsonl"))
+    raise SystemExit(f"{run}: no p1_{name} or base_{name} run (metrics.jsonl); the runs there are "
+                     f"{', '.join(there) or 'none'}")
+
+
 def summary(run: Path, arms: tuple[str, str]) -> dict:
     """Paired losses, their ratio (B / A) and, with the evaluation, per-grid PSNR/SSIM differences (B - A)."""
     first, second = arms
-    prefix = "base_" if any(run.glob("base_*/metrics.jsonl")) else "p1_"  # AB_STAGE=base runs, or the 4D's
-    for name in arms:
-        if not (run / f"{prefix}{name}" / "metrics.jsonl").is_file():
-            there = sorted(d.parent.name[len(prefix):] for d in run.glob(f"{prefix}*/metrics.jsonl"))
-            raise SystemExit(f"{run}: no {prefix}{name}/metrics.jsonl; the runs there are {', '.join(there) or 'none'}")
-    curves = {name: read_losses(run / f"{prefix}{name}" / "metrics.jsonl") for name in arms}
+    curves = {name: read_losses(arm_metrics(run, name)) for name in arms}
     (x, a), (x8, b) = curves[first], curves[second]
     if len(x) != len(x8) or not np.array_equal(x, x8):
         raise SystemExit(f"{run}: the two runs logged different steps ({len(x)} against {len(x8)} points); "

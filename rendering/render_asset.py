@@ -247,7 +247,6 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
     actions, rest, rig, cams, t_import = stage_scene(path, s, start_azimuth(uid, s.seed, s.random_azimuth))
     scene = bpy.context.scene
     scene_fps = scene.render.fps / scene.render.fps_base
-    distance = rig.distance
     cameras = cameras_json(rig, s.width, s.height)
     samples = []
     tmp = tempfile.mkdtemp(prefix="render-", dir=os.environ.get("RENDER_SCRATCH") or None)
@@ -265,7 +264,7 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
             aux_seconds: dict[str, float] = {}
             if s.depth:
                 t2 = time.time()
-                max_depth = distance + 2.0  # the unit-radius object lies within distance + 1 of every camera
+                max_depth = rig.distance + 2.0  # the unit-radius object lies within distance + 1 of every camera
                 with S.AuxPass(S.depth_material(max_depth), "BW", "16"):
                     files.update(_render_grid(frames, s.views, s, cams, tmp, "depth.png"))
                 extra["depth_scale"] = max_depth / 65535.0
@@ -283,7 +282,7 @@ def render_asset(path: str, uid: str, source: str, s: RenderSettings) -> dict[st
                     "render": {"engine": s.engine, "samples": s.samples, "denoise": s.denoise,
                                "denoiser": "OPENIMAGEDENOISE" if s.denoise else "none",
                                "denoise_quality": s.denoise_quality, "denoise_prefilter": s.denoise_prefilter,
-                               "elevation_deg": s.elevation, "distance": distance, "fov_deg": s.fov,
+                               "elevation_deg": s.elevation, "distance": rig.distance, "fov_deg": s.fov,
                                "start_azimuth_deg": rig.start_azimuth_deg, "arc_deg": s.arc,
                                "lighting": s.lighting, "light_strength": s.light_strength, "ambient": s.ambient,
                                "multiview": s.multiview, "blender": bpy.app.version_string,

@@ -293,7 +293,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                   weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
     ckpt = ray.train.get_checkpoint() or (Checkpoint(cfg.resume_from) if cfg.resume_from else None)
-    zero_stage = run_zero_stage(cfg, checkpoint_state(ckpt) if ckpt is not None else None)
+    resumed = checkpoint_state(ckpt) if ckpt is not None else None  # read once: the stage, then the state
+    zero_stage = run_zero_stage(cfg, resumed)
     if rank == 0 and zero_stage != cfg.zero_stage_run:
         say(f"[train] the checkpoint was written at ZeRO stage {zero_stage}; continuing at that stage "
             f"(a fresh run of this config runs stage {cfg.zero_stage_run})")
@@ -318,7 +319,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if device.type == "cuda":  # a checkpoint from before the fused optimizer brings back its param-group
                 for group in optimizer.param_groups:  # flags: keep the fused kernel
                     group["fused"], group["foreach"] = True, None
-            state = json.loads((Path(d) / "train_state.json").read_text())
+            state = resumed
             rank_file = Path(d) / f"data_rank{rank}.json"
             if rank_file.exists() and state.get("world") == world:
                 data_state = json.loads(rank_file.read_text())

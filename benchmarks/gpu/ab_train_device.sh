@@ -9,10 +9,10 @@
 #
 #   [AB_STAGE=base] benchmarks/gpu/ab_train_device.sh ARMS_FILE [BUDGET]   # on the GPU machine, from the repo root; call again to go on
 #
-# ARMS_FILE has two lines "<name> <tree> [train_4d.py options...]": <tree> is `.` or a copy of another commit's
+# ARMS_FILE has two lines "<name> <tree> [training options...]": <tree> is `.` or a copy of another commit's
 # tree (e.g. `mkdir -p .ab_old && git archive <commit> model pipelines training rendering | tar -x -C .ab_old`,
 # carried with the call)
-# whose training/train_4d.py runs that arm. runs/ab_fp8.txt is session 14's FP8 check (bf16 against fp8=true),
+# whose training/train_4d.py (train_base.py with AB_STAGE=base) runs that arm. runs/ab_fp8.txt is session 14's FP8 check (bf16 against fp8=true),
 # runs/ab_stage0.txt session 15's (the previous commit's ZeRO-2 on one GPU against stage 0).
 #
 # A lent machine runs a command for at most 10 minutes, so, like proof_device.sh, the jobs run in their own
@@ -27,9 +27,9 @@ OUT=${OUT:-$RUN/out}
 STAGE=${AB_STAGE:-4d}
 case $STAGE in
     4d) SAMPLES=${AB_SAMPLES:-9600}; prefix=p1_; script=training/train_4d.py
-        stage_opts="--sync soft --base-checkpoint $PWD/weights/proof/base.pt.gz" ;;
+        stage_opts=(--sync soft --base-checkpoint "$PWD/weights/proof/base.pt.gz") ;;
     base) SAMPLES=${AB_SAMPLES:-120000}; prefix=base_; script=training/train_base.py
-          stage_opts="--init-from $PWD/weights/proof/base.pt.gz" ;;
+          stage_opts=(--init-from "$PWD/weights/proof/base.pt.gz") ;;
     *) echo "[device] AB_STAGE must be 4d or base, not '$STAGE'"; exit 1 ;;
 esac
 mkdir -p "$RUN/logs" "$OUT"
@@ -61,7 +61,7 @@ for arm in "${arms[@]}"; do
     out="$RUN/$prefix$name"
     [ -e "$out/checkpoint_final" ] && continue
     pgrep -f "output $out( |$)" >/dev/null && continue
-    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD setsid nohup python3 $script --preset proof $stage_opts \
+    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD setsid nohup python3 "$script" --preset proof "${stage_opts[@]}" \
         --data.grids "$RUN/data/pseudo4d" --total-samples "$SAMPLES" \
         $opts --output "$out" --run-name "$prefix$name" --mlflow-uri none >> "$RUN/logs/$prefix$name.log" 2>&1 < /dev/null &)
     echo "[device] started $prefix$name (tree $tree${opts:+, $opts})"
@@ -87,11 +87,11 @@ elif [ -e "$RUN/p1_$a/checkpoint_final" ] && [ -e "$RUN/p1_$b/checkpoint_final" 
         --train-free false --max-grids 32 --method euler --steps 20 --mlflow-uri none --out "$RUN/eval" > "$RUN/logs/eval.log" 2>&1
     tail -5 "$RUN/logs/eval.log"
 fi
-[ -f "$RUN/eval/report.md" ] && head -60 "$RUN/eval/report.md"
+[ "$STAGE" = 4d ] && [ -f "$RUN/eval/report.md" ] && head -60 "$RUN/eval/report.md"
 
 mkdir -p "$RUN/log_tails" && for log in "$RUN"/logs/*.log; do tail -c 100000 "$log" > "$RUN/log_tails/$(basename "$log")"; done
 (cd "$RUN" && tar czf "$OUT/ab_train.tgz" --exclude='*.pt' --exclude='frames' log_tails \
     $(find . -path ./data -prune -o \( -name metrics.jsonl -o -name summary.json -o -name config.yaml \) -print) \
-    $(ls -d eval 2>/dev/null) 2>/dev/null)
+    $([ "$STAGE" = 4d ] && ls -d eval 2>/dev/null) 2>/dev/null)
 ls -la "$OUT"
 exit 0

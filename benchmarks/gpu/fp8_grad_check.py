@@ -12,7 +12,8 @@ Exits 1 if a gradient is missing, non-finite or far off.
 Why: compiled code on the GPU machine (torch 2.11) can lose a gradient that eager code and the CI's newer torch
 keep. Session 16 found two such cases with an experimental recipe (branch exp/fp8-rowwise-trained,
 docs/performance.md): a no-op ``.to()`` on an autograd Function's output dropped every gradient through it
-(this check caught it; the shipped recipes have none), and non-finite gradient norms that only the training job
+(call 1's kernel table showed it; this check, written then, reproduces it;
+the shipped recipes have none), and non-finite gradient norms that only the training job
 showed (benchmarks/gpu/ab_train_device.sh with AB_STAGE=base).
 """
 
@@ -29,6 +30,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.dit import DiTBlock, rope_3d  # noqa: E402
 from model.fp8 import enable_fp8  # noqa: E402
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
 
 def run(block: torch.nn.Module, fn, x: torch.Tensor, c: torch.Tensor, rope, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,7 +71,8 @@ def model_check(spec: str, dev: str, batch: int = 4) -> int:
         model.zero_grad(set_to_none=True)
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss, _ = rf.training_loss(lambda x, t, c, m: model(x, t, context, c, m), x0, mask,
-                                       generator=torch.Generator(device=dev).manual_seed(1))
+                                       generator=torch.Generator(device=dev).manual_seed(1),
+                                       shift=model.cfg.flow_shift)  # the flow times the job trains on
         loss.backward()
         out = {"loss": loss.detach().float().reshape(1)}
         out.update({n: q.grad.float() for n, q in model.named_parameters() if q.grad is not None})
@@ -76,18 +82,18 @@ def model_check(spec: str, dev: str, batch: int = 4) -> int:
     bad = 0
     for mode in ("eager", "compiled"):
         model = copy.deepcopy(ref)
-        print(f"{mode}: {sum(enable_fp8(b) for b in model.blocks)} layers in FP8")
+        switched = sum(enable_fp8(b) for b in model.blocks)
+        print(f"{mode}: {switched} layers in FP8")
         if mode == "compiled":
             model.compile_blocks()
             grads(model)
         got = grads(model)
-        worst = min(((float(F.cosine_similarity(got[n].flatten(), w.flatten(), dim=0)) if n != "loss" else 1.0), n)
-                    for n, w in want.items())
-        nonfinite = [n for n, t in got.items() if not torch.isfinite(t).all()]
         missing = sorted(set(want) - set(got))
+        worst = min((_cos(got[n], w) if n != "loss" else 1.0, n) for n, w in want.items() if n in got)
+        nonfinite = [n for n, t in got.items() if not torch.isfinite(t).all()]
         # only non-finite or missing gradients fail here: with random frames, gradients that sum over every
         # token (the output bias) are small and FP8-noisy, eager as much as compiled (cosine 0.86 at a batch of 64)
-        bad += bool(nonfinite or missing)
+        bad += bool(nonfinite or missing or not switched)
         print(f"  loss {float(got['loss']):.5f} (bf16 {float(want['loss']):.5f}); lowest gradient cosine "
               f"{worst[0]:.4f} ({worst[1]}); non-finite gradients: {', '.join(nonfinite[:6]) or 'none'}; "
               f"missing: {', '.join(missing[:6]) or 'none'}")
@@ -119,7 +125,8 @@ def main() -> int:
     for kind in ("trained", "frozen"):
         for mode in ("eager", "compiled"):
             block = copy.deepcopy(ref).requires_grad_(kind == "trained")
-            print(f"{kind}, {mode}: {enable_fp8(block)} layers in FP8")
+            switched = enable_fp8(block)
+            print(f"{kind}, {mode}: {switched} layers in FP8")
             fn = torch.compile(block) if mode == "compiled" else block
             run(block, fn, x, c, rope, g)  # compile / warm up
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
@@ -127,11 +134,13 @@ def main() -> int:
                 got = run(block, fn, x, c, rope, g)
             fp8_gemms = sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm")
             print(f"  aten::_scaled_mm calls in one forward and backward: {fp8_gemms}")
+            # no FP8 GEMM at all would pass every cosine below (bf16 against bf16): that is a failure too
+            bad += not (switched and fp8_gemms)
             for name, ref_t in want.items():
                 if kind == "frozen" and name not in ("output", "input grad"):
                     continue  # a frozen block has no parameter gradients
                 t = got.get(name)
-                cos = float(F.cosine_similarity(t.flatten(), ref_t.flatten(), dim=0)) if t is not None else float("nan")
+                cos = _cos(t, ref_t) if t is not None else float("nan")
                 ok = t is not None and bool(torch.isfinite(t).all()) and cos > 0.99 \
                     and float(t.norm()) > 0.5 * float(ref_t.norm())
                 bad += not ok

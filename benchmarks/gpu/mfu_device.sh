@@ -33,11 +33,10 @@ grep -v '^#' "$RUNS" | while read -r name script args; do
              # where the GPU idled (benchmarks/trace_gaps.py): the summary here, the table in logs.tgz
              [ -f "$LOGS/profile_$name/trace_rank0.json" ] && python3 benchmarks/trace_gaps.py \
                  "$LOGS/profile_$name/trace_rank0.json" --json "$LOGS/gaps_$name.json" --top 6 2>&1 | cut -c1-200 ;;
-        bare) timeout "${RUN_TIMEOUT:-200}" python3 benchmarks/bench_model.py $args --json > "$LOGS/$name.log" 2>&1 < /dev/null
-              rc=$? ;;
-        bare@*) (cd "${script#bare@}" && PYTHONPATH=/tmp/site:$PWD timeout "${RUN_TIMEOUT:-200}" \
-                     python3 benchmarks/bench_model.py $args --json) > "$LOGS/$name.log" 2>&1 < /dev/null
-                rc=$? ;;
+        bare|bare@*) dir=.; [ "$script" != bare ] && dir=${script#bare@}
+             (cd "$dir" && PYTHONPATH=/tmp/site:$PWD timeout "${RUN_TIMEOUT:-200}" \
+                 python3 benchmarks/bench_model.py $args --json) > "$LOGS/$name.log" 2>&1 < /dev/null
+             rc=$? ;;
         *) echo "[mfu] $name: unknown script '$script' (job, job@DIR, bare or bare@DIR)"; continue ;;
     esac
     echo "[mfu] $name: rc $rc in $(( $(date +%s) - t0 ))s"
