@@ -1,5 +1,5 @@
-"""The loss curves of benchmarks/gpu/ab_train_device.sh's two runs (4D phase 1, arm A against arm B), side by
-side and step by step.
+"""The loss curves of benchmarks/gpu/ab_train_device.sh's two runs (4D phase 1 or, with AB_STAGE=base, the base;
+arm A against arm B), side by side and step by step.
 
     python benchmarks/ab_train_report.py RUN_DIR --arms bf16,fp8 [--figure NAME] [--out docs/results] [--json FILE]
 
@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.recipes.proof_figures import read_losses, smooth  # noqa: E402
+
 
 def arm_metrics(run: Path, name: str) -> Path:
     """An arm's metrics.jsonl: its 4D phase-1 run (p1_<name>) or, with AB_STAGE=base, its base run (base_<name>)."""
