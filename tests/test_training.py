@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -238,6 +239,25 @@ def test_stage_0_clips_as_deepspeed_does_and_a_resume_keeps_its_checkpoints_stag
     assert two.zero_stage_run == 2
     run(two)
     assert ran_at("part") == 0 and (tmp_path / "part" / "checkpoint_final").exists()
+
+
+def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, train_grids: Path,
+                                                                 tmp_path: Path) -> None:
+    """A diverged run: a learning rate of 1e30 makes the weights overflow after the first update, so every later
+    gradient norm is NaN and its update skipped; the model no longer learns while the job would run on. It stops
+    after optim.max_nonfinite_steps such steps in a row with the reason, its metrics counting them, its MLflow run
+    FAILED. One worker (ZeRO stage 0, the loop's own clipping) and two (DeepSpeed's ZeRO-2 and its norm)."""
+    for workers in (1, 2):
+        cfg = tiny("base", tmp_path / f"w{workers}", [str(train_grids)], num_workers=workers, total_samples=64,
+                   log_every=1, checkpoint_every=0, max_failures=0,
+                   **{"optim.lr": 1e30, "optim.max_nonfinite_steps": 3})
+        with pytest.raises(UserError, match="3 optimizer steps in a row had a non-finite gradient norm"):
+            run(cfg)
+        rows = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1], workers  # the first update broke the weights
+        assert math.isfinite(rows[0]["grad_norm"]) and not any(math.isfinite(r["grad_norm"]) for r in rows[1:])
+        client, rec = _run_record(cfg)
+        assert rec.info.status == "FAILED"
 
 
 def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path, tmp_path: Path) -> None:

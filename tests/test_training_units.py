@@ -149,9 +149,10 @@ def test_a_resume_runs_at_its_checkpoints_zero_stage() -> None:
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_clip_on_device_clips_like_torch_and_skips_a_non_finite_step(fused: bool) -> None:
-    """The loop's clipping at ZeRO stage 0: the same gradients as torch's clip_grad_norm_, the norm returned
-    without a host read, and a step with a non-finite gradient updates nothing (the fused AdamW through
-    found_inf, as on GPUs; the unfused one by dropping the gradients)."""
+    """The loop's clipping at ZeRO stage 0: the same update as torch's clip_grad_norm_ then AdamW (the fused AdamW,
+    as on GPUs, clipping inside its step through grad_scale), the norm returned without a host read, and a step
+    with a non-finite gradient updates nothing (the fused AdamW through found_inf; the unfused one by dropping
+    the gradients)."""
     from training.loop import clip_on_device
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
@@ -164,12 +165,15 @@ def test_clip_on_device_clips_like_torch_and_skips_a_non_finite_step(fused: bool
     norm = clip_on_device(params, 1.0, opt)
     assert norm.item() == pytest.approx(torch.nn.utils.clip_grad_norm_(ref, 1.0).item())
     assert norm.item() > 1.0  # clipping was active
-    for a, b in zip(params, ref):
-        torch.testing.assert_close(a.grad, b.grad)
+    if not fused:  # the fused AdamW clips inside its step (grad_scale): the weights below show it
+        for a, b in zip(params, ref):
+            torch.testing.assert_close(a.grad, b.grad)
     opt.step()
     ref_opt.step()
     for a, b in zip(params, ref):
         torch.testing.assert_close(a, b)
+        # Adam's first update is blind to a global scale of the gradients; its moments are not
+        torch.testing.assert_close(opt.state[a]["exp_avg"], ref_opt.state[b]["exp_avg"])
     before = [p.detach().clone() for p in params]
     moments = [opt.state[p]["exp_avg"].clone() for p in params]
     params[1].grad = torch.full_like(params[1], float("inf"))
@@ -188,6 +192,32 @@ def test_clip_on_device_clips_like_torch_and_skips_a_non_finite_step(fused: bool
     # AdamW skips a parameter without a gradient; with the zero one it decays and follows its moments, as
     # under DeepSpeed
     assert torch.equal(params[1].grad, torch.zeros_like(params[1])) and not torch.equal(params[1].detach(), before[1])
+
+
+def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_the_job() -> None:
+    """The loop's count of steps whose gradient norm was not finite: per logging window, from device tensors (stage
+    0) or host floats (DeepSpeed's norm), and a UserError once ``limit`` came in a row, also across windows."""
+    from pipelines.common.errors import UserError
+    from training.loop import NonFiniteSteps
+    nan, inf = float("nan"), float("inf")
+    steps = NonFiniteSteps(torch.device("cpu"), limit=3)
+    for norm in (torch.tensor(0.5), torch.tensor(nan), inf, None, torch.tensor(2.0), nan):
+        steps.add(norm)
+    assert steps.read() == 3  # NaN, inf and the last NaN; None is not counted
+    steps.check()  # two in a row at most: below the limit
+    steps.add(torch.tensor(inf))
+    steps.add(nan)
+    assert steps.read() == 2
+    with pytest.raises(UserError, match="3 optimizer steps in a row had a non-finite gradient norm"):
+        steps.check()  # the window's last NaN carried over: three in a row
+    steps.add(torch.tensor(1.0))  # a finite step ends the run
+    assert steps.read() == 0
+    steps.check()
+    off = NonFiniteSteps(torch.device("cpu"), limit=0)
+    for _ in range(5):
+        off.add(nan)
+    assert off.read() == 5
+    off.check()  # 0: never stops
 
 
 def test_the_deepspeed_options_shape_matches_the_config_the_job_builds() -> None:

@@ -27,6 +27,8 @@ RESUME_FREE = frozenset({
     "keep_checkpoints", "log_every", "sample_every", "sample_steps", "checkpoint_every", "steps_this_run",
     "system_metrics_every", "resume_from", "force", "data.prefetch", "data.loader_processes",
     "data.decode_threads", "profile_at", "profile_steps", "profile_all_ranks",
+    # a run stopped by it continues with a higher limit, or 0
+    "optim.max_nonfinite_steps",
     # FP8 matmuls round the same weights differently; the checkpoints are the same with or without them
     "fp8",
 })
@@ -164,6 +166,9 @@ class OptimConfig:
     beta2: float = doc(0.99, "AdamW beta2")
     grad_clip: float = doc(1.0, "gradient norm clipping (0 = off)")
     ema_decay: float = doc(0.999, "EMA decay of the trained weights per step (0 = off)")
+    max_nonfinite_steps: int = doc(100, "stop the run with an error once this many optimizer steps in a row had a "
+                                   "non-finite gradient norm (their updates are skipped, so the model is not learning; "
+                                   "checked when the loop logs; 0 = never stop)")
 
 
 @dataclass

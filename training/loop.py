@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from pipelines.common.config import from_dict, to_dict
+from pipelines.common.errors import UserError
 from training.config import TrainConfig, deepspeed_extra
 
 # bf16 dense peak per device, for MFU (H100 SXM: 989 TFLOP/s; H200 the same silicon).
@@ -102,7 +103,8 @@ def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
     host queues the optimizer step, the EMA and the next forward (19-30 ms a step at the paper base,
     docs/performance.md). A non-finite norm skips the update (weights and AdamW's moments stay, as with
     DeepSpeed's ZeRO 1/2; the learning-rate schedule still advances, with the loop's step count): the fused
-    AdamW (on GPUs) reads the flag on the device (``found_inf``, as torch's GradScaler sets it); elsewhere,
+    AdamW (on GPUs) reads the flag on the device (``found_inf``, as torch's GradScaler sets it) and clips in its
+    own pass (``grad_scale``), leaving ``p.grad`` unclipped; elsewhere,
     where reading it costs nothing, the gradients are dropped so the step updates nothing. A parameter no loss
     reached gets a zero gradient, as DeepSpeed gives it, so AdamW still decays it (with one worker nothing
     else fills it in).
@@ -112,14 +114,66 @@ def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     norm = torch.nn.utils.get_total_norm(grads)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     bad = ~torch.isfinite(norm)
     if all(group.get("fused") for group in optimizer.param_groups):
+        # The fused AdamW clips as it reads the gradients: it divides them by grad_scale (the hook torch's
+        # GradScaler unscales through), which saves clip_grads_with_norm_'s pass over every gradient (1.8 ms a
+        # step at the paper base). torch's clipping multiplies by max_norm / (norm + 1e-6) when that is below 1.
+        optimizer.grad_scale = (torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
+                                if max_norm > 0 else None)
         optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
-    elif bool(bad):
-        optimizer.zero_grad(set_to_none=True)
+    else:
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        if bool(bad):
+            optimizer.zero_grad(set_to_none=True)
     return norm
+
+
+class NonFiniteSteps:
+    """Optimizer steps whose gradient norm was not finite (inf or NaN), counted on the device so that no step
+    waits for it, and read when the loop logs.
+
+    Such a step's update is skipped (clip_on_device, DeepSpeed's ZeRO 1/2), so a run where every step is
+    non-finite trains nothing while its loss looks plausible: the rowwise FP8 experiment of session 16 did so for
+    120 K clips, its loss within 1% of bf16's (docs/results.md). The loop logs each window's count
+    (``nonfinite_steps``) and stops the run once ``limit`` steps in a row were non-finite.
+    """
+
+    def __init__(self, device: torch.device, limit: int) -> None:
+        self.limit = limit
+        self.window = torch.zeros((), device=device)   # non-finite steps since the last read
+        self.streak = torch.zeros((), device=device)   # the current run of them (carries across reads)
+        self.longest = torch.zeros((), device=device)  # the longest run seen at a step of this window
+        self.last_longest = 0
+
+    def add(self, norm: torch.Tensor | float | None) -> None:
+        """Count one optimizer step's gradient norm (a device tensor, or a host float from DeepSpeed; None: not
+        computed, nothing counted)."""
+        if norm is None:
+            return
+        bad = (~torch.isfinite(norm)).float() if torch.is_tensor(norm) else float(not math.isfinite(norm))
+        self.window += bad
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def read(self) -> int:
+        """This window's count (waits for the device); ``check`` then says whether to stop."""
+        count, self.last_longest = int(self.window), int(self.longest)
+        self.window.zero_()
+        self.longest.zero_()  # the current run carries on in ``streak``
+        return count
+
+    def check(self) -> None:
+        """Raise UserError if ``limit`` steps in a row were non-finite by the last ``read`` (after its metrics are
+        logged, so the run's record shows them)."""
+        if self.limit and self.last_longest >= self.limit:
+            raise UserError(
+                f"{self.last_longest} optimizer steps in a row had a non-finite gradient norm (inf or NaN): their "
+                "updates were skipped (or broke the weights), so the model is not learning; the run's checkpoints so "
+                "far are kept. Try a lower "
+                "optim.lr, --set fp8=false or compile_blocks=false (a numerics fault in those paths shows this way), "
+                "or check the data; --set optim.max_nonfinite_steps=0 turns this check off")
 
 
 def run_zero_stage(cfg: TrainConfig, resumed: dict[str, Any] | None) -> int:
@@ -377,6 +431,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     waited = 0.0  # seconds this logging window spent waiting for the loader
     metrics: dict[str, Any] = {}
     grad_norm: Any = None  # the last step's, read only when logged (at stage 0 a device tensor: no wait a step)
+    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps)
     phase = torch.profiler.record_function
     stop_at = min(cfg.total_steps, state["step"] + cfg.steps_this_run) if cfg.steps_this_run else cfg.total_steps
     while state["step"] < stop_at:
@@ -400,6 +455,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     grad_norm = clip_on_device(trainable, cfg.optim.grad_clip, optimizer)
                 engine.step()
             losses.append(loss.detach().float())
+        nonfinite.add(grad_norm if zero_stage == 0 else engine.get_global_grad_norm())
         state["step"] += 1
         state["samples_seen"] += cfg.samples_per_step
         if ema is not None:
@@ -430,7 +486,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            "samples_per_s": sps, "tokens_per_s": sps * stage.tokens_per_sample(preview),
                            "samples_seen": state["samples_seen"],
                            # share of the window the GPU waited for the loader: > 0 means add loader processes
-                           "data_wait": waited / window}
+                           "data_wait": waited / window, "nonfinite_steps": nonfinite.read()}
                 waited = 0.0
                 counts = data_pos.get("counts", {})
                 produced = sum(v for k, v in counts.items() if k.startswith("source"))
@@ -441,6 +497,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["mfu"] = stage.train_flops_per_sample(preview) * sps / world / peak
                     metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 tracker.log_metrics(metrics, state["step"])
+                nonfinite.check()
         table = profiler.step_ended(state["step"], last=state["step"] == stop_at)
         if table is not None:
             say(f"[train] profile of steps {cfg.profile_at + 1}-{cfg.profile_at + table['steps']} (rank {rank}): "

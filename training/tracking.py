@@ -141,6 +141,8 @@ class Tracker:
         mfu = f" | mfu {metrics['mfu'] * 100:.1f}%" if "mfu" in metrics else ""
         if metrics.get("data_wait", 0.0) >= 0.05:  # the loader is the bottleneck: say so where people look
             mfu += f" | data wait {metrics['data_wait'] * 100:.0f}%"
+        if metrics.get("nonfinite_steps", 0):  # updates skipped: the run may not be learning
+            mfu += f" | non-finite steps {int(metrics['nonfinite_steps'])}"
         if "data_context_freeze_time_share" in metrics:
             mfu += f" | freeze-time {metrics['data_context_freeze_time_share']:.2f}"
         say(f"[train {self.cfg.stage}] step {step}/{self.cfg.total_steps} | samples {int(metrics['samples_seen'])} "
