@@ -243,21 +243,34 @@ def test_stage_0_clips_as_deepspeed_does_and_a_resume_keeps_its_checkpoints_stag
 
 def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, train_grids: Path,
                                                                  tmp_path: Path) -> None:
-    """A diverged run: a learning rate of 1e30 makes the weights overflow after the first update, so every later
-    gradient norm is NaN and its update skipped; the model no longer learns while the job would run on. It stops
-    after optim.max_nonfinite_steps such steps in a row with the reason, its metrics counting them, its MLflow run
-    FAILED. One worker (ZeRO stage 0, the loop's own clipping) and two (DeepSpeed's ZeRO-2 and its norm)."""
+    """A diverged run: a learning rate of 1e30 makes the first update so large that every later forward overflows,
+    so every later gradient norm is NaN and its update skipped; the model no longer learns while the job would run
+    on. It stops after optim.max_nonfinite_steps such steps in a row with the reason, its metrics counting them.
+    Ray Train's retry (max_failures 1, the default) then stops at once instead of skipping as many steps again,
+    and a re-run with a higher limit goes on. One worker (ZeRO stage 0, the loop's own clipping) and two
+    (DeepSpeed's ZeRO-2 and its norm)."""
+    from training.loop import NONFINITE_STOP
+    runs = {}
     for workers in (1, 2):
-        cfg = tiny("base", tmp_path / f"w{workers}", [str(train_grids)], num_workers=workers, total_samples=64,
-                   log_every=1, checkpoint_every=0, max_failures=0,
-                   **{"optim.lr": 1e30, "optim.max_nonfinite_steps": 3})
-        with pytest.raises(UserError, match="3 optimizer steps in a row had a non-finite gradient norm"):
+        out = tmp_path / f"w{workers}"
+        runs[workers] = cfg = tiny("base", out, [str(train_grids)], num_workers=workers, total_samples=64,
+                                   log_every=1, checkpoint_every=0,
+                                   **{"optim.lr": 1e30, "optim.max_nonfinite_steps": 3})
+        assert cfg.max_failures == 1
+        with pytest.raises(UserError, match=r"3 optimizer steps in a row, up to step 4, had a non-finite gradient "
+                                            r"norm .* \(stopped at step 4; not retried"):
             run(cfg)
-        rows = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
-        assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1], workers  # the first update broke the weights
+        rows = [json.loads(line) for f in sorted(out.glob("metrics*.jsonl")) for line in f.read_text().splitlines()]
+        assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1], workers  # the retry trained no step
         assert math.isfinite(rows[0]["grad_norm"]) and not any(math.isfinite(r["grad_norm"]) for r in rows[1:])
-        client, rec = _run_record(cfg)
-        assert rec.info.status == "FAILED"
+        assert json.loads((out / NONFINITE_STOP).read_text())["streak"] == 3
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
+        statuses = [r.info.status for r in client.search_runs([client.get_experiment_by_name("4real-base").experiment_id])]
+        assert "FAILED" in statuses and "RUNNING" not in statuses, statuses
+    higher = dataclasses.replace(runs[1], max_failures=0, optim=dataclasses.replace(runs[1].optim, max_nonfinite_steps=5))
+    with pytest.raises(UserError, match=r"5 optimizer steps in a row, up to step 6,") as info:
+        run(higher)  # the record of the stop is dropped, the run goes on (from step 1: no checkpoint was written)
+    assert "not retried" not in str(info.value)
 
 
 def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path, tmp_path: Path) -> None:

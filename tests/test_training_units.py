@@ -4,11 +4,13 @@ DeepSpeed config (the end-to-end runs in test_training.py exercise them only tog
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 
+from pipelines.common.config import ConfigError
 from training.config import OptimConfig, TrainConfig
 from training.loop import EMA, deepspeed_config, lr_at
 
@@ -165,7 +167,7 @@ def test_clip_on_device_clips_like_torch_and_skips_a_non_finite_step(fused: bool
     norm = clip_on_device(params, 1.0, opt)
     assert norm.item() == pytest.approx(torch.nn.utils.clip_grad_norm_(ref, 1.0).item())
     assert norm.item() > 1.0  # clipping was active
-    if not fused:  # the fused AdamW clips inside its step (grad_scale): the weights below show it
+    if not fused:  # the fused AdamW clips inside its step (grad_scale): AdamW's moments below show it
         for a, b in zip(params, ref):
             torch.testing.assert_close(a.grad, b.grad)
     opt.step()
@@ -194,30 +196,44 @@ def test_clip_on_device_clips_like_torch_and_skips_a_non_finite_step(fused: bool
     assert torch.equal(params[1].grad, torch.zeros_like(params[1])) and not torch.equal(params[1].detach(), before[1])
 
 
-def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_the_job() -> None:
+def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_the_job(tmp_path) -> None:
     """The loop's count of steps whose gradient norm was not finite: per logging window, from device tensors (stage
-    0) or host floats (DeepSpeed's norm), and a UserError once ``limit`` came in a row, also across windows."""
+    0) or host floats (DeepSpeed's norm), a UserError once ``limit`` came in a row (also across windows), and the
+    record it leaves, which stops a retry of the same run at once but not one with other options or a higher limit."""
     from pipelines.common.errors import UserError
-    from training.loop import NonFiniteSteps
+    from training.loop import NONFINITE_STOP, NonFiniteSteps
     nan, inf = float("nan"), float("inf")
-    steps = NonFiniteSteps(torch.device("cpu"), limit=3)
+    steps = NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts")
     for norm in (torch.tensor(0.5), torch.tensor(nan), inf, None, torch.tensor(2.0), nan):
         steps.add(norm)
     assert steps.read() == 3  # NaN, inf and the last NaN; None is not counted
-    steps.check()  # two in a row at most: below the limit
+    steps.check(6, rank=0)  # two in a row at most: below the limit
+    assert not (tmp_path / NONFINITE_STOP).exists()
     steps.add(torch.tensor(inf))
     steps.add(nan)
     assert steps.read() == 2
-    with pytest.raises(UserError, match="3 optimizer steps in a row had a non-finite gradient norm"):
-        steps.check()  # the window's last NaN carried over: three in a row
+    with pytest.raises(UserError, match="3 optimizer steps in a row, up to step 8, had a non-finite gradient norm"):
+        steps.check(8, rank=0)  # the window's last NaN carried over: three in a row
+    assert json.loads((tmp_path / NONFINITE_STOP).read_text())["streak"] == 3
     steps.add(torch.tensor(1.0))  # a finite step ends the run
     assert steps.read() == 0
-    steps.check()
-    off = NonFiniteSteps(torch.device("cpu"), limit=0)
+    steps.check(9, rank=0)
+
+    with pytest.raises(UserError, match=r"up to step 8, .* \(stopped at step 8; not retried"):
+        NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=1)  # a retry, same options
+    NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "other opts").refuse_restart(rank=1)  # e.g. a lower lr: goes on
+    assert (tmp_path / NONFINITE_STOP).exists()  # only rank 0 removes the record
+    NonFiniteSteps(torch.device("cpu"), 4, tmp_path, "opts").refuse_restart(rank=0)  # a higher limit: goes on
+    assert not (tmp_path / NONFINITE_STOP).exists()
+    NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=0)  # no record: nothing to do
+
+    off = NonFiniteSteps(torch.device("cpu"), 0, tmp_path)
     for _ in range(5):
         off.add(nan)
     assert off.read() == 5
-    off.check()  # 0: never stops
+    off.check(5, rank=0)  # 0: never stops
+    with pytest.raises(ConfigError, match="max_nonfinite_steps must be 0"):
+        _cfg(optim=OptimConfig(max_nonfinite_steps=-1)).validate()
 
 
 def test_the_deepspeed_options_shape_matches_the_config_the_job_builds() -> None:

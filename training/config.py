@@ -27,7 +27,7 @@ RESUME_FREE = frozenset({
     "keep_checkpoints", "log_every", "sample_every", "sample_steps", "checkpoint_every", "steps_this_run",
     "system_metrics_every", "resume_from", "force", "data.prefetch", "data.loader_processes",
     "data.decode_threads", "profile_at", "profile_steps", "profile_all_ranks",
-    # a run stopped by it continues with a higher limit, or 0
+    # a run it stopped continues with a higher limit, or 0 (training/loop.py: NonFiniteSteps)
     "optim.max_nonfinite_steps",
     # FP8 matmuls round the same weights differently; the checkpoints are the same with or without them
     "fp8",
@@ -247,6 +247,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "num_workers", "total_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.optim.max_nonfinite_steps < 0:
+            raise ConfigError(f"optim.max_nonfinite_steps must be 0 (never stop) or more, got "
+                              f"{self.optim.max_nonfinite_steps}")
         if self.total_samples % self.samples_per_step:
             # a silent floor would train less than asked and make "progress in samples" lie
             n = self.samples_per_step

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipelines.common.config import from_dict, to_dict
+from pipelines.common.config import flatten, from_dict, to_dict
 from pipelines.common.errors import UserError
 from training.config import TrainConfig, deepspeed_extra
 
@@ -104,7 +104,7 @@ def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
     docs/performance.md). A non-finite norm skips the update (weights and AdamW's moments stay, as with
     DeepSpeed's ZeRO 1/2; the learning-rate schedule still advances, with the loop's step count): the fused
     AdamW (on GPUs) reads the flag on the device (``found_inf``, as torch's GradScaler sets it) and clips in its
-    own pass (``grad_scale``), leaving ``p.grad`` unclipped; elsewhere,
+    own pass (``grad_scale``): ``p.grad`` holds the clipped gradient only after ``optimizer.step()``; elsewhere,
     where reading it costs nothing, the gradients are dropped so the step updates nothing. A parameter no loss
     reached gets a zero gradient, as DeepSpeed gives it, so AdamW still decays it (with one worker nothing
     else fills it in).
@@ -117,9 +117,10 @@ def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
     bad = ~torch.isfinite(norm)
     if all(group.get("fused") for group in optimizer.param_groups):
         # The fused AdamW clips as it reads the gradients: it divides them by grad_scale (the hook torch's
-        # GradScaler unscales through), which saves clip_grads_with_norm_'s pass over every gradient (1.8 ms a
-        # step at the paper base). torch's clipping multiplies by max_norm / (norm + 1e-6) when that is below 1.
-        optimizer.grad_scale = (torch.clamp((norm + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
+        # GradScaler unscales through) and writes them back, in its own pass. clip_grads_with_norm_'s separate
+        # multiply took 1.8 ms a step at the paper base, the write-back adds about 1 ms (docs/performance.md).
+        # torch's clipping multiplies by max_norm / (norm + 1e-6) when that is below 1; the kernel reads fp32.
+        optimizer.grad_scale = (torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # type: ignore[attr-defined]
                                 if max_norm > 0 else None)
         optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
     else:
@@ -130,6 +131,12 @@ def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
     return norm
 
 
+NONFINITE_STOP = "nonfinite_stop.json"
+"""Written into the run folder when NonFiniteSteps stops a run. Ray Train retries a failed worker group
+(``max_failures``) and a user may simply run the command again: with the same limit both then stop at once
+instead of skipping another ``max_nonfinite_steps`` steps; with a higher limit, or 0, the run continues."""
+
+
 class NonFiniteSteps:
     """Optimizer steps whose gradient norm was not finite (inf or NaN), counted on the device so that no step
     waits for it, and read when the loop logs.
@@ -137,11 +144,12 @@ class NonFiniteSteps:
     Such a step's update is skipped (clip_on_device, DeepSpeed's ZeRO 1/2), so a run where every step is
     non-finite trains nothing while its loss looks plausible: the rowwise FP8 experiment of session 16 did so for
     120 K clips, its loss within 1% of bf16's (docs/results.md). The loop logs each window's count
-    (``nonfinite_steps``) and stops the run once ``limit`` steps in a row were non-finite.
+    (``nonfinite_steps``) and stops the run once ``limit`` steps in a row were non-finite. Every rank sees the same
+    norm (all-reduced gradients), so all ranks stop at the same logged step.
     """
 
-    def __init__(self, device: torch.device, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, device: torch.device, limit: int, output: Path, fingerprint: str = "") -> None:
+        self.limit, self.marker, self.fingerprint = limit, output / NONFINITE_STOP, fingerprint
         self.window = torch.zeros((), device=device)   # non-finite steps since the last read
         self.streak = torch.zeros((), device=device)   # the current run of them (carries across reads)
         self.longest = torch.zeros((), device=device)  # the longest run seen at a step of this window
@@ -164,16 +172,47 @@ class NonFiniteSteps:
         self.longest.zero_()  # the current run carries on in ``streak``
         return count
 
-    def check(self) -> None:
-        """Raise UserError if ``limit`` steps in a row were non-finite by the last ``read`` (after its metrics are
-        logged, so the run's record shows them)."""
+    def _message(self, streak: int, step: int) -> str:
+        return (f"{streak} optimizer steps in a row, up to step {step}, had a non-finite gradient norm (inf or NaN): "
+                "their updates were skipped, or the weights themselves diverged, so the model is not learning. The "
+                "checkpoints from before those steps hold the last good weights. Try a lower optim.lr, fp8=false or "
+                "compile_blocks=false (numerics faults in those paths show this way; with --force to continue these "
+                "weights, or a new --output), or check the data; a higher optim.max_nonfinite_steps, or 0 (off), "
+                "lets the run go on")
+
+    def check(self, step: int, rank: int) -> None:
+        """Raise UserError if ``limit`` steps in a row were non-finite by the last ``read`` (called after its
+        metrics are logged, so the run's record shows them); rank 0 leaves ``NONFINITE_STOP`` behind."""
         if self.limit and self.last_longest >= self.limit:
-            raise UserError(
-                f"{self.last_longest} optimizer steps in a row had a non-finite gradient norm (inf or NaN): their "
-                "updates were skipped (or broke the weights), so the model is not learning; the run's checkpoints so "
-                "far are kept. Try a lower "
-                "optim.lr, --set fp8=false or compile_blocks=false (a numerics fault in those paths shows this way), "
-                "or check the data; --set optim.max_nonfinite_steps=0 turns this check off")
+            message = self._message(self.last_longest, step)
+            if rank == 0:
+                self.marker.write_text(json.dumps({"streak": self.last_longest, "step": step, "message": message,
+                                                   "fingerprint": self.fingerprint}))
+            raise UserError(message)
+
+    def refuse_restart(self, rank: int) -> None:
+        """At the start of an attempt: stop at once if an earlier one stopped for non-finite steps with the same
+        options (``fingerprint``) and the limit would stop it again; otherwise (other options, e.g. a lower learning
+        rate with --force, a higher limit, or 0) drop the record and go on."""
+        try:
+            stopped = json.loads(self.marker.read_text())
+        except FileNotFoundError:
+            return
+        if self.limit and self.limit <= stopped["streak"] and stopped.get("fingerprint") == self.fingerprint:
+            raise UserError(f"{stopped['message']} (stopped at step {stopped['step']}; not retried with the same "
+                            f"optim.max_nonfinite_steps={self.limit})")
+        if rank == 0:
+            self.marker.unlink(missing_ok=True)
+
+
+def options_fingerprint(cfg: TrainConfig) -> str:
+    """A digest of the options a resume must keep (all but ``RESUME_FREE``): tells a retry of the same run from
+    one continued with other options."""
+    import hashlib
+
+    from training.config import RESUME_FREE
+    kept = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_zero_stage(cfg: TrainConfig, resumed: dict[str, Any] | None) -> int:
@@ -336,6 +375,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), options_fingerprint(cfg))
+    nonfinite.refuse_restart(rank)  # an earlier attempt stopped for non-finite steps: before building anything
     torch.manual_seed(cfg.seed)  # identical init on every rank
     stage = build_stage(cfg)
     trainable = stage.trainable_parameters()
@@ -431,7 +472,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     waited = 0.0  # seconds this logging window spent waiting for the loader
     metrics: dict[str, Any] = {}
     grad_norm: Any = None  # the last step's, read only when logged (at stage 0 a device tensor: no wait a step)
-    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps)
     phase = torch.profiler.record_function
     stop_at = min(cfg.total_steps, state["step"] + cfg.steps_this_run) if cfg.steps_this_run else cfg.total_steps
     while state["step"] < stop_at:
@@ -497,7 +537,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     metrics["mfu"] = stage.train_flops_per_sample(preview) * sps / world / peak
                     metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
                 tracker.log_metrics(metrics, state["step"])
-                nonfinite.check()
+                nonfinite.check(state["step"], rank)
         table = profiler.step_ended(state["step"], last=state["step"] == stop_at)
         if table is not None:
             say(f"[train] profile of steps {cfg.profile_at + 1}-{cfg.profile_at + table['steps']} (rank {rank}): "
