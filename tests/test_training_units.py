@@ -212,20 +212,39 @@ def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_th
     steps.add(torch.tensor(inf))
     steps.add(nan)
     assert steps.read() == 2
-    with pytest.raises(UserError, match="3 optimizer steps in a row, up to step 8, had a non-finite gradient norm"):
+    other_rank = NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts")
+    other_rank.last_longest = 3
+    with pytest.raises(UserError, match="3 optimizer steps in a row, by step 8,"):
+        other_rank.check(8, rank=1)
+    assert not (tmp_path / NONFINITE_STOP).exists()  # only rank 0 writes the record
+    with pytest.raises(UserError, match="3 optimizer steps in a row, by step 8, had a non-finite gradient norm"):
         steps.check(8, rank=0)  # the window's last NaN carried over: three in a row
     assert json.loads((tmp_path / NONFINITE_STOP).read_text())["streak"] == 3
     steps.add(torch.tensor(1.0))  # a finite step ends the run
     assert steps.read() == 0
     steps.check(9, rank=0)
 
-    with pytest.raises(UserError, match=r"up to step 8, .* \(stopped at step 8; not retried"):
+    record = (tmp_path / NONFINITE_STOP).read_text()
+    with pytest.raises(UserError, match=r"by step 8, .* \(an earlier attempt stopped at step 8, .* not above its "
+                                        r"streak of 3"):
         NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=1)  # a retry, same options
     NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "other opts").refuse_restart(rank=1)  # e.g. a lower lr: goes on
     assert (tmp_path / NONFINITE_STOP).exists()  # only rank 0 removes the record
-    NonFiniteSteps(torch.device("cpu"), 4, tmp_path, "opts").refuse_restart(rank=0)  # a higher limit: goes on
+    NonFiniteSteps(torch.device("cpu"), 4, tmp_path, "opts").refuse_restart(rank=0)  # a limit above the streak
     assert not (tmp_path / NONFINITE_STOP).exists()
     NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=0)  # no record: nothing to do
+    (tmp_path / NONFINITE_STOP).write_text(record)
+    NonFiniteSteps(torch.device("cpu"), 0, tmp_path, "opts").refuse_restart(rank=0)  # 0, the check off: goes on
+    assert not (tmp_path / NONFINITE_STOP).exists()
+    (tmp_path / NONFINITE_STOP).write_text(record[:20])  # not a whole record: nothing to refuse
+    NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=0)
+    # what a retry of the same run keeps, and what makes another one: fp8 (arithmetic) and the run's name count
+    from training.loop import options_fingerprint
+    base = _cfg()
+    assert options_fingerprint(base) == options_fingerprint(dataclasses.replace(base, log_every=7, output="x"))
+    for other in (dataclasses.replace(base, fp8=True), dataclasses.replace(base, run_name="b"),
+                  dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=1.0))):
+        assert options_fingerprint(other) != options_fingerprint(base)
 
     off = NonFiniteSteps(torch.device("cpu"), 0, tmp_path)
     for _ in range(5):

@@ -173,45 +173,56 @@ class NonFiniteSteps:
         return count
 
     def _message(self, streak: int, step: int) -> str:
-        return (f"{streak} optimizer steps in a row, up to step {step}, had a non-finite gradient norm (inf or NaN): "
-                "their updates were skipped, or the weights themselves diverged, so the model is not learning. The "
-                "checkpoints from before those steps hold the last good weights. Try a lower optim.lr, fp8=false or "
-                "compile_blocks=false (numerics faults in those paths show this way; with --force to continue these "
-                "weights, or a new --output), or check the data; a higher optim.max_nonfinite_steps, or 0 (off), "
-                "lets the run go on")
+        return (f"{streak} optimizer steps in a row, by step {step}, had a non-finite gradient norm (inf or NaN): "
+                "their updates were skipped, or the weights themselves diverged, so the model is not learning; the "
+                "run's checkpoints so far are kept. Try a lower optim.lr, fp8=false or compile_blocks=false "
+                "(numerics faults in those paths show this way; with --force to continue these weights, or a new "
+                "--output), or check the data; optim.max_nonfinite_steps above the streak, or 0 (off), lets the "
+                "run go on")
 
     def check(self, step: int, rank: int) -> None:
         """Raise UserError if ``limit`` steps in a row were non-finite by the last ``read`` (called after its
-        metrics are logged, so the run's record shows them); rank 0 leaves ``NONFINITE_STOP`` behind."""
-        if self.limit and self.last_longest >= self.limit:
-            message = self._message(self.last_longest, step)
-            if rank == 0:
-                self.marker.write_text(json.dumps({"streak": self.last_longest, "step": step, "message": message,
-                                                   "fingerprint": self.fingerprint}))
-            raise UserError(message)
+        metrics are logged, so the run's record shows them). Rank 0 leaves ``NONFINITE_STOP`` behind first: every
+        rank decides alike (the same norm), and the others wait for it, since Ray Train stops the whole group at
+        the first worker's error."""
+        if not (self.limit and self.last_longest >= self.limit):
+            return
+        message = self._message(self.last_longest, step)
+        if rank == 0:
+            tmp = self.marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"streak": self.last_longest, "step": step, "message": message,
+                                       "fingerprint": self.fingerprint}))
+            os.replace(tmp, self.marker)  # whole or absent, whenever the worker is stopped
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+        raise UserError(message)
 
     def refuse_restart(self, rank: int) -> None:
         """At the start of an attempt: stop at once if an earlier one stopped for non-finite steps with the same
         options (``fingerprint``) and the limit would stop it again; otherwise (other options, e.g. a lower learning
-        rate with --force, a higher limit, or 0) drop the record and go on."""
+        rate with --force or fp8=false, a limit above the recorded streak, or 0) drop the record and go on."""
         try:
             stopped = json.loads(self.marker.read_text())
-        except FileNotFoundError:
+            streak, step, message = int(stopped["streak"]), stopped["step"], stopped["message"]
+        except (OSError, ValueError, KeyError, TypeError):  # none, or not one this code wrote: nothing to refuse
             return
-        if self.limit and self.limit <= stopped["streak"] and stopped.get("fingerprint") == self.fingerprint:
-            raise UserError(f"{stopped['message']} (stopped at step {stopped['step']}; not retried with the same "
-                            f"optim.max_nonfinite_steps={self.limit})")
+        if self.limit and self.limit <= streak and stopped.get("fingerprint") == self.fingerprint:
+            raise UserError(f"{message} (an earlier attempt stopped at step {step}, and the same run is not retried "
+                            f"with optim.max_nonfinite_steps={self.limit}, not above its streak of {streak}: raise it, "
+                            f"set 0, change the options, or delete {self.marker})")
         if rank == 0:
             self.marker.unlink(missing_ok=True)
 
 
 def options_fingerprint(cfg: TrainConfig) -> str:
-    """A digest of the options a resume must keep (all but ``RESUME_FREE``): tells a retry of the same run from
-    one continued with other options."""
+    """A digest of the run's name and the options a resume must keep or that change its arithmetic (all but
+    ``RESUME_FREE`` less ``NUMERICS_FREE``, e.g. fp8): tells a retry of the same run from one continued with
+    other options."""
     import hashlib
 
-    from training.config import RESUME_FREE
-    kept = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE}
+    from training.config import NUMERICS_FREE, RESUME_FREE
+    kept = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE - NUMERICS_FREE}
+    kept["run"] = cfg.run_name or cfg.stage
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
