@@ -241,13 +241,13 @@ def test_stage_0_clips_as_deepspeed_does_and_a_resume_keeps_its_checkpoints_stag
     assert ran_at("part") == 0 and (tmp_path / "part" / "checkpoint_final").exists()
 
 
-def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, train_grids: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, train_grids: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A diverged run: a learning rate of 1e30 makes the first update so large that every later forward overflows,
     so every later gradient norm is NaN and its update skipped; the model no longer learns while the job would run
     on. It stops after optim.max_nonfinite_steps such steps in a row with the reason, its metrics counting them.
     Ray Train's retry (max_failures 1, the default) then stops at once instead of skipping as many steps again,
-    and a re-run with a higher limit goes on. One worker (ZeRO stage 0, the loop's own clipping) and two
+    the same command run again is refused before any worker starts, and a re-run with a higher limit goes on. One worker (ZeRO stage 0, the loop's own clipping) and two
     (DeepSpeed's ZeRO-2 and its norm)."""
     from training.loop import NONFINITE_STOP
     runs = {}
@@ -268,6 +268,10 @@ def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, tra
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
         statuses = [r.info.status for r in client.search_runs([client.get_experiment_by_name("4real-base").experiment_id])]
         assert "FAILED" in statuses and "RUNNING" not in statuses, statuses
+    with monkeypatch.context() as m:  # the same command again: refused on the driver, Ray is not even started
+        m.setattr("pipelines.common.job.init_ray", lambda *a, **k: pytest.fail("the refused re-run started Ray"))
+        with pytest.raises(UserError, match=r"an earlier attempt stopped at step 4, and the same run is not retried"):
+            run(runs[1])
     higher = dataclasses.replace(runs[1], max_failures=0, optim=dataclasses.replace(runs[1].optim, max_nonfinite_steps=5))
     with pytest.raises(UserError, match=r"5 optimizer steps in a row, by step 6,"):
         run(higher)  # the record of the stop is dropped, the run goes on (from step 1: no checkpoint was written)

@@ -225,26 +225,51 @@ def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_th
     steps.check(9, rank=0)
 
     record = (tmp_path / NONFINITE_STOP).read_text()
+    cpu = torch.device("cpu")
     with pytest.raises(UserError, match=r"by step 8, .* \(an earlier attempt stopped at step 8, .* not above its "
                                         r"streak of 3"):
-        NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=1)  # a retry, same options
-    NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "other opts").refuse_restart(rank=1)  # e.g. a lower lr: goes on
-    assert (tmp_path / NONFINITE_STOP).exists()  # only rank 0 removes the record
-    NonFiniteSteps(torch.device("cpu"), 4, tmp_path, "opts").refuse_restart(rank=0)  # a limit above the streak
-    assert not (tmp_path / NONFINITE_STOP).exists()
-    NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=0)  # no record: nothing to do
-    (tmp_path / NONFINITE_STOP).write_text(record)
-    NonFiniteSteps(torch.device("cpu"), 0, tmp_path, "opts").refuse_restart(rank=0)  # 0, the check off: goes on
-    assert not (tmp_path / NONFINITE_STOP).exists()
+        NonFiniteSteps(cpu, 3, tmp_path, "opts").refuse_restart()  # Ray Train's retry of the same run
+    NonFiniteSteps(cpu, 3, tmp_path, "other opts").refuse_restart()  # e.g. a lower lr: goes on
+    NonFiniteSteps(cpu, 4, tmp_path, "opts").refuse_restart()  # a limit above the streak
+    NonFiniteSteps(cpu, 0, tmp_path, "opts").refuse_restart()  # 0, the check off
+    assert (tmp_path / NONFINITE_STOP).read_text() == record  # a worker never drops it (the driver does, below)
     (tmp_path / NONFINITE_STOP).write_text(record[:20])  # not a whole record: nothing to refuse
-    NonFiniteSteps(torch.device("cpu"), 3, tmp_path, "opts").refuse_restart(rank=0)
-    # what a retry of the same run keeps, and what makes another one: fp8 (arithmetic) and the run's name count
-    from training.loop import options_fingerprint
+    NonFiniteSteps(cpu, 3, tmp_path, "opts").refuse_restart()
+    (tmp_path / NONFINITE_STOP).unlink()
+    NonFiniteSteps(cpu, 3, tmp_path, "opts").refuse_restart()  # no record: nothing to do
+
+    # what a retry of the same run keeps, and what makes another one: the options a resume compares (the resume
+    # check's own rule), fp8 (arithmetic) and the run's name
+    from pipelines.common.config import flatten
+    from training.config import option_changes, run_fingerprint
     base = _cfg()
-    assert options_fingerprint(base) == options_fingerprint(dataclasses.replace(base, log_every=7, output="x"))
-    for other in (dataclasses.replace(base, fp8=True), dataclasses.replace(base, run_name="b"),
-                  dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=1.0))):
-        assert options_fingerprint(other) != options_fingerprint(base)
+    same = (dataclasses.replace(base, log_every=7, output="x"), dataclasses.replace(base, profile_at=3))
+    others = (dataclasses.replace(base, fp8=True), dataclasses.replace(base, run_name="b"),
+              dataclasses.replace(base, optim=dataclasses.replace(base.optim, lr=1.0)),
+              dataclasses.replace(base, batch_size=3))
+    for cfg in same:
+        assert run_fingerprint(cfg) == run_fingerprint(base) and option_changes(flatten(base), flatten(cfg)) == ([], [])
+    for cfg in others:
+        assert run_fingerprint(cfg) != run_fingerprint(base)
+    assert option_changes(flatten(base), flatten(others[0])) == ([], ["fp8"])
+    assert option_changes(flatten(base), flatten(others[2])) == (["optim.lr"], [])
+
+    # the driver, before any worker starts: the same run and limit are refused and the record kept; another run
+    # (--force with a lower lr here) or a higher limit drops the record and goes on
+    from training.launch import check_nonfinite_stop
+    limited = dataclasses.replace(base, optim=dataclasses.replace(base.optim, max_nonfinite_steps=3))
+    (tmp_path / NONFINITE_STOP).write_text(record.replace('"opts"', f'"{run_fingerprint(limited)}"'))
+    with pytest.raises(UserError, match=r"not above its streak of 3: raise it"):
+        check_nonfinite_stop(limited, tmp_path)
+    assert (tmp_path / NONFINITE_STOP).exists()
+    higher = dataclasses.replace(limited, optim=dataclasses.replace(limited.optim, max_nonfinite_steps=4))
+    check_nonfinite_stop(higher, tmp_path)
+    assert not (tmp_path / NONFINITE_STOP).exists()
+    (tmp_path / NONFINITE_STOP).write_text(record.replace('"opts"', f'"{run_fingerprint(limited)}"'))
+    check_nonfinite_stop(dataclasses.replace(limited, force=True, optim=dataclasses.replace(limited.optim, lr=1e-5)),
+                         tmp_path)
+    assert not (tmp_path / NONFINITE_STOP).exists()
+    check_nonfinite_stop(limited, tmp_path)  # no record: nothing to do
 
     off = NonFiniteSteps(torch.device("cpu"), 0, tmp_path)
     for _ in range(5):

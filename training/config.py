@@ -6,12 +6,14 @@ workers or the batch size keeps the schedule's meaning.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping
 
 from model.fourd import SOFT_INITS, SYNC_VARIANTS, TRAINED_SYNC_VARIANTS
-from pipelines.common.config import ConfigError, check_choices, doc, preset_table
+from pipelines.common.config import ConfigError, check_choices, doc, flatten, preset_table
 from pipelines.common.shards import BACKGROUNDS
 from pipelines.render_filters import FILTER_NAMES
 
@@ -36,6 +38,30 @@ NUMERICS_FREE = frozenset({"fp8"})
 """Keys of RESUME_FREE that change a run's arithmetic from the resume on (not what its weights are): a resume
 that changes one says so in a line and keeps the recorded config beside the new one, so the run's record shows
 where the arithmetic changed (e.g. a 4D run started in bf16 before the paper preset turned fp8 on)."""
+
+
+def bound_options(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a flattened config that a run folder's checkpoints are tied to (all but RESUME_FREE) or
+    that change its arithmetic (NUMERICS_FREE): what a resume compares. The one statement of that rule, for the
+    driver's resume check (training/launch.py) and the non-finite stop's record (training/loop.py)."""
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE or k in NUMERICS_FREE}
+
+
+def option_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Between two flattened configs of one run folder: the options whose change makes the checkpoints another
+    run's, and the NUMERICS_FREE ones that change its arithmetic from here on; each sorted."""
+    old, new = bound_options(old), bound_options(new)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return [k for k in changed if k not in NUMERICS_FREE], [k for k in changed if k in NUMERICS_FREE]
+
+
+def run_fingerprint(cfg: TrainConfig) -> str:
+    """A digest of a run's name and ``bound_options``: two configs of one run (one folder, one run name) have the
+    same fingerprint exactly when ``option_changes`` finds nothing between them. The non-finite stop's record keeps
+    it, so that a retry of the same run is told from one continued with other options."""
+    kept = bound_options(flatten(cfg))
+    kept["run"] = cfg.run_name or cfg.stage
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # DeepSpeed entries the job derives from its own options (an extra entry there would silently disagree with

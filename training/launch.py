@@ -25,7 +25,7 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     import time
 
     from pipelines.common.config import ConfigError, flatten, from_dict, load_yaml
-    from training.config import NUMERICS_FREE, RESUME_FREE
+    from training.config import option_changes
     old_path = output / "config.yaml"
     if not old_path.is_file() or not (output / "ray" / (cfg.run_name or cfg.stage)).exists():
         return None
@@ -35,8 +35,7 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     except (ConfigError, TypeError, ValueError):  # an option since removed: compare the file as written
         pass
     old, new = flatten(recorded), flatten(cfg)
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
-    switched = sorted(k for k in NUMERICS_FREE if old.get(k) != new.get(k))
+    diff, switched = option_changes(old, new)
     if not diff and not switched:
         return None
     what = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:5])
@@ -60,6 +59,20 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
         print(f"[train {cfg.stage}] continuing {output} with other arithmetic from here on ({how}; the weights "
               f"carry over); the previous config is kept as {kept.name}", flush=True)
     return kept
+
+
+def check_nonfinite_stop(cfg: TrainConfig, output: Path) -> None:
+    """Refuse, before any worker starts, a run that an earlier one in ``output`` stopped for non-finite gradient
+    norms (training/loop.py: NonFiniteSteps) and that would stop again the same way: the same options (the record's
+    ``run_fingerprint``) and a limit not above its streak. Otherwise (options changed, e.g. a lower learning rate
+    with --force, fp8=false, a higher limit or 0) the record is dropped and the run goes on. The workers check it
+    again at the start of each attempt, for the record a stop in this job leaves before Ray Train's retry."""
+    from training.config import run_fingerprint
+    from training.loop import NONFINITE_STOP, stop_refusal
+    refusal = stop_refusal(output, cfg.optim.max_nonfinite_steps, run_fingerprint(cfg))
+    if refusal:
+        raise UserError(refusal)
+    (output / NONFINITE_STOP).unlink(missing_ok=True)
 
 
 def absolute_paths(cfg: TrainConfig, cwd: str | None = None) -> TrainConfig:
@@ -112,6 +125,7 @@ def run(cfg: TrainConfig) -> dict:
     from training.data import check_sources
     descs = check_sources(cfg.stage, cfg.data)
     check_resume(cfg, output)
+    check_nonfinite_stop(cfg, output)
     write_resolved(cfg, output)
     # The training items go into the exported checkpoint, so evaluation can refuse grids the model saw.
     items = sorted(set(inherited).union(*(d["items"] for d in descs)))

@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import torch
 
-from pipelines.common.config import flatten, from_dict, to_dict
+from pipelines.common.config import from_dict, to_dict
 from pipelines.common.errors import UserError
-from training.config import TrainConfig, deepspeed_extra
+from training.config import TrainConfig, deepspeed_extra, run_fingerprint
 
 # bf16 dense peak per device, for MFU (H100 SXM: 989 TFLOP/s; H200 the same silicon).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -133,8 +133,10 @@ def clip_on_device(params: list[torch.nn.Parameter], max_norm: float,
 
 NONFINITE_STOP = "nonfinite_stop.json"
 """Written into the run folder when NonFiniteSteps stops a run. Ray Train retries a failed worker group
-(``max_failures``) and a user may simply run the command again: with the same limit both then stop at once
-instead of skipping another ``max_nonfinite_steps`` steps; with a higher limit, or 0, the run continues."""
+(``max_failures``) and a user may simply run the command again: with the same options and limit both then stop at
+once (the retry in its workers, the re-run on the driver before any worker starts: training/launch.py,
+check_nonfinite_stop) instead of skipping another ``max_nonfinite_steps`` steps; with other options, a higher
+limit, or 0, the run continues."""
 
 
 class NonFiniteSteps:
@@ -145,7 +147,9 @@ class NonFiniteSteps:
     non-finite trains nothing while its loss looks plausible: the rowwise FP8 experiment of session 16 did so for
     120 K clips, its loss within 1% of bf16's (docs/results.md). The loop logs each window's count
     (``nonfinite_steps``) and stops the run once ``limit`` steps in a row were non-finite. Every rank sees the same
-    norm (all-reduced gradients), so all ranks stop at the same logged step.
+    norm (all-reduced gradients), so all ranks stop at the same logged step. The count is read only when the loop
+    logs (reading it every step would make each step wait for the device), so the stop comes at the first logged
+    step at or after the streak reached ``limit``: up to ``log_every - 1`` steps later.
     """
 
     def __init__(self, device: torch.device, limit: int, output: Path, fingerprint: str = "") -> None:
@@ -197,33 +201,30 @@ class NonFiniteSteps:
             torch.distributed.barrier()
         raise UserError(message)
 
-    def refuse_restart(self, rank: int) -> None:
-        """At the start of an attempt: stop at once if an earlier one stopped for non-finite steps with the same
-        options (``fingerprint``) and the limit would stop it again; otherwise (other options, e.g. a lower learning
-        rate with --force or fp8=false, a limit above the recorded streak, or 0) drop the record and go on."""
-        try:
-            stopped = json.loads(self.marker.read_text())
-            streak, step, message = int(stopped["streak"]), stopped["step"], stopped["message"]
-        except (OSError, ValueError, KeyError, TypeError):  # none, or not one this code wrote: nothing to refuse
-            return
-        if self.limit and self.limit <= streak and stopped.get("fingerprint") == self.fingerprint:
-            raise UserError(f"{message} (an earlier attempt stopped at step {step}, and the same run is not retried "
-                            f"with optim.max_nonfinite_steps={self.limit}, not above its streak of {streak}: raise it, "
-                            f"set 0, change the options, or delete {self.marker})")
-        if rank == 0:
-            self.marker.unlink(missing_ok=True)
+    def refuse_restart(self) -> None:
+        """At the start of an attempt: stop at once if an earlier attempt of this job stopped for non-finite steps
+        (Ray Train's retry after ``check``; the driver checked the record left by earlier jobs and dropped it if
+        their options differ: training/launch.py, check_nonfinite_stop)."""
+        refusal = stop_refusal(self.marker.parent, self.limit, self.fingerprint)
+        if refusal:
+            raise UserError(refusal)
 
 
-def options_fingerprint(cfg: TrainConfig) -> str:
-    """A digest of the run's name and the options a resume must keep or that change its arithmetic (all but
-    ``RESUME_FREE`` less ``NUMERICS_FREE``, e.g. fp8): tells a retry of the same run from one continued with
-    other options."""
-    import hashlib
-
-    from training.config import NUMERICS_FREE, RESUME_FREE
-    kept = {k: v for k, v in flatten(cfg).items() if k not in RESUME_FREE - NUMERICS_FREE}
-    kept["run"] = cfg.run_name or cfg.stage
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def stop_refusal(output: Path, limit: int, fingerprint: str) -> str | None:
+    """Why a run into ``output`` is not started again: an earlier attempt left ``NONFINITE_STOP`` there with the same
+    options (``fingerprint``: training/config.py, run_fingerprint) and ``limit`` would stop it again. None when there
+    is no such record (none, one this code did not write, other options, a limit above its streak, or 0: off)."""
+    marker = output / NONFINITE_STOP
+    try:
+        stopped = json.loads(marker.read_text())
+        streak, step, message = int(stopped["streak"]), stopped["step"], stopped["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (limit and limit <= streak and stopped.get("fingerprint") == fingerprint):
+        return None
+    return (f"{message} (an earlier attempt stopped at step {step}, and the same run is not retried with "
+            f"optim.max_nonfinite_steps={limit}, not above its streak of {streak}: raise it, set 0, change the "
+            f"options, or delete {marker})")
 
 
 def run_zero_stage(cfg: TrainConfig, resumed: dict[str, Any] | None) -> int:
@@ -386,8 +387,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), options_fingerprint(cfg))
-    nonfinite.refuse_restart(rank)  # an earlier attempt stopped for non-finite steps: before building anything
+    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), run_fingerprint(cfg))
+    nonfinite.refuse_restart()  # an earlier attempt of this job stopped for non-finite steps: before building anything
     torch.manual_seed(cfg.seed)  # identical init on every rank
     stage = build_stage(cfg)
     trainable = stage.trainable_parameters()
