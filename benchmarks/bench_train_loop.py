@@ -5,7 +5,7 @@ shards of the paper's data shape (the loader, DeepSpeed, EMA, checkpointing and 
 loop's own status-line metrics: samples/s and MFU over the last logging window.
 
     python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32
-    python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=4, over a random-init base (fp8 on, the preset's)
+    python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=4, over a random base (fp8 on, the preset's)
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 
 samples/s is the whole job's (all workers); per GPU divide by --workers. MFU is per GPU.
@@ -52,12 +52,13 @@ def main() -> None:
             commit_part(data, p // 4, [textured_grid(i, 8, 16, 72, 128) for i in range(p, p + 4)], [])
         cfg = presets_for(args.stage)["paper"]()
         base_ckpt = ""
-        if args.stage == "4d":  # a random-init paper base, exported in the portable format
+        if args.stage == "4d":  # a random paper base, exported in the portable format
             import torch
 
-            from model.dit import DIT_PRESETS, VideoDiT
+            from bench_model import random_base
+            from model.dit import DIT_PRESETS
             from pipelines.common.checkpoints import save_checkpoint
-            base = VideoDiT(DIT_PRESETS["paper"])
+            base = random_base(DIT_PRESETS["paper"])  # no zero layers: gradients through it as through a trained one
             base_ckpt = str(save_checkpoint(Path(d) / "base", {"stage": "base", "model_config": dataclasses.asdict(
                 base.cfg), "state_dict": {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}}).parent)
             del base
