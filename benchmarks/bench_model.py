@@ -163,8 +163,9 @@ def case_base_train(args, device, dtype) -> dict:
 def random_base(cfg: DiTConfig) -> VideoDiT:
     """A random base for the 4D benchmarks, without adaLN-Zero's zero layers. As built, a base's modulation and
     output layers are zero, so it outputs zeros and every gradient back through the frozen base is exactly zero;
-    H100s run GEMMs over zeros faster (less power, higher clocks), which overstates the 4D step's speed. Here those
-    layers get values of a trained base's order instead."""
+    H100s run GEMMs over zeros faster (presumably less power, higher clocks), which overstated the 4D step's speed
+    by 8% (docs/performance.md, session 18). Here every all-zero parameter (those layers, the biases, the null text
+    embedding) gets values of a trained base's order instead."""
     base = VideoDiT(cfg)
     with torch.no_grad():
         for p in base.parameters():

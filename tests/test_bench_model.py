@@ -3,12 +3,14 @@ gives exactly zero gradients, which GPUs multiply faster than real ones)."""
 from __future__ import annotations
 
 import sys
+import argparse
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_model  # noqa: E402
 from bench_model import random_base  # noqa: E402
 from model import DIT_PRESETS, FourDConfig, FourDModel, VideoDiT, grid_condition_mask  # noqa: E402
 from model import rectified_flow as rf  # noqa: E402
@@ -37,3 +39,12 @@ def test_the_4d_benchmarks_random_base_passes_gradients_and_a_fresh_one_does_not
     assert all(p.any() for p in base.parameters())
     grad, out = _sync_grad_norms(base)
     assert grad > 1e-3 and out > 1e-3
+
+
+def test_the_4d_benchmarks_build_their_base_that_way() -> None:
+    """bench_model's 4D cases (training and generation) and bench_train_loop's 4D job go through random_base."""
+    args = argparse.Namespace(preset="tiny", model=[], checkpointing=0, fp8=0, compile=0)
+    model = bench_model.build_fourd(args, torch.device("cpu"), torch.float32)
+    assert all(p.any() for p in model.base.parameters())
+    source = (Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_loop.py").read_text()
+    assert "random_base(DIT_PRESETS[\"paper\"])" in source and "VideoDiT(" not in source

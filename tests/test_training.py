@@ -247,8 +247,8 @@ def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, tra
     so every later gradient norm is NaN and its update skipped; the model no longer learns while the job would run
     on. It stops after optim.max_nonfinite_steps such steps in a row with the reason, its metrics counting them.
     Ray Train's retry (max_failures 1, the default) then stops at once instead of skipping as many steps again,
-    the same command run again is refused before any worker starts, and a re-run with a higher limit goes on. One worker (ZeRO stage 0, the loop's own clipping) and two
-    (DeepSpeed's ZeRO-2 and its norm)."""
+    the same command run again is refused before any worker starts, and a re-run with a higher limit goes on. One
+    worker (ZeRO stage 0, the loop's own clipping) and two (DeepSpeed's ZeRO-2 and its norm)."""
     from training.loop import NONFINITE_STOP
     runs = {}
     for workers in (1, 2):
@@ -265,6 +265,7 @@ def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, tra
         assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1, 1], workers  # the retry trained no step
         assert math.isfinite(rows[0]["grad_norm"]) and not any(math.isfinite(r["grad_norm"]) for r in rows[1:])
         assert json.loads((out / NONFINITE_STOP).read_text())["streak"] == 3
+        assert json.loads((out / NONFINITE_STOP).read_text())["run"] == "base"
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
         statuses = [r.info.status for r in client.search_runs([client.get_experiment_by_name("4real-base").experiment_id])]
         assert "FAILED" in statuses and "RUNNING" not in statuses, statuses

@@ -254,22 +254,38 @@ def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_th
     assert option_changes(flatten(base), flatten(others[0])) == ([], ["fp8"])
     assert option_changes(flatten(base), flatten(others[2])) == (["optim.lr"], [])
 
-    # the driver, before any worker starts: the same run and limit are refused and the record kept; another run
-    # (--force with a lower lr here) or a higher limit drops the record and goes on
-    from training.launch import check_nonfinite_stop
+    # the driver, before any worker starts: the same run and limit are refused and the record kept; the same run with
+    # other options (--force with a lower lr here) or a higher limit drops the record and goes on; another run's
+    # record in the same folder is kept
+    from training.launch import check_nonfinite_stop, check_run_folder
     limited = dataclasses.replace(base, optim=dataclasses.replace(base.optim, max_nonfinite_steps=3))
-    (tmp_path / NONFINITE_STOP).write_text(record.replace('"opts"', f'"{run_fingerprint(limited)}"'))
+    ours = json.loads(record) | {"fingerprint": run_fingerprint(limited), "run": limited.stage}
+    (tmp_path / NONFINITE_STOP).write_text(json.dumps(ours))
     with pytest.raises(UserError, match=r"not above its streak of 3: raise it"):
         check_nonfinite_stop(limited, tmp_path)
     assert (tmp_path / NONFINITE_STOP).exists()
     higher = dataclasses.replace(limited, optim=dataclasses.replace(limited.optim, max_nonfinite_steps=4))
     check_nonfinite_stop(higher, tmp_path)
     assert not (tmp_path / NONFINITE_STOP).exists()
-    (tmp_path / NONFINITE_STOP).write_text(record.replace('"opts"', f'"{run_fingerprint(limited)}"'))
-    check_nonfinite_stop(dataclasses.replace(limited, force=True, optim=dataclasses.replace(limited.optim, lr=1e-5)),
-                         tmp_path)
+    (tmp_path / NONFINITE_STOP).write_text(json.dumps(ours))
+    lower_lr = dataclasses.replace(limited, force=True, optim=dataclasses.replace(limited.optim, lr=1e-5))
+    check_nonfinite_stop(dataclasses.replace(lower_lr, run_name="other"), tmp_path)  # another run: not its record
+    assert (tmp_path / NONFINITE_STOP).exists()
+    check_nonfinite_stop(lower_lr, tmp_path)
     assert not (tmp_path / NONFINITE_STOP).exists()
     check_nonfinite_stop(limited, tmp_path)  # no record: nothing to do
+    # the resume check comes first: other options without --force are refused as such, and the record stays
+    import yaml
+    from pipelines.common.config import to_dict
+    folder = dataclasses.replace(limited, output=str(tmp_path))
+    (tmp_path / "ray" / folder.stage).mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(folder)))
+    (tmp_path / NONFINITE_STOP).write_text(json.dumps(ours))
+    with pytest.raises(UserError, match="holds checkpoints of a run with other options"):
+        check_run_folder(dataclasses.replace(folder, optim=dataclasses.replace(folder.optim, lr=1e-5)), tmp_path)
+    assert (tmp_path / NONFINITE_STOP).exists()
+    with pytest.raises(UserError, match="not above its streak of 3"):
+        check_run_folder(folder, tmp_path)
 
     off = NonFiniteSteps(torch.device("cpu"), 0, tmp_path)
     for _ in range(5):

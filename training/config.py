@@ -38,6 +38,7 @@ NUMERICS_FREE = frozenset({"fp8"})
 """Keys of RESUME_FREE that change a run's arithmetic from the resume on (not what its weights are): a resume
 that changes one says so in a line and keeps the recorded config beside the new one, so the run's record shows
 where the arithmetic changed (e.g. a 4D run started in bf16 before the paper preset turned fp8 on)."""
+assert NUMERICS_FREE <= RESUME_FREE, "a NUMERICS_FREE key must be resume-free too (option_changes relies on it)"
 
 
 def bound_options(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,9 +57,10 @@ def option_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list
 
 
 def run_fingerprint(cfg: TrainConfig) -> str:
-    """A digest of a run's name and ``bound_options``: two configs of one run (one folder, one run name) have the
-    same fingerprint exactly when ``option_changes`` finds nothing between them. The non-finite stop's record keeps
-    it, so that a retry of the same run is told from one continued with other options."""
+    """A digest of a run's name and ``bound_options``: two configs of one run (one folder, one run name) that
+    ``option_changes`` tells apart have different fingerprints (values are compared as their JSON, so 1 and 1.0
+    differ here, which only drops a record). The non-finite stop's record keeps it, so that a retry of the same run
+    is told from one continued with other options."""
     kept = bound_options(flatten(cfg))
     kept["run"] = cfg.run_name or cfg.stage
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -64,15 +64,27 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
 def check_nonfinite_stop(cfg: TrainConfig, output: Path) -> None:
     """Refuse, before any worker starts, a run that an earlier one in ``output`` stopped for non-finite gradient
     norms (training/loop.py: NonFiniteSteps) and that would stop again the same way: the same options (the record's
-    ``run_fingerprint``) and a limit not above its streak. Otherwise (options changed, e.g. a lower learning rate
-    with --force, fp8=false, a higher limit or 0) the record is dropped and the run goes on. The workers check it
-    again at the start of each attempt, for the record a stop in this job leaves before Ray Train's retry."""
+    ``run_fingerprint``) and a limit not above its streak. Otherwise, if the record is this run's (options changed,
+    e.g. a lower learning rate with --force, fp8=false, a higher limit or 0), it is dropped and the run goes on;
+    another run's record (another --run-name in the same folder) is kept. The workers check it again at the start of
+    each attempt, for the record a stop in this job leaves before Ray Train's retry."""
     from training.config import run_fingerprint
-    from training.loop import NONFINITE_STOP, stop_refusal
+    from training.loop import NONFINITE_STOP, stop_record, stop_refusal
     refusal = stop_refusal(output, cfg.optim.max_nonfinite_steps, run_fingerprint(cfg))
     if refusal:
         raise UserError(refusal)
-    (output / NONFINITE_STOP).unlink(missing_ok=True)
+    record, run = stop_record(output), cfg.run_name or cfg.stage
+    if record is None or record.get("run", run) == run:
+        (output / NONFINITE_STOP).unlink(missing_ok=True)
+
+
+def check_run_folder(cfg: TrainConfig, output: Path) -> Path | None:
+    """The driver's checks of a run folder before Ray starts, in this order: ``check_resume`` first, so that a
+    re-run with other options and no --force is refused with the non-finite stop's record still in place (the
+    second check would drop it as another run's); then ``check_nonfinite_stop``. Returns check_resume's value."""
+    kept = check_resume(cfg, output)
+    check_nonfinite_stop(cfg, output)
+    return kept
 
 
 def absolute_paths(cfg: TrainConfig, cwd: str | None = None) -> TrainConfig:
@@ -124,8 +136,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg, inherited = TRAIN_SPECS[cfg.stage].start_from(cfg, output)
     from training.data import check_sources
     descs = check_sources(cfg.stage, cfg.data)
-    check_resume(cfg, output)
-    check_nonfinite_stop(cfg, output)
+    check_run_folder(cfg, output)
     write_resolved(cfg, output)
     # The training items go into the exported checkpoint, so evaluation can refuse grids the model saw.
     items = sorted(set(inherited).union(*(d["items"] for d in descs)))

@@ -135,8 +135,8 @@ NONFINITE_STOP = "nonfinite_stop.json"
 """Written into the run folder when NonFiniteSteps stops a run. Ray Train retries a failed worker group
 (``max_failures``) and a user may simply run the command again: with the same options and limit both then stop at
 once (the retry in its workers, the re-run on the driver before any worker starts: training/launch.py,
-check_nonfinite_stop) instead of skipping another ``max_nonfinite_steps`` steps; with other options, a higher
-limit, or 0, the run continues."""
+check_nonfinite_stop) instead of skipping another ``max_nonfinite_steps`` steps, as long as the limit is not above
+the recorded streak; with other options, a higher limit, or 0, the run continues and the driver drops the record."""
 
 
 class NonFiniteSteps:
@@ -152,8 +152,8 @@ class NonFiniteSteps:
     step at or after the streak reached ``limit``: up to ``log_every - 1`` steps later.
     """
 
-    def __init__(self, device: torch.device, limit: int, output: Path, fingerprint: str = "") -> None:
-        self.limit, self.marker, self.fingerprint = limit, output / NONFINITE_STOP, fingerprint
+    def __init__(self, device: torch.device, limit: int, output: Path, fingerprint: str = "", run: str = "") -> None:
+        self.limit, self.marker, self.fingerprint, self.run = limit, output / NONFINITE_STOP, fingerprint, run
         self.window = torch.zeros((), device=device)   # non-finite steps since the last read
         self.streak = torch.zeros((), device=device)   # the current run of them (carries across reads)
         self.longest = torch.zeros((), device=device)  # the longest run seen at a step of this window
@@ -195,7 +195,7 @@ class NonFiniteSteps:
         if rank == 0:
             tmp = self.marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"streak": self.last_longest, "step": step, "message": message,
-                                       "fingerprint": self.fingerprint}))
+                                       "fingerprint": self.fingerprint, "run": self.run}))
             os.replace(tmp, self.marker)  # whole or absent, whenever the worker is stopped
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.barrier()
@@ -203,28 +203,40 @@ class NonFiniteSteps:
 
     def refuse_restart(self) -> None:
         """At the start of an attempt: stop at once if an earlier attempt of this job stopped for non-finite steps
-        (Ray Train's retry after ``check``; the driver checked the record left by earlier jobs and dropped it if
-        their options differ: training/launch.py, check_nonfinite_stop)."""
+        (Ray Train's retry after ``check``). Records left by earlier jobs were checked on the driver, which dropped
+        the run's record if its options or limit now let it go on (training/launch.py, check_nonfinite_stop)."""
         refusal = stop_refusal(self.marker.parent, self.limit, self.fingerprint)
         if refusal:
             raise UserError(refusal)
 
 
+def stop_record(output: Path) -> dict[str, Any] | None:
+    """The ``NONFINITE_STOP`` record in ``output`` (streak, step, message, fingerprint, run), or None: none there, or
+    not one this code wrote whole."""
+    try:
+        record = json.loads((output / NONFINITE_STOP).read_text())
+        if not {"streak", "step", "message"} <= record.keys():
+            return None
+        record["streak"] = int(record["streak"])
+    except (OSError, ValueError, TypeError, AttributeError):  # AttributeError: valid JSON, not an object
+        return None
+    return record
+
+
 def stop_refusal(output: Path, limit: int, fingerprint: str) -> str | None:
     """Why a run into ``output`` is not started again: an earlier attempt left ``NONFINITE_STOP`` there with the same
-    options (``fingerprint``: training/config.py, run_fingerprint) and ``limit`` would stop it again. None when there
-    is no such record (none, one this code did not write, other options, a limit above its streak, or 0: off)."""
-    marker = output / NONFINITE_STOP
-    try:
-        stopped = json.loads(marker.read_text())
-        streak, step, message = int(stopped["streak"]), stopped["step"], stopped["message"]
-    except (OSError, ValueError, KeyError, TypeError):
+    options (``fingerprint``: training/config.py, run_fingerprint) and a ``limit`` that would stop it again (not
+    above the recorded streak). None when there is no such record (none, one this code did not write, other
+    options, a limit above its streak, or 0: off)."""
+    record = stop_record(output)
+    if record is None:
         return None
-    if not (limit and limit <= streak and stopped.get("fingerprint") == fingerprint):
+    limit_stops = limit and limit <= record["streak"]
+    if not (limit_stops and record.get("fingerprint") == fingerprint):
         return None
-    return (f"{message} (an earlier attempt stopped at step {step}, and the same run is not retried with "
-            f"optim.max_nonfinite_steps={limit}, not above its streak of {streak}: raise it, set 0, change the "
-            f"options, or delete {marker})")
+    return (f"{record['message']} (an earlier attempt stopped at step {record['step']}, and the same run is not "
+            f"retried with optim.max_nonfinite_steps={limit}, not above its streak of {record['streak']}: raise it, "
+            f"set 0, change the options, or delete {output / NONFINITE_STOP})")
 
 
 def run_zero_stage(cfg: TrainConfig, resumed: dict[str, Any] | None) -> int:
@@ -387,7 +399,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), run_fingerprint(cfg))
+    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), run_fingerprint(cfg),
+                               cfg.run_name or cfg.stage)
     nonfinite.refuse_restart()  # an earlier attempt of this job stopped for non-finite steps: before building anything
     torch.manual_seed(cfg.seed)  # identical init on every rank
     stage = build_stage(cfg)
