@@ -160,18 +160,22 @@ def case_base_train(args, device, dtype) -> dict:
                      extra={"frames_per_s": B * Fr / statistics.median(times)})
 
 
-def random_base(cfg: DiTConfig) -> VideoDiT:
-    """A random base for the 4D benchmarks, without adaLN-Zero's zero layers. As built, a base's modulation and
-    output layers are zero, so it outputs zeros and every gradient back through the frozen base is exactly zero;
-    H100s run GEMMs over zeros faster (presumably less power, higher clocks), which overstated the 4D step's speed
-    by 8% (docs/performance.md, session 18). Here every all-zero parameter (those layers, the biases, the null text
-    embedding) gets values of a trained base's order instead."""
-    base = VideoDiT(cfg)
+def fill_zero_parameters_(model: torch.nn.Module) -> torch.nn.Module:
+    """Every all-zero parameter of ``model`` (a DiT's adaLN-Zero modulation and output layers, its biases, the null
+    text embedding) drawn from N(0, 0.02), in place: values of a trained model's order, so that no gradient through it
+    is exactly zero. A fresh DiT outputs zeros and passes back exactly zero gradients, and H100s run GEMMs over zeros
+    faster (presumably less power, higher clocks): that overstated the 4D step's speed by 8% (docs/performance.md,
+    session 18)."""
     with torch.no_grad():
-        for p in base.parameters():
+        for p in model.parameters():
             if not p.any():
                 p.normal_(0.0, 0.02)
-    return base
+    return model
+
+
+def random_base(cfg: DiTConfig) -> VideoDiT:
+    """A random base for the 4D benchmarks, without adaLN-Zero's zero layers (``fill_zero_parameters_``)."""
+    return fill_zero_parameters_(VideoDiT(cfg))
 
 
 def build_fourd(args, device, dtype, sync_variant: str = "soft") -> FourDModel:

@@ -43,6 +43,10 @@ def main() -> None:
     ap.add_argument("--profile-at", type=int, default=0, help="profile 3 steps from this one (the job's "
                     "profile_at); the phase table is printed and written to --profile-out")
     ap.add_argument("--profile-out", default="", help="copy the run's profile/ folder here")
+    ap.add_argument("--base-init", choices=("fresh", "random"), default="fresh",
+                    help="base stage: train from a fresh adaLN-Zero model, as a pretraining run starts (its zero layers "
+                    "pass back zero or tiny gradients at first), or from one whose zero parameters were drawn at "
+                    "random (bench_model.fill_zero_parameters_), as a run's later steps see")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other TrainConfig override, e.g. data.loader_processes=4")
     args = ap.parse_args()
@@ -70,6 +74,18 @@ def main() -> None:
             **({"batch_size": args.batch} if args.batch else {}), **({"data.frames": args.frames} if args.frames else {}),
             **dict(item.partition("=")[::2] for item in args.set)})
         cfg = apply_overrides(cfg, {"total_samples": args.steps * cfg.batch_size * cfg.grad_accum * args.workers})
+        if args.stage == "base" and args.base_init == "random":
+            import torch
+
+            from bench_model import fill_zero_parameters_
+            from pipelines.common.checkpoints import save_checkpoint
+            from training.stages import BaseStage
+            net = fill_zero_parameters_(BaseStage(cfg).net)
+            init = save_checkpoint(Path(d) / "init", {"stage": "base", "model_config": dataclasses.asdict(net.cfg),
+                                                      "state_dict": {k: v.to(torch.bfloat16) for k, v in
+                                                                     net.state_dict().items()}})
+            del net
+            cfg = apply_overrides(cfg, {"init_from": str(init.parent)})
         from training.launch import run
         t0 = time.time()
         summary = run(cfg)
@@ -79,7 +95,8 @@ def main() -> None:
         if args.profile_out and phases.is_file():
             import shutil
             shutil.copytree(phases.parent, args.profile_out, dirs_exist_ok=True)
-    print(json.dumps({"stage": args.stage, "batch": cfg.batch_size, "zero": args.zero, "zero_run": cfg.zero_stage_run,
+    print(json.dumps({"stage": args.stage, "base_init": args.base_init if args.stage == "base" else None,
+                      "batch": cfg.batch_size, "zero": args.zero, "zero_run": cfg.zero_stage_run,
                       "steps": args.steps,
                       "workers": args.workers, "frames": cfg.data.frames, "overrides": args.set, "profile": profile,
                       "data_wait_last_window": metrics.get("data_wait"),
