@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other TrainConfig override, e.g. data.loader_processes=4")
     args = ap.parse_args()
+    if args.base_init != "fresh" and args.stage != "base":
+        ap.error("--base-init is the base stage's (the 4D stage's frozen base is always bench_model.random_base)")
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "grids"
         for p in range(0, args.grids, 4):

@@ -2,8 +2,8 @@
 gives exactly zero gradients, which GPUs multiply faster than real ones)."""
 from __future__ import annotations
 
-import sys
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -46,5 +46,9 @@ def test_the_4d_benchmarks_build_their_base_that_way() -> None:
     args = argparse.Namespace(preset="tiny", model=[], checkpointing=0, fp8=0, compile=0)
     model = bench_model.build_fourd(args, torch.device("cpu"), torch.float32)
     assert all(p.any() for p in model.base.parameters())
+    up = bench_model.fill_zero_parameters_(bench_model.VideoUpsampler(bench_model.UPSAMPLER_PRESETS["tiny"]))
+    assert all(p.any() for p in up.parameters())
+    generate = (Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py").read_text()
+    assert "fill_zero_parameters_(VideoUpsampler(" in generate
     source = (Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_loop.py").read_text()
     assert "random_base(DIT_PRESETS[\"paper\"])" in source and "VideoDiT(" not in source

@@ -233,8 +233,10 @@ def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_th
     NonFiniteSteps(cpu, 4, tmp_path, "opts").refuse_restart()  # a limit above the streak
     NonFiniteSteps(cpu, 0, tmp_path, "opts").refuse_restart()  # 0, the check off
     assert (tmp_path / NONFINITE_STOP).read_text() == record  # a worker never drops it (the driver does, below)
-    (tmp_path / NONFINITE_STOP).write_text(record[:20])  # not a whole record: nothing to refuse
-    NonFiniteSteps(cpu, 3, tmp_path, "opts").refuse_restart()
+    for odd in (record[:20], "[]", "null", "3", '{"streak": 3}', '{"streak": "x", "step": 8, "message": "m"}',
+                '{"streak": Infinity, "step": 8, "message": "m"}'):  # not a whole record of ours: nothing to refuse
+        (tmp_path / NONFINITE_STOP).write_text(odd)
+        NonFiniteSteps(cpu, 3, tmp_path, "opts").refuse_restart()
     (tmp_path / NONFINITE_STOP).unlink()
     NonFiniteSteps(cpu, 3, tmp_path, "opts").refuse_restart()  # no record: nothing to do
 
@@ -269,9 +271,13 @@ def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_th
     assert not (tmp_path / NONFINITE_STOP).exists()
     (tmp_path / NONFINITE_STOP).write_text(json.dumps(ours))
     lower_lr = dataclasses.replace(limited, force=True, optim=dataclasses.replace(limited.optim, lr=1e-5))
-    check_nonfinite_stop(dataclasses.replace(lower_lr, run_name="other"), tmp_path)  # another run: not its record
+    check_nonfinite_stop(dataclasses.replace(limited, run_name="other"), tmp_path)  # another run: not its record
     assert (tmp_path / NONFINITE_STOP).exists()
     check_nonfinite_stop(lower_lr, tmp_path)
+    assert not (tmp_path / NONFINITE_STOP).exists()
+    older = {k: v for k, v in ours.items() if k != "run"}  # a record that names no run is taken as this run's
+    (tmp_path / NONFINITE_STOP).write_text(json.dumps(older))
+    check_nonfinite_stop(dataclasses.replace(limited, run_name="other"), tmp_path)
     assert not (tmp_path / NONFINITE_STOP).exists()
     check_nonfinite_stop(limited, tmp_path)  # no record: nothing to do
     # the resume check comes first: other options without --force are refused as such, and the record stays

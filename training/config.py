@@ -38,7 +38,8 @@ NUMERICS_FREE = frozenset({"fp8"})
 """Keys of RESUME_FREE that change a run's arithmetic from the resume on (not what its weights are): a resume
 that changes one says so in a line and keeps the recorded config beside the new one, so the run's record shows
 where the arithmetic changed (e.g. a 4D run started in bf16 before the paper preset turned fp8 on)."""
-assert NUMERICS_FREE <= RESUME_FREE, "a NUMERICS_FREE key must be resume-free too (option_changes relies on it)"
+if not NUMERICS_FREE <= RESUME_FREE:  # option_changes relies on it (not an assert: python -O would drop it)
+    raise RuntimeError(f"NUMERICS_FREE keys must be in RESUME_FREE too: {sorted(NUMERICS_FREE - RESUME_FREE)}")
 
 
 def bound_options(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def run_fingerprint(cfg: TrainConfig) -> str:
     differ here, which only drops a record). The non-finite stop's record keeps it, so that a retry of the same run
     is told from one continued with other options."""
     kept = bound_options(flatten(cfg))
-    kept["run"] = cfg.run_name or cfg.stage
+    kept["run"] = cfg.run
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -236,7 +237,7 @@ class TrainConfig:
                           "lower_precision_safe_modules replaces the job's list", factory=dict)
     fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 (model/fp8.py; H100-class GPUs): tensorwise "
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
-                    "On at the paper preset's 4D stage (+4-8% through the job, 48.5% MFU on an H100; sync layers trained with it "
+                    "On at the paper preset's 4D stage (+7% through the job, 45.1% MFU on an H100 against 42.2%; sync layers trained with it "
                     "score 0.04 dB below bf16's on held-out grids, docs/performance.md); off at the base: +3% through the "
                     "job there (43.5-43.9% against 42.2% MFU, 13 GB less memory), checked in training only briefly (docs/results.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
@@ -264,6 +265,12 @@ class TrainConfig:
                       "they were trained with (the old config.yaml is kept beside the new one)")
     data: DataConfig = doc(text="input data", factory=DataConfig)
     optim: OptimConfig = doc(text="optimizer and schedule", factory=OptimConfig)
+
+    @property
+    def run(self) -> str:
+        """The run's name: ``run_name``, or the stage's. Ray Train's run folder (<output>/ray/<run>), the MLflow run's
+        name and the non-finite stop's record all use it."""
+        return self.run_name or self.stage
 
     def validate(self) -> None:
         from training.specs import TRAIN_SPECS  # the registry imports this module
@@ -399,7 +406,7 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
-                  # The 4D stage's frozen base in FP8: +4-8% samples/s through the job (48.5% MFU on an H100, session 15);
+                  # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids
                   # (docs/performance.md, session 14). At the base, FP8 gains 3% through the job (session 15), and
                   # training its weights in FP8 is unchecked: off.

@@ -27,7 +27,7 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     from pipelines.common.config import ConfigError, flatten, from_dict, load_yaml
     from training.config import option_changes
     old_path = output / "config.yaml"
-    if not old_path.is_file() or not (output / "ray" / (cfg.run_name or cfg.stage)).exists():
+    if not old_path.is_file() or not (output / "ray" / cfg.run).exists():
         return None
     recorded = load_yaml(old_path)
     try:  # options added since the run started read as their defaults, not as differences
@@ -73,15 +73,16 @@ def check_nonfinite_stop(cfg: TrainConfig, output: Path) -> None:
     refusal = stop_refusal(output, cfg.optim.max_nonfinite_steps, run_fingerprint(cfg))
     if refusal:
         raise UserError(refusal)
-    record, run = stop_record(output), cfg.run_name or cfg.stage
-    if record is None or record.get("run", run) == run:
+    record = stop_record(output)
+    if record is None or record.get("run") in (None, "", cfg.run):  # none named: an older record, taken as ours
         (output / NONFINITE_STOP).unlink(missing_ok=True)
 
 
 def check_run_folder(cfg: TrainConfig, output: Path) -> Path | None:
     """The driver's checks of a run folder before Ray starts, in this order: ``check_resume`` first, so that a
     re-run with other options and no --force is refused with the non-finite stop's record still in place (the
-    second check would drop it as another run's); then ``check_nonfinite_stop``. Returns check_resume's value."""
+    second check would drop it, as this run's record with other options); then ``check_nonfinite_stop``. Returns
+    check_resume's value (the path of the config it kept aside, or None)."""
     kept = check_resume(cfg, output)
     check_nonfinite_stop(cfg, output)
     return kept
@@ -151,7 +152,7 @@ def run(cfg: TrainConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.run_name or cfg.stage, storage_path=str(output / "ray"),
+        run_config=RunConfig(name=cfg.run, storage_path=str(output / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )

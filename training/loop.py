@@ -218,7 +218,7 @@ def stop_record(output: Path) -> dict[str, Any] | None:
         if not {"streak", "step", "message"} <= record.keys():
             return None
         record["streak"] = int(record["streak"])
-    except (OSError, ValueError, TypeError, AttributeError):  # AttributeError: valid JSON, not an object
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError):  # valid JSON, not a record of ours
         return None
     return record
 
@@ -399,8 +399,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), run_fingerprint(cfg),
-                               cfg.run_name or cfg.stage)
+    nonfinite = NonFiniteSteps(device, cfg.optim.max_nonfinite_steps, Path(cfg.output), run_fingerprint(cfg), cfg.run)
     nonfinite.refuse_restart()  # an earlier attempt of this job stopped for non-finite steps: before building anything
     torch.manual_seed(cfg.seed)  # identical init on every rank
     stage = build_stage(cfg)

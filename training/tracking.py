@@ -118,7 +118,7 @@ class Tracker:
         mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_every)
         mlflow.set_system_metrics_samples_before_logging(1)
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                               run_name=cfg.run_name or cfg.stage, log_system_metrics=True)
+                               run_name=cfg.run, log_system_metrics=True)
         self.run_id = run.info.run_id
         (Path(cfg.output) / RUN_ID_FILE).write_text(self.run_id)
         if run_id and resumed_at and not (cfg.force or cfg.resume_from):
