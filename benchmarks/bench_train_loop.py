@@ -31,6 +31,16 @@ from pipelines.common.shards import commit_part  # noqa: E402
 from training.config import presets_for  # noqa: E402
 
 
+def save_base(net, folder: Path) -> str:
+    """``net`` (a VideoDiT) as a base-stage checkpoint in ``folder``, in the portable format, its weights in bf16 (the
+    4D stage freezes its base in bf16; the base stage's master weights start from them in fp32): the folder's path."""
+    import torch
+
+    from pipelines.common.checkpoints import save_checkpoint
+    return str(save_checkpoint(folder, {"stage": "base", "model_config": dataclasses.asdict(net.cfg), "state_dict":
+                                        {k: v.to(torch.bfloat16) for k, v in net.state_dict().items()}}).parent)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--stage", choices=("base", "4d"), default="base")
@@ -59,15 +69,10 @@ def main() -> None:
         cfg = presets_for(args.stage)["paper"]()
         base_ckpt = ""
         if args.stage == "4d":  # a random paper base, exported in the portable format
-            import torch
-
             from bench_model import random_base
             from model.dit import DIT_PRESETS
-            from pipelines.common.checkpoints import save_checkpoint
-            base = random_base(DIT_PRESETS["paper"])  # no zero layers: gradients through it as through a trained one
-            base_ckpt = str(save_checkpoint(Path(d) / "base", {"stage": "base", "model_config": dataclasses.asdict(
-                base.cfg), "state_dict": {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}}).parent)
-            del base
+            # no zero layers: gradients through it as through a trained one
+            base_ckpt = save_base(random_base(DIT_PRESETS["paper"]), Path(d) / "base")
         cfg = apply_overrides(cfg, {
             "output": str(Path(d) / "run"), "num_workers": args.workers, "zero_stage": args.zero,
             "mlflow_uri": "none", "total_samples": args.steps * cfg.batch_size * cfg.grad_accum * args.workers, "log_every": 5, "sample_every": 0, "sample_steps": 2,
@@ -77,17 +82,10 @@ def main() -> None:
             **dict(item.partition("=")[::2] for item in args.set)})
         cfg = apply_overrides(cfg, {"total_samples": args.steps * cfg.batch_size * cfg.grad_accum * args.workers})
         if args.stage == "base" and args.base_init == "random":
-            import torch
-
             from bench_model import fill_zero_parameters_
-            from pipelines.common.checkpoints import save_checkpoint
             from training.stages import BaseStage
-            net = fill_zero_parameters_(BaseStage(cfg).net)
-            init = save_checkpoint(Path(d) / "init", {"stage": "base", "model_config": dataclasses.asdict(net.cfg),
-                                                      "state_dict": {k: v.to(torch.bfloat16) for k, v in
-                                                                     net.state_dict().items()}})
-            del net
-            cfg = apply_overrides(cfg, {"init_from": str(init.parent)})
+            cfg = apply_overrides(cfg, {"init_from": save_base(fill_zero_parameters_(BaseStage(cfg).net),
+                                                               Path(d) / "init")})
         from training.launch import run
         t0 = time.time()
         summary = run(cfg)

@@ -70,10 +70,10 @@ def check_nonfinite_stop(cfg: TrainConfig, output: Path) -> None:
     each attempt, for the record a stop in this job leaves before Ray Train's retry."""
     from training.config import run_fingerprint
     from training.loop import NONFINITE_STOP, stop_record, stop_refusal
-    refusal = stop_refusal(output, cfg.optim.max_nonfinite_steps, run_fingerprint(cfg))
+    record = stop_record(output)
+    refusal = stop_refusal(record, cfg.optim.max_nonfinite_steps, run_fingerprint(cfg), output / NONFINITE_STOP)
     if refusal:
         raise UserError(refusal)
-    record = stop_record(output)
     if record is None or record.get("run") in (None, "", cfg.run):  # none named: an older record, taken as ours
         (output / NONFINITE_STOP).unlink(missing_ok=True)
 

@@ -205,7 +205,7 @@ class NonFiniteSteps:
         """At the start of an attempt: stop at once if an earlier attempt of this job stopped for non-finite steps
         (Ray Train's retry after ``check``). Records left by earlier jobs were checked on the driver, which dropped
         the run's record if its options or limit now let it go on (training/launch.py, check_nonfinite_stop)."""
-        refusal = stop_refusal(self.marker.parent, self.limit, self.fingerprint)
+        refusal = stop_refusal(stop_record(self.marker.parent), self.limit, self.fingerprint, self.marker)
         if refusal:
             raise UserError(refusal)
 
@@ -223,12 +223,11 @@ def stop_record(output: Path) -> dict[str, Any] | None:
     return record
 
 
-def stop_refusal(output: Path, limit: int, fingerprint: str) -> str | None:
-    """Why a run into ``output`` is not started again: an earlier attempt left ``NONFINITE_STOP`` there with the same
-    options (``fingerprint``: training/config.py, run_fingerprint) and a ``limit`` that would stop it again (not
-    above the recorded streak). None when there is no such record (none, one this code did not write, other
-    options, a limit above its streak, or 0: off)."""
-    record = stop_record(output)
+def stop_refusal(record: dict[str, Any] | None, limit: int, fingerprint: str, marker: Path) -> str | None:
+    """Why a run is not started again: an earlier attempt left ``record`` (``stop_record``, read from ``marker``)
+    with the same options (``fingerprint``: training/config.py, run_fingerprint) and a ``limit`` that would stop it
+    again (not above the recorded streak). None when there is no such record (none, one this code did not write,
+    other options, a limit above its streak, or 0: off)."""
     if record is None:
         return None
     limit_stops = limit and limit <= record["streak"]
@@ -236,7 +235,7 @@ def stop_refusal(output: Path, limit: int, fingerprint: str) -> str | None:
         return None
     return (f"{record['message']} (an earlier attempt stopped at step {record['step']}, and the same run is not "
             f"retried with optim.max_nonfinite_steps={limit}, not above its streak of {record['streak']}: raise it, "
-            f"set 0, change the options, or delete {output / NONFINITE_STOP})")
+            f"set 0, change the options, or delete {marker})")
 
 
 def run_zero_stage(cfg: TrainConfig, resumed: dict[str, Any] | None) -> int:
