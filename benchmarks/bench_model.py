@@ -173,8 +173,10 @@ def fill_zero_parameters_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def random_base(cfg: DiTConfig) -> VideoDiT:
-    """A random base for the 4D benchmarks, without adaLN-Zero's zero layers (``fill_zero_parameters_``)."""
+def random_base(cfg: DiTConfig, seed: int = 0) -> VideoDiT:
+    """A random base for the 4D benchmarks, without adaLN-Zero's zero layers (``fill_zero_parameters_``). Seeded,
+    so that runs compared in one call (before/after a change) train over the same base and log the same losses."""
+    torch.manual_seed(seed)
     return fill_zero_parameters_(VideoDiT(cfg))
 
 

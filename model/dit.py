@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from model.swiglu import swiglu
+
 CONTEXT_DYNAMIC = 0
 CONTEXT_FREEZE_TIME = 1
 
@@ -181,8 +183,7 @@ class SwiGLU(nn.Module):
         self.w_out = nn.Linear(hidden, width, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = self.w_in(x).chunk(2, dim=-1)
-        return self.w_out(F.silu(gate) * value)
+        return self.w_out(swiglu(self.w_in(x)))
 
 
 class Attention(nn.Module):

@@ -237,9 +237,10 @@ class TrainConfig:
                           "lower_precision_safe_modules replaces the job's list", factory=dict)
     fp8: bool = doc(False, "run the transformer blocks' token matmuls in FP8 (model/fp8.py; H100-class GPUs): tensorwise "
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
-                    "On at the paper preset's 4D stage (+7% through the job, 45.1% MFU on an H100 against 42.2%; sync layers trained with it "
-                    "score 0.04 dB below bf16's on held-out grids, docs/performance.md); off at the base: +3% through the "
-                    "job there (43.5-43.9% against 42.2% MFU, 13 GB less memory), checked in training only briefly (docs/results.md)")
+                    "On at the paper preset's 4D stage (+7% through the job, 45.1% MFU on an H100 against 42.2% in session 18, "
+                    "45.5-46.0% since session 19; sync layers trained with it score 0.04 dB below bf16's on held-out grids, "
+                    "docs/performance.md); off at the base: +3% through the job there (44.6% against 43.1% MFU in session 19, "
+                    "13 GB less memory), checked in training only briefly (docs/results.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
@@ -406,7 +407,8 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
-                  # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18);
+                  # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18;
+                  # 45.5-46.0% with session 19's SwiGLU kernel);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids
                   # (docs/performance.md, session 14). At the base, FP8 gains 3% through the job (session 15), and
                   # training its weights in FP8 is unchecked: off.
