@@ -176,8 +176,9 @@ def fill_zero_parameters_(model: torch.nn.Module) -> torch.nn.Module:
 def random_base(cfg: DiTConfig, seed: int = 0) -> VideoDiT:
     """A random base for the 4D benchmarks, without adaLN-Zero's zero layers (``fill_zero_parameters_``). Seeded,
     so that runs compared in one call (before/after a change) train over the same base and log the same losses."""
-    torch.manual_seed(seed)
-    return fill_zero_parameters_(VideoDiT(cfg))
+    with torch.random.fork_rng():  # the caller's random stream goes on as if this had drawn nothing
+        torch.manual_seed(seed)
+        return fill_zero_parameters_(VideoDiT(cfg))
 
 
 def build_fourd(args, device, dtype, sync_variant: str = "soft") -> FourDModel:

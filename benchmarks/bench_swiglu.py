@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ def autograd_gating(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * value
 
 
-def timed(fn, iters: int, device: str) -> float:
+def timed(fn: Callable[[], object], iters: int, device: str) -> float:
     """Median milliseconds of ``fn()`` over ``iters`` calls, after two warm-up calls."""
     for _ in range(2):
         fn()
@@ -83,10 +84,10 @@ def main() -> None:
     gating_steps = {n: torch.compile(f) for n, f in ways.items()}
     layer_steps = {n: torch.compile(lambda a, f=f: F.linear(f(F.linear(a, w_in)), w_out)) for n, f in ways.items()}
 
-    def gating_step(n):
+    def gating_step(n: str) -> Callable[[], object]:
         return lambda: torch.autograd.grad(gating_steps[n](h), h, g)
 
-    def layer_step(n):
+    def layer_step(n: str) -> Callable[[], object]:
         return lambda: torch.autograd.grad(layer_steps[n](x), (x, w_in, w_out), gy)
 
     for r in range(args.rounds):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:  # Triton ships with CUDA builds of torch; CPU builds (CI) have none
     import triton
@@ -28,8 +29,8 @@ BLOCK = 1024
 
 
 def swiglu_backward_reference(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d(silu(gate) * value)/dh for h = [gate | value] on the last dim, in fp32 then h's dtype (as autograd's
-    compiled backward computes it)."""
+    """d(silu(gate) * value)/dh for h = [gate | value] on the last dim, computed in fp32 and rounded once to h's
+    dtype (as the Triton kernel does)."""
     gate, value = h.float().chunk(2, dim=-1)
     g = grad.float()
     sig = torch.sigmoid(gate)
@@ -95,6 +96,7 @@ class _SwiGLU(torch.autograd.Function):
         return F.silu(gate) * value
 
     @staticmethod
+    @once_differentiable  # the operator has no autograd formula: no double backward on any device, alike
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (h,) = ctx.saved_tensors
         if routes_to_op(h):

@@ -239,8 +239,8 @@ class TrainConfig:
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
                     "On at the paper preset's 4D stage (+7% through the job, 45.1% MFU on an H100 against 42.2% in session 18, "
                     "45.5-46.0% since session 19; sync layers trained with it score 0.04 dB below bf16's on held-out grids, "
-                    "docs/performance.md); off at the base: +3% through the job there (44.6% against 43.1% MFU in session 19, "
-                    "13 GB less memory), checked in training only briefly (docs/results.md)")
+                    "docs/performance.md); off at the base: +2-3.5% through the job there (44.6% MFU against 43.1-43.9% in bf16, "
+                    "session 19; 13 GB less memory), checked in training only briefly (docs/results.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
