@@ -70,7 +70,7 @@ if triton is not None:
     @swiglu_backward.register_kernel("cuda")
     def _(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         if not uses_kernel(h, grad):
-            return swiglu_backward_reference(h, grad).contiguous()
+            return swiglu_backward_reference(h, grad)  # a new tensor from torch.cat: contiguous
         dh = torch.empty_like(h)
         n = grad.numel()
         _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](h, grad, dh, n, grad.shape[-1], BLOCK=BLOCK, num_warps=8)
