@@ -135,7 +135,8 @@ def rope_3d(frames: int, rows: int, cols: int, head_dim: int, theta: float = 100
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of the last dim of x [..., N, d] by the angles of each token."""
+    """Rotate pairs (i, i + d/2) of the last dim of x by the angles of each token (cos, sin [..., d/2]
+    broadcast against x: [N, d/2] for x [..., N, d], [N, 1, d/2] for x [..., N, heads, d])."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
@@ -199,10 +200,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "s n (three h d) -> three s h n d", three=3, h=self.heads)
-        q = apply_rope(self.q_norm(q), *rope)
-        k = apply_rope(self.k_norm(k), *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # Heads stay inside each token ([s, n, h, d] in memory) and attention sees them through a transposed
+        # view: cuDNN's attention lays its output out as the queries are, so the projection reads it as
+        # [s, n, h * d] without the copy a [s, h, n, d] query layout made before it (one pass over the
+        # tokens a block, forward; docs/performance.md).
+        q, k, v = rearrange(self.qkv(x), "s n (three h d) -> three s n h d", three=3, h=self.heads)
+        cos, sin = (r[:, None] for r in rope)  # [n, 1, d/2]: the same angles for every head
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
         return self.proj(rearrange(out, "s h n d -> s n (h d)"))
 
 
