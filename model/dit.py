@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from model.qk_rope import qk_norm_rope, routes_to_op
 from model.swiglu import swiglu
 
 CONTEXT_DYNAMIC = 0
@@ -204,11 +205,15 @@ class Attention(nn.Module):
         # view: cuDNN's attention lays its output out as the queries are, so the projection reads it as
         # [s, n, h * d] without the copy a [s, h, n, d] query layout made before it (one pass over the
         # tokens a block, forward; docs/performance.md).
-        q, k, v = rearrange(self.qkv(x), "s n (three h d) -> three s n h d", three=3, h=self.heads)
-        cos, sin = (r[:, None] for r in rope)  # [n, 1, d/2]: the same angles for every head
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2))
+        qkv = self.qkv(x)
+        if isinstance(self.q_norm, RMSNorm) and routes_to_op(qkv):
+            # the norms and RoPE in one Triton kernel each way (model/qk_rope.py: the same formulas)
+            q, k, v = qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.heads, self.q_norm.eps)
+        else:
+            q, k, v = rearrange(qkv, "s n (three h d) -> three s n h d", three=3, h=self.heads)
+            cos, sin = (r[:, None] for r in rope)  # [n, 1, d/2]: the same angles for every head
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(rearrange(out, "s h n d -> s n (h d)"))
 
 
