@@ -207,7 +207,8 @@ class Attention(nn.Module):
         # tokens a block, forward; docs/performance.md).
         qkv = self.qkv(x)
         if isinstance(self.q_norm, RMSNorm) and routes_to_op(qkv):
-            # the norms and RoPE in one Triton kernel each way (model/qk_rope.py: the same formulas)
+            # the norms and RoPE in one Triton kernel each way (model/qk_rope.py: the same formulas; both norms are
+            # built with the same eps)
             q, k, v = qk_norm_rope(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.heads, self.q_norm.eps)
         else:
             q, k, v = rearrange(qkv, "s n (three h d) -> three s n h d", three=3, h=self.heads)

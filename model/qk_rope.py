@@ -44,8 +44,8 @@ def _rotate(y1: torch.Tensor, y2: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 
 def forward_reference(qkv: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotated q and k [S, N, heads, d] in qkv's dtype and the norms' 1/rms [2, S, N, heads] (fp32), computed in fp32
-    (fp64 for fp64 inputs) and rounded once, as the kernel does. cos, sin: [N, d/2]."""
+    """Rotated q and k [S, N, heads, d] in qkv's dtype and the norms' 1/rms [2, S, N, heads], computed in fp32 and
+    rounded once, as the kernel does (in fp64 for fp64 inputs, which the kernel leaves to this). cos, sin: [N, d/2]."""
     acc = _acc(qkv)
     out, rstds = [], []
     for x, w in zip(_split(qkv, heads)[:2], (w_q, w_k)):
@@ -167,12 +167,12 @@ if triton is not None:
 
     @triton.jit
     def _bwd_kernel(qkv_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, rstd_ptr, dq_ptr, dk_ptr, dv_ptr, dqkv_ptr, dw_ptr,
-                    rows, heads, seq, g_s0, g_s1, g_s2, v_s0, v_s1, v_s2,
+                    rows, heads, seq, q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, v_s0, v_s1, v_s2,
                     HALF: tl.constexpr, HALF_P2: tl.constexpr, ROWS: tl.constexpr, NEED_DW: tl.constexpr):
-        # g_s*: the strides of dq and dk as [S, N, heads, d] (the same for both; d's is 1), v_s* those of dv:
-        # cuDNN lays the gradients out as it likes
-        pid = tl.program_id(0)
-        r = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        # q_s*, k_s*, v_s*: the strides of dq, dk and dv as [S, N, heads, d] (d's is 1): the attention's backward
+        # lays its gradients out as it likes
+        pid = tl.program_id(0).to(tl.int64)
+        r = pid * ROWS + tl.arange(0, ROWS)
         j = tl.arange(0, HALF_P2)
         rm, jm = r < rows, j < HALF
         m = rm[:, None] & jm[None, :]
@@ -183,9 +183,9 @@ if triton is not None:
         s = tl.load(sin_ptr + pos, mask=m, other=0.0).to(tl.float32)
         seq_i, n_i = token // seq, token % seq
         _bwd_rows(qkv_ptr, wq_ptr, rstd_ptr, dq_ptr, dqkv_ptr, dw_ptr, pid, r, j, rm, jm, m, token, head, seq_i, n_i,
-                  c, s, 0, rows, heads, g_s0, g_s1, g_s2, HALF, NEED_DW)
+                  c, s, 0, rows, heads, q_s0, q_s1, q_s2, HALF, NEED_DW)
         _bwd_rows(qkv_ptr, wk_ptr, rstd_ptr, dk_ptr, dqkv_ptr, dw_ptr, pid, r, j, rm, jm, m, token, head, seq_i, n_i,
-                  c, s, 1, rows, heads, g_s0, g_s1, g_s2, HALF, NEED_DW)
+                  c, s, 1, rows, heads, k_s0, k_s1, k_s2, HALF, NEED_DW)
         # dv into its slot of dqkv, as it came
         v_at = dv_ptr + (seq_i * v_s0 + n_i * v_s1 + head * v_s2)[:, None] + j[None, :]
         dst = dqkv_ptr + (token * 3 * heads + 2 * heads + head)[:, None] * D + j[None, :]
@@ -197,9 +197,14 @@ if triton is not None:
         half = C // (6 * heads)
         return S * N * heads, half, triton.next_power_of_2(half), N
 
+    def _kernel_takes(qkv: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, *grads: torch.Tensor) -> bool:
+        # the layouts and dtypes the kernels index and compute in (fp32 at most); anything else runs the reference
+        return (qkv.dtype in (torch.float16, torch.bfloat16, torch.float32) and qkv.is_contiguous()
+                and w_q.is_contiguous() and w_k.is_contiguous() and all(g.stride(-1) == 1 for g in grads))
+
     @qk_norm_rope_forward.register_kernel("cuda")
     def _(qkv, w_q, w_k, cos, sin, heads, eps):
-        if not qkv.is_contiguous():
+        if not _kernel_takes(qkv, w_q, w_k):
             return forward_reference(qkv, w_q, w_k, cos, sin, heads, eps)
         S, N, C = qkv.shape
         rows, half, half_p2, seq = _launch_shape(qkv, heads)
@@ -213,15 +218,14 @@ if triton is not None:
 
     @qk_norm_rope_backward.register_kernel("cuda")
     def _(qkv, w_q, w_k, cos, sin, rstd, dq, dk, dv, heads, need_dw):
-        if not (qkv.is_contiguous() and dq.stride() == dk.stride() and dq.stride(-1) == 1 and dv.stride(-1) == 1):
+        if not (_kernel_takes(qkv, w_q, w_k, dq, dk, dv) and rstd.dtype == torch.float32 and rstd.is_contiguous()):
             return backward_reference(qkv, w_q, w_k, cos, sin, rstd, dq, dk, dv, heads)
         rows, half, half_p2, seq = _launch_shape(qkv, heads)
         programs = triton.cdiv(rows, ROWS)
         dqkv = torch.empty_like(qkv)
         partial = qkv.new_empty(programs if need_dw else 1, 2, 2 * half, dtype=torch.float32)
         _bwd_kernel[(programs,)](qkv, w_q, w_k, cos.contiguous(), sin.contiguous(), rstd, dq, dk, dv, dqkv, partial,
-                                 rows, heads, seq, dq.stride(0), dq.stride(1), dq.stride(2),
-                                 dv.stride(0), dv.stride(1), dv.stride(2),
+                                 rows, heads, seq, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
                                  HALF=half, HALF_P2=half_p2, ROWS=ROWS, NEED_DW=need_dw, num_warps=4)
         if not need_dw:
             return dqkv, torch.zeros_like(w_q), torch.zeros_like(w_k)
@@ -251,7 +255,8 @@ class _QKNormRope(torch.autograd.Function):
 
 
 def routes_to_op(qkv: torch.Tensor) -> bool:
-    """Whether ``Attention`` takes q and k through ``qk_norm_rope``: on CUDA, where its operators have kernels."""
+    """Whether ``Attention`` takes q and k through ``qk_norm_rope``: on CUDA, where its operators have kernels (with
+    Triton installed, as CUDA builds of torch ship it; without, the same formulas in torch)."""
     return qkv.is_cuda
 
 
@@ -259,4 +264,10 @@ def qk_norm_rope(qkv: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, cos: t
                  heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q and k RMS-normalised (weights w_q, w_k) and rotated, and v, from qkv [S, N, 3 * heads * d]; each
     [S, N, heads, d] (v a view of qkv). cos, sin [N, d/2]: the angles of each position (model/dit.py, rope_3d)."""
+    S, N, C = qkv.shape
+    if C % (3 * heads) or (C // (3 * heads)) % 2:
+        raise ValueError(f"qkv's last dim {C} is not 3 x {heads} heads x an even head size")
+    if cos.shape != (N, C // (6 * heads)) or sin.shape != cos.shape:  # the kernels index them by position
+        raise ValueError(f"cos and sin must be [{N}, {C // (6 * heads)}] for {N} positions, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     return _QKNormRope.apply(qkv, w_q, w_k, cos, sin, heads, eps)

@@ -105,11 +105,14 @@ def test_attention_through_the_operator_is_attention_inline(monkeypatch, compile
 
 
 def test_frozen_norm_weights_get_no_gradient_and_qk_norm_off_keeps_the_inline_path(monkeypatch):
-    monkeypatch.setattr(dit, "routes_to_op", lambda qkv: True)
     attn = Attention(48, 3, qk_norm=True, bias=False).requires_grad_(False)
     x = torch.randn(1, 12, 48, requires_grad=True)
-    attn(x, rope_3d(3, 2, 2, 16)).sum().backward()
-    assert x.grad is not None and attn.q_norm.weight.grad is None
+    rope = rope_3d(3, 2, 2, 16)
+    (inline_grad,) = torch.autograd.grad(attn(x, rope).sum(), x)
+    monkeypatch.setattr(dit, "routes_to_op", lambda qkv: True)
+    attn(x, rope).sum().backward()  # the input's gradient still flows through the operator's backward
+    torch.testing.assert_close(x.grad, inline_grad, atol=1e-5, rtol=1e-5)
+    assert attn.q_norm.weight.grad is None
     plain = Attention(48, 3, qk_norm=False, bias=False)
     called = []
     monkeypatch.setattr(dit, "qk_norm_rope", lambda *a: called.append(1))
@@ -117,27 +120,53 @@ def test_frozen_norm_weights_get_no_gradient_and_qk_norm_off_keeps_the_inline_pa
     assert not called
 
 
+def test_rope_tables_of_another_length_are_refused():
+    qkv, w_q, w_k, cos, sin = inputs(N=12)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        qr.qk_norm_rope(qkv, w_q, w_k, cos[:6], sin[:6], 3, 1e-6)
+    with pytest.raises(ValueError, match="cos and sin must be"):
+        qr.qk_norm_rope(qkv, w_q, w_k, cos[:, None], sin[:, None], 3, 1e-6)
+
+
+def kernels_only_refuse(*args):
+    raise AssertionError("the operator fell back to its torch formula")
+
+
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """On CUDA the operators must run their kernels: the torch formulas they fall back to raise (the test gets
+    the real ones to compare with)."""
+    reference = (qr.forward_reference, qr.backward_reference)
+    monkeypatch.setattr(qr, "forward_reference", kernels_only_refuse)
+    monkeypatch.setattr(qr, "backward_reference", kernels_only_refuse)
+    return reference
+
+
 # ----------------------------------------------------------------------------- CUDA: the kernels themselves
 
 
 @CUDA
 @pytest.mark.parametrize("heads,d,N", [(8, 128, 144), (3, 48, 10), (2, 16, 7)])
-def test_kernels_match_the_reference(heads, d, N):
-    cos, sin = (t.cuda() for t in rope_3d(1, 1, N, d))  # N positions, each its own angles
+def test_kernels_match_the_reference(heads, d, N, kernels_only):
+    forward_reference, backward_reference = kernels_only
     g = torch.Generator().manual_seed(0)
+    angles = torch.rand(N, d // 2, generator=g) * 6  # every pair rotated, by its own angle
+    cos, sin = angles.cos().cuda(), angles.sin().cuda()
     S = 3
     qkv = (torch.randn(S, N, 3 * heads * d, generator=g) * 2).cuda().bfloat16()
     w_q, w_k = (1 + 0.3 * torch.randn(2, d, generator=g)).cuda()
     q, k, rstd = qr.qk_norm_rope_forward(qkv, w_q, w_k, cos, sin, heads, 1e-6)
-    q_ref, k_ref, rstd_ref = qr.forward_reference(qkv, w_q, w_k, cos, sin, heads, 1e-6)
+    q_ref, k_ref, rstd_ref = forward_reference(qkv, w_q, w_k, cos, sin, heads, 1e-6)
     torch.testing.assert_close(q.float(), q_ref.float(), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(k.float(), k_ref.float(), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-5)
-    # gradients laid out as cuDNN hands them: [S, heads, N, d] memory seen as [S, N, heads, d]
-    dq, dk, dv = (torch.randn(S, heads, N, d, generator=g).cuda().bfloat16().transpose(1, 2) for _ in range(3))
+    # gradients laid out as the attention's backward may hand them: [S, heads, N, d] memory seen as
+    # [S, N, heads, d], or contiguous
+    dq, dv = (torch.randn(S, heads, N, d, generator=g).cuda().bfloat16().transpose(1, 2) for _ in range(2))
+    dk = torch.randn(S, N, heads, d, generator=g).cuda().bfloat16()
     for need_dw in (True, False):
         dqkv, dw_q, dw_k = qr.qk_norm_rope_backward(qkv, w_q, w_k, cos, sin, rstd, dq, dk, dv, heads, need_dw)
-        ref = qr.backward_reference(qkv, w_q, w_k, cos, sin, rstd, dq, dk, dv, heads)
+        ref = backward_reference(qkv, w_q, w_k, cos, sin, rstd, dq, dk, dv, heads)
         torch.testing.assert_close(dqkv.float(), ref[0].float(), atol=3e-2, rtol=2e-2)
         if need_dw:
             torch.testing.assert_close(dw_q, ref[1], atol=1e-2, rtol=1e-3)
@@ -160,7 +189,10 @@ def test_compiled_attention_on_cuda_matches_the_inline_path(monkeypatch):
     rope = tuple(t.cuda() for t in rope_3d(4, 6, 6, 128))
     compiled = torch.compile(attn, fullgraph=True)
     # fp32: the kernels against the inline formulas, as tight as fp32 allows (layouts and strides as compiled)
-    got = attention_grads(compiled, x, rope)
+    with monkeypatch.context() as m:
+        m.setattr(qr, "forward_reference", kernels_only_refuse)
+        m.setattr(qr, "backward_reference", kernels_only_refuse)
+        got = attention_grads(compiled, x, rope)
     with monkeypatch.context() as m:
         m.setattr(dit, "routes_to_op", lambda qkv: False)
         ref = attention_grads(attn, x, rope)
@@ -169,7 +201,9 @@ def test_compiled_attention_on_cuda_matches_the_inline_path(monkeypatch):
     for a, b in zip(got[:2] + tuple(got[2].values()), ref[:2] + tuple(ref[2].values())):
         assert rel_err(a, b) < 1e-5
     # bf16 (autocast, as the blocks train): no further from fp32 than the inline formulas are
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16), monkeypatch.context() as m:
+        m.setattr(qr, "forward_reference", kernels_only_refuse)
+        m.setattr(qr, "backward_reference", kernels_only_refuse)
         got_bf16 = attention_grads(compiled, x, rope)
     for a, b, r in zip(got_bf16[:2] + tuple(got_bf16[2].values()), inline_bf16[:2] + tuple(inline_bf16[2].values()),
                        ref[:2] + tuple(ref[2].values())):
