@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from model.qk_rope import qk_norm_rope, routes_to_op
+from model.qk_rope import apply_rope, qk_norm_rope, routes_to_op
 from model.swiglu import swiglu
 
 CONTEXT_DYNAMIC = 0
@@ -133,13 +133,6 @@ def rope_3d(frames: int, rows: int, cols: int, head_dim: int, theta: float = 100
         aw[None, None, :].expand(frames, rows, cols, -1),
     ], dim=-1).reshape(frames * rows * cols, head_dim // 2)
     return ang.cos().float(), ang.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + d/2) of the last dim of x by the angles of each token (cos, sin [..., d/2]
-    broadcast against x: [N, d/2] for x [..., N, d], [N, 1, d/2] for x [..., N, heads, d])."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 # ----------------------------------------------------------------------------- layers

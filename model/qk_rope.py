@@ -38,8 +38,12 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _rotate(y1: torch.Tensor, y2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return torch.cat([y1 * cos - y2 * sin, y1 * sin + y2 * cos], dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of the last dim of x by the angles of each token (cos, sin [..., d/2]
+    broadcast against x: [N, d/2] for x [..., N, d], [N, 1, d/2] for x [..., N, heads, d]), in fp32 at least;
+    returned in x's dtype. Attention's inline path (model/dit.py) and the operators' reference use it."""
+    x1, x2 = x.to(_acc(x)).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 def forward_reference(qkv: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, cos: torch.Tensor,
@@ -51,8 +55,7 @@ def forward_reference(qkv: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, c
     for x, w in zip(_split(qkv, heads)[:2], (w_q, w_k)):
         x = x.to(acc)
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        y1, y2 = (x * rstd * w.to(acc)).chunk(2, dim=-1)
-        out.append(_rotate(y1, y2, cos[:, None].to(acc), sin[:, None].to(acc)).to(qkv.dtype))
+        out.append(apply_rope(x * rstd * w.to(acc), cos[:, None].to(acc), sin[:, None].to(acc)).to(qkv.dtype))
         rstds.append(rstd[..., 0])
     return out[0], out[1], torch.stack(rstds)
 
