@@ -9,7 +9,8 @@ Both runs see the same grids in the same order and the same noise, so their logg
 paired: the figure shows both curves and, below, B's loss relative to A's at every logged step. The printed
 summary gives each run's mean loss over the last quarter and the paired ratio's mean and spread. With the
 evaluation (``eval/results.json``: both checkpoints on the same grids from the same noise) it also gives each
-held-out set's per-grid PSNR and SSIM differences, B minus A.
+held-out set's per-grid PSNR and SSIM differences, B minus A; with the base stage's
+(``eval_base/<A>_vs_<B>.json``, benchmarks/base_heldout.py) each set's per-clip loss ratio and PSNR difference.
 """
 
 from __future__ import annotations
@@ -58,7 +59,13 @@ def summary(run: Path, arms: tuple[str, str]) -> dict:
                                             "diff_mean": float(d.mean()), "diff_std": float(d.std()),
                                             "diff_min": float(d.min()), "diff_max": float(d.max()),
                                             "second_higher": int((d > 0).sum())}
-    return {"arms": list(arms), "evaluation": evaluation, "samples": x.tolist(),
+    base_eval = run / "eval_base" / f"{first}_vs_{second}.json"  # benchmarks/base_heldout.py (AB_STAGE=base)
+    heldout_clips = {}
+    if base_eval.is_file():
+        for name, st in json.loads(base_eval.read_text())["sets"].items():
+            heldout_clips[name] = {"clips": st["clips"], **{arm: {m: st["checkpoints"][arm][m] for m in ("loss", "psnr")}
+                                                            for arm in arms}, **st["paired"][second]}
+    return {"arms": list(arms), "evaluation": evaluation, "heldout_clips": heldout_clips, "samples": x.tolist(),
             "loss": {first: a.tolist(), second: b.tolist()},
             "last_quarter_mean": {first: float(a[tail].mean()), second: float(b[tail].mean())},
             "ratio": {"mean": float(ratio.mean()), "std": float(ratio.std()),
@@ -122,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{m} {a} {e[m][a]:.4f}, {b} {e[m][b]:.4f}, per grid {b} - {a} {e[m]['diff_mean']:+.4f} "
             f"± {e[m]['diff_std']:.4f} [{e[m]['diff_min']:+.4f}, {e[m]['diff_max']:+.4f}], {b} higher on "
             f"{e[m]['second_higher']}" for m in ("psnr", "ssim")))
+    for name, e in s["heldout_clips"].items():
+        r, d = e["loss_ratio"], e["psnr_diff"]
+        print(f"{name} ({e['clips']} clips): loss {a} {e[a]['loss']:.5f}, {b} {e[b]['loss']:.5f}, per clip {b}/{a} "
+              f"{r['mean']:.4f} ± {r['std']:.4f} (lower on {r['better']}); psnr {a} {e[a]['psnr']:.2f}, {b} "
+              f"{e[b]['psnr']:.2f} dB, per clip {d['mean']:+.3f} ± {d['std']:.3f} (higher on {d['better']})")
     if args.json:
         args.json.write_text(json.dumps(s, indent=1) + "\n")
     return 0

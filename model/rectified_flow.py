@@ -71,29 +71,33 @@ def keep_given(x: torch.Tensor, cond: torch.Tensor | None, mask: torch.Tensor | 
     return torch.where(_frame_mask(mask, x) > 0, cond.to(x.dtype), x)
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over the frames NOT given (mask = 1 marks given frames)."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+               per_sample: bool = False) -> torch.Tensor:
+    """Mean squared error over the frames NOT given (mask = 1 marks given frames): over the batch, or with
+    ``per_sample`` one value per sample, [B] (held-out evaluation pairs checkpoints clip by clip)."""
     sq = (pred.float() - target.float()).pow(2)
     if mask is None:
-        return sq.mean()
+        return sq.flatten(1).mean(1) if per_sample else sq.mean()
     unknown = 1 - _frame_mask(mask, sq)
     per_frame = sq.shape[-3] * sq.shape[-2] * sq.shape[-1]
+    if per_sample:
+        return (sq * unknown).flatten(1).sum(1) / (unknown.flatten(1).sum(1) * per_frame).clamp_min(1)
     # clamp: a batch where every frame is given contributes zero loss, not NaN.
     return (sq * unknown).sum() / (unknown.sum() * per_frame).clamp_min(1)
 
 
 def training_loss(model_fn: ModelFn, x0: torch.Tensor, mask: torch.Tensor | None,
                   generator: torch.Generator | None = None,
-                  shift: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  shift: float = 1.0, per_sample: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Velocity-matching loss on the unknown frames of a batch of clips or grids (flow times shifted by
-    ``shift``: the model's ``flow_shift``)."""
+    ``shift``: the model's ``flow_shift``); ``per_sample``: one loss per sample, [B], from the same draws."""
     B = x0.shape[0]
     t = sample_t(B, generator=generator, device=x0.device, shift=shift)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     cond = None if mask is None else x0 * _frame_mask(mask, x0)
     x_t = keep_given(add_noise(x0, noise, t), cond, mask)
     pred = model_fn(x_t, t, cond, mask)
-    loss = masked_mse(pred, velocity_target(x0, noise), mask)
+    loss = masked_mse(pred, velocity_target(x0, noise), mask, per_sample)
     aux = {"t_mean": t.mean().detach(),
            "given_fraction": (mask.float().mean() if mask is not None else torch.zeros(())).detach()}
     return loss, aux

@@ -69,3 +69,28 @@ def test_the_committed_base_runs_show_what_session_16_reports(tmp_path: Path) ->
     with pytest.raises(SystemExit, match="no p1_bf16 or base_bf16"):
         summary(base / "call8_25k", ("bf16", "rowwise"))
 
+
+
+def test_the_committed_scratch_bases_show_what_session_21_reports() -> None:
+    """Session 21 (benchmarks/results/fp8_base_scratch_h100): proof bases trained from random weights in bf16,
+    with fp8=true, and in bf16 with another seed; the report pairs their held-out clips (eval_base/, written by
+    benchmarks/base_heldout.py) and gives the figures docs/results.md quotes: FP8's held-out difference to bf16
+    is no larger than another seed's."""
+    import json
+    import math
+
+    run = ROOT / "benchmarks" / "results" / "fp8_base_scratch_h100"
+    fp8, seed = summary(run, ("bf16", "fp8")), summary(run, ("bf16", "bf16seed1"))
+    assert fp8["samples"][-1] == seed["samples"][-1] == 256_000
+    assert fp8["ratio"]["mean"] == pytest.approx(1.0023, abs=5e-5)
+    for arm in ("bf16", "fp8", "bf16seed1"):
+        norms = [json.loads(line)["grad_norm"] for line in (run / f"base_{arm}" / "metrics.jsonl").read_text().splitlines()]
+        assert len(norms) == 80 and all(math.isfinite(n) for n in norms)
+    for name in ("heldout", "val"):
+        f, s = fp8["heldout_clips"][name], seed["heldout_clips"][name]
+        assert f["clips"] == s["clips"] == 512
+        assert f["psnr_diff"]["mean"] == pytest.approx({"heldout": -0.046, "val": -0.076}[name], abs=5e-4)
+        assert f["loss_ratio"]["mean"] == pytest.approx({"heldout": 1.0076, "val": 1.0072}[name], abs=5e-5)
+        # FP8's change of the mean held-out loss is smaller than the other seed's
+        assert abs(f["fp8"]["loss"] / f["bf16"]["loss"] - 1) < abs(s["bf16seed1"]["loss"] / s["bf16"]["loss"] - 1)
+    assert summary(run, ("fp8", "bf16"))["heldout_clips"] == {}  # evaluated as bf16 against fp8 only

@@ -43,6 +43,25 @@ def test_masked_mse_ignores_given_frames_for_clips_and_grids():
     assert all_given.item() == 0.0
 
 
+
+def test_per_sample_masked_mse_is_each_samples_own_loss():
+    target = torch.randn(3, 4, 3, 4, 4)
+    pred = target + torch.randn_like(target) * torch.tensor([0.1, 0.5, 1.0]).view(3, 1, 1, 1, 1)
+    mask = torch.tensor([[1.0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    per = rf.masked_mse(pred, target, mask, per_sample=True)
+    assert per.shape == (3,)
+    for i in range(3):
+        torch.testing.assert_close(per[i], rf.masked_mse(pred[i:i + 1], target[i:i + 1], mask[i:i + 1]))
+    assert per[0] < per[1] < per[2]  # the noise levels, unmixed by the other samples
+    torch.testing.assert_close(rf.masked_mse(pred, target, None, per_sample=True),
+                               (pred - target).pow(2).flatten(1).mean(1))
+    # the same draws as the batch loss: per-sample losses weighted by their unknown frames give it back
+    loss, _ = rf.training_loss(lambda x, t, c, m: x, target, mask, torch.Generator().manual_seed(3))
+    per_loss, _ = rf.training_loss(lambda x, t, c, m: x, target, mask, torch.Generator().manual_seed(3),
+                                   per_sample=True)
+    unknown = (1 - mask).sum(1)
+    torch.testing.assert_close((per_loss * unknown).sum() / unknown.sum(), loss)
+
 def test_training_loss_covers_only_unknown_frames():
     x0 = torch.randn(4, 3, 3, 4, 4)
     mask = torch.tensor([[1.0, 0, 0]] * 4)

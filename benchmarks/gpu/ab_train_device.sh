@@ -4,8 +4,10 @@
 # (weights/proof/base.pt.gz), the same pseudo-4D grids in the same order, the same seed; then both checkpoints on
 # the held-out and validation pseudo-4D grids, evaluated alike (bf16, Euler 20). benchmarks/ab_train_report.py
 # draws the paired loss curves and the per-grid differences from what comes back. With AB_STAGE=base the two
-# runs train the base instead: the shipped proof base continued (--init-from) on the same pseudo-4D grids, the
-# runs in base_<arm> (no evaluation: the paired training losses are the comparison).
+# runs train the base instead, in base_<arm>: the shipped proof base continued (--init-from) on the same
+# pseudo-4D grids, or with AB_INIT=scratch a new base from random weights; then both (and the starting base)
+# on the same held-out and validation clips by benchmarks/base_heldout.py (loss at fixed draws, first-frame
+# generation's PSNR), in eval_base/.
 #
 #   [AB_STAGE=base] benchmarks/gpu/ab_train_device.sh ARMS_FILE [BUDGET]   # on the GPU machine, from the repo root; call again to go on
 #
@@ -29,7 +31,11 @@ case $STAGE in
     4d) SAMPLES=${AB_SAMPLES:-9600}; prefix=p1_; script=training/train_4d.py
         stage_opts=(--sync soft --base-checkpoint "$PWD/weights/proof/base.pt.gz") ;;
     base) SAMPLES=${AB_SAMPLES:-120000}; prefix=base_; script=training/train_base.py
-          stage_opts=(--init-from "$PWD/weights/proof/base.pt.gz") ;;
+          case ${AB_INIT:-proof} in
+              proof) stage_opts=(--init-from "$PWD/weights/proof/base.pt.gz") ;;
+              scratch) stage_opts=() ;;
+              *) echo "[device] AB_INIT must be proof or scratch, not '$AB_INIT'"; exit 1 ;;
+          esac ;;
     *) echo "[device] AB_STAGE must be 4d or base, not '$STAGE'"; exit 1 ;;
 esac
 mkdir -p "$RUN/logs" "$OUT"
@@ -71,10 +77,17 @@ for name in "${names[@]}"; do
     echo "[device] $prefix$name: $(grep -a -E '\[train' "$RUN/logs/$prefix$name.log" | tail -1 | cut -c1-200)"
 done
 
-# 3. Both 4D checkpoints, evaluated alike (by this tree's evaluation).
+# 3. Both checkpoints, evaluated alike (by this tree's evaluation).
 a=${names[0]} b=${names[1]}
-if [ "$STAGE" != 4d ]; then
-    :
+if [ "$STAGE" = base ]; then
+    if [ -e "$RUN/base_$a/checkpoint_final" ] && [ -e "$RUN/base_$b/checkpoint_final" ] && [ ! -f "$RUN/eval_base/${a}_vs_${b}.json" ]; then
+        start=$([ ${#stage_opts[@]} -gt 0 ] && echo ",start=$PWD/weights/proof/base.pt.gz")
+        timeout "$(left)" python3 benchmarks/base_heldout.py \
+            --checkpoints "$a=$RUN/base_$a/checkpoint_final,$b=$RUN/base_$b/checkpoint_final$start" \
+            --grids "heldout=$RUN/data/pseudo4d_heldout,val=$RUN/data/pseudo4d_val" \
+            --out "$RUN/eval_base/${a}_vs_${b}.json" > "$RUN/logs/eval_base_${a}_vs_${b}.log" 2>&1
+        tail -12 "$RUN/logs/eval_base_${a}_vs_${b}.log"
+    fi
 elif [ -e "$RUN/p1_$a/checkpoint_final" ] && [ -e "$RUN/p1_$b/checkpoint_final" ] && [ ! -f "$RUN/eval/results.json" ] \
         && [ "$(left)" -lt 180 ]; then
     # the evaluation takes about two minutes and writes its per-grid results only at the end: a call cut short
@@ -92,6 +105,6 @@ fi
 mkdir -p "$RUN/log_tails" && for log in "$RUN"/logs/*.log; do tail -c 100000 "$log" > "$RUN/log_tails/$(basename "$log")"; done
 (cd "$RUN" && tar czf "$OUT/ab_train.tgz" --exclude='*.pt' --exclude='frames' log_tails \
     $(find . -path ./data -prune -o \( -name metrics.jsonl -o -name summary.json -o -name config.yaml \) -print) \
-    $([ "$STAGE" = 4d ] && ls -d eval 2>/dev/null) 2>/dev/null)
+    $(ls -d eval eval_base 2>/dev/null) 2>/dev/null)
 ls -la "$OUT"
 exit 0
