@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import rectified_flow as rf  # noqa: E402
 from pipelines.eval_metrics import psnr  # noqa: E402
 
+MAX_DRAWS = 1000
+"""Seeds are ``seed + MAX_DRAWS * batch + k``: draws take k < MAX_DRAWS - 1, the generation's noise the last."""
+
 
 def parse_pairs(text: str, what: str) -> dict[str, str]:
     """``name=path,name=path`` -> {name: path}, in order; names must be unique."""
@@ -93,11 +96,11 @@ def score(net: torch.nn.Module, batches: list[dict[str, torch.Tensor]], draws: i
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             per = []
             for d in range(draws):
-                g = torch.Generator(device).manual_seed(seed + 1000 * bi + d)
+                g = torch.Generator(device).manual_seed(seed + MAX_DRAWS * bi + d)
                 per.append(rf.training_loss(fn, x0, mask, generator=g, shift=shift, per_sample=True)[0].float())
             first = torch.zeros_like(mask)
             first[:, 0] = 1
-            g = torch.Generator(device).manual_seed(seed + 1000 * bi + 999)
+            g = torch.Generator(device).manual_seed(seed + MAX_DRAWS * bi + MAX_DRAWS - 1)  # not a draw's seed
             noise = torch.randn(x0.shape, generator=g, device=device)
             gen = rf.sample(fn, noise, steps, cond=x0, mask=first, shift=shift).float()
         losses += torch.stack(per).mean(0).tolist()
@@ -109,8 +112,10 @@ def score(net: torch.nn.Module, batches: list[dict[str, torch.Tensor]], draws: i
 
 
 def paired(ref: dict[str, list[float]], other: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """``other`` against ``ref`` clip by clip: loss ratio (lower is better) and PSNR difference (higher is better)."""
-    ratio = np.array(other["loss"]) / np.array(ref["loss"])
+    """``other`` against ``ref`` clip by clip: loss ratio (lower is better; over the clips where ``ref`` has a loss,
+    i.e. an unknown frame) and PSNR difference (higher is better)."""
+    ref_loss = np.array(ref["loss"])
+    ratio = np.array(other["loss"])[ref_loss > 0] / ref_loss[ref_loss > 0]
     diff = np.array(other["psnr"]) - np.array(ref["psnr"])
     return {"loss_ratio": {"mean": float(ratio.mean()), "std": float(ratio.std()), "min": float(ratio.min()),
                            "max": float(ratio.max()), "better": int((ratio < 1).sum())},
@@ -130,9 +135,12 @@ def evaluate(checkpoints: dict[str, str], grids: dict[str, str], clips: int = 51
             raise SystemExit(f"error: checkpoint '{name}' was trained on clips {d.get('frames')} x {d.get('height')}"
                              f" x {d.get('width')}, '{ref_name}' on {geometry['frames']} x {geometry['height']} x "
                              f"{geometry['width']}: scores on different clips would not compare")
+    if not 1 <= draws < MAX_DRAWS:
+        raise SystemExit(f"error: --draws must be 1 to {MAX_DRAWS - 1}, got {draws}")
+    # the clips (contexts, masks) follow the first checkpoint's data config: recorded with the scores
     out: dict[str, Any] = {"config": {"clips": clips, "batch": batch, "draws": draws, "steps": steps, "seed": seed,
                                       "device": str(dev), "geometry": geometry, "checkpoints": checkpoints,
-                                      "grids": grids}, "sets": {}}
+                                      "grids": grids, "data": data}, "sets": {}}
     for set_name, spec in grids.items():
         batches = heldout_clips(spec, data, clips, batch, seed)
         scores = {name: score(net, batches, draws, steps, dev, seed) for name, (net, _) in nets.items()}

@@ -1,10 +1,10 @@
-"""The real training job on a GPU: Ray Train + DeepSpeed (ZeRO-2, bf16, NCCL) + compiled blocks, paper preset (its 4D stage with an FP8 frozen base).
+"""The real training job on a GPU: Ray Train + DeepSpeed (ZeRO-2, bf16, NCCL) + compiled blocks, paper preset (FP8 token matmuls: the base trained in them, the 4D stage's frozen base).
 
 Where bench_model.py times bare model steps, this runs `training.launch.run` end to end on synthetic
 shards of the paper's data shape (the loader, DeepSpeed, EMA, checkpointing and all) and reports the
 loop's own status-line metrics: samples/s and MFU over the last logging window.
 
-    python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32
+    python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32, fp8 on
     python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=4, over a random base (fp8 on, the preset's)
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 

@@ -70,7 +70,6 @@ def test_the_committed_base_runs_show_what_session_16_reports(tmp_path: Path) ->
         summary(base / "call8_25k", ("bf16", "rowwise"))
 
 
-
 def test_the_committed_scratch_bases_show_what_session_21_reports() -> None:
     """Session 21 (benchmarks/results/fp8_base_scratch_h100): proof bases trained from random weights in bf16,
     with fp8=true, and in bf16 with another seed; the report pairs their held-out clips (eval_base/, written by

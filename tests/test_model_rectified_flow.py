@@ -53,6 +53,8 @@ def test_per_sample_masked_mse_is_each_samples_own_loss():
     for i in range(3):
         torch.testing.assert_close(per[i], rf.masked_mse(pred[i:i + 1], target[i:i + 1], mask[i:i + 1]))
     assert per[0] < per[1] < per[2]  # the noise levels, unmixed by the other samples
+    all_given = rf.masked_mse(pred, target, torch.tensor([[1.0] * 4, [0.0] * 4, [1.0] * 4]), per_sample=True)
+    assert all_given[0] == 0 and all_given[2] == 0 and all_given[1] > 0  # zero, not NaN, for a sample all given
     torch.testing.assert_close(rf.masked_mse(pred, target, None, per_sample=True),
                                (pred - target).pow(2).flatten(1).mean(1))
     # the same draws as the batch loss: per-sample losses weighted by their unknown frames give it back
@@ -61,6 +63,7 @@ def test_per_sample_masked_mse_is_each_samples_own_loss():
                                    per_sample=True)
     unknown = (1 - mask).sum(1)
     torch.testing.assert_close((per_loss * unknown).sum() / unknown.sum(), loss)
+
 
 def test_training_loss_covers_only_unknown_frames():
     x0 = torch.randn(4, 3, 3, 4, 4)

@@ -239,9 +239,10 @@ class TrainConfig:
                     "scaling for trained layers, rowwise for the 4D stage's frozen base; the same weights and checkpoints. "
                     "On at the paper preset's 4D stage (+7% through the job, 45.1% MFU on an H100 against 42.2% in session 18, "
                     "45.5-46.0% since session 19; sync layers trained with it score 0.04 dB below bf16's on held-out grids, "
-                    "docs/performance.md) and at its base stage (46.4-46.8% MFU against 44.3-44.6% in bf16, session 20; "
-                    "13 GB less memory; bases trained from scratch with and without it differ on held-out clips by less "
-                    "than two bf16 seeds do, docs/results.md)")
+                    "docs/performance.md) and at its base stage (46.1-46.2% MFU through the job against 44.1% in bf16, "
+                    "session 21; 12 GB less memory; a proof base trained from scratch with it scores 0.7% higher per-clip "
+                    "loss and 0.05-0.08 dB lower PSNR on held-out clips than in bf16, the size of another seed's "
+                    "difference, docs/results.md)")
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
@@ -411,9 +412,10 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18;
                   # 45.5-46.0% with session 19's SwiGLU kernel);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids
-                  # (docs/performance.md, session 14). At the base, FP8 (tensorwise) takes the job from 44.3-44.6% to
-                  # 46.4-46.8% (session 20); proof bases trained from scratch in FP8 and in bf16 differ on held-out clips
-                  # by less than two bf16 runs of different seeds do (docs/results.md, session 21): on.
+                  # (docs/performance.md, session 14). At the base, FP8 (tensorwise) takes the job from 44.1% to
+                  # 46.1-46.2% (session 21); a proof base trained from scratch in FP8 scores 0.7% higher per-clip loss
+                  # and 0.05-0.08 dB lower PSNR on held-out clips than in bf16, the size of another bf16 seed's
+                  # difference (docs/results.md, session 21): on.
                   fp8={"base": True, "upsampler": False, "4d": True},
                   checkpoint_every=2000, output="outputs/paper/{stage}",
                   data=dict(frames=8, views=8, height={"base": 72, "upsampler": 288, "4d": 72},

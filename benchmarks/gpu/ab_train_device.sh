@@ -67,7 +67,7 @@ for arm in "${arms[@]}"; do
     out="$RUN/$prefix$name"
     [ -e "$out/checkpoint_final" ] && continue
     pgrep -f "output $out( |$)" >/dev/null && continue
-    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD setsid nohup python3 "$script" --preset proof "${stage_opts[@]}" \
+    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD setsid nohup python3 "$script" --preset proof ${stage_opts[@]+"${stage_opts[@]}"} \
         --data.grids "$RUN/data/pseudo4d" --total-samples "$SAMPLES" \
         $opts --output "$out" --run-name "$prefix$name" --mlflow-uri none >> "$RUN/logs/$prefix$name.log" 2>&1 < /dev/null &)
     echo "[device] started $prefix$name (tree $tree${opts:+, $opts})"
@@ -81,7 +81,8 @@ done
 a=${names[0]} b=${names[1]}
 if [ "$STAGE" = base ]; then
     if [ -e "$RUN/base_$a/checkpoint_final" ] && [ -e "$RUN/base_$b/checkpoint_final" ] && [ ! -f "$RUN/eval_base/${a}_vs_${b}.json" ]; then
-        start=$([ ${#stage_opts[@]} -gt 0 ] && echo ",start=$PWD/weights/proof/base.pt.gz")
+        start=""  # the starting base too, when the arms continued it
+        [ "${AB_INIT:-proof}" = proof ] && start=",start=$PWD/weights/proof/base.pt.gz"
         timeout "$(left)" python3 benchmarks/base_heldout.py \
             --checkpoints "$a=$RUN/base_$a/checkpoint_final,$b=$RUN/base_$b/checkpoint_final$start" \
             --grids "heldout=$RUN/data/pseudo4d_heldout,val=$RUN/data/pseudo4d_val" \
