@@ -284,6 +284,7 @@ def run_case(args) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     info = {"case": args.case, "preset": args.preset, "model": args.model, "batch": args.batch, "compile": bool(args.compile),
             "compile_mode": args.compile_mode if args.compile else None,
+            "compile_tuning": bool(args.tune) if args.compile else None,
             "attn": args.attn, "checkpointing": bool(args.checkpointing), "fp8": bool(args.fp8), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     torch.manual_seed(0)
@@ -361,7 +362,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def _compile_kwargs(args) -> dict:
-    return {} if args.compile_mode == "default" else {"mode": args.compile_mode}
+    return {"tune": bool(args.tune), **({} if args.compile_mode == "default" else {"mode": args.compile_mode})}
 
 
 def main() -> None:
@@ -379,6 +380,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=72)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--compile", type=int, default=0)
+    parser.add_argument("--tune", type=int, default=0, help="with --compile 1: inductor's kernel tuning at compile "
+                        "time (model/dit.py: TUNED_COMPILE; the paper preset's compile_tuning)")
     parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
                         help="torch.compile mode of the blocks (max-autotune: Triton GEMM templates with fused "
                              "epilogues, autotuned against cuBLAS; minutes of compilation)")

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, VideoDiT, block_flops
+from model.dit import CONTEXT_DYNAMIC, CONTEXT_FREEZE_TIME, VideoDiT, block_flops, compile_kwargs
 
 SOFT_INITS = ("zero", "schedule")
 
@@ -311,12 +311,12 @@ class FourDModel(nn.Module):
         """The trainable parameters (everything of the base model stays frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def compile_blocks(self, **kwargs) -> None:
-        """torch.compile the base blocks and the sync layers in place."""
-        self.base.compile_blocks(**kwargs)
+    def compile_blocks(self, tune: bool = False, **kwargs) -> None:
+        """torch.compile the base blocks and the sync layers in place (``tune``: model.dit.TUNED_COMPILE)."""
+        self.base.compile_blocks(tune, **kwargs)
         if self.variant.compile_layers:
             for layer in getattr(self, self.variant.attr):
-                layer.compile(**kwargs)
+                layer.compile(**compile_kwargs(tune, kwargs))
 
     def train(self, mode: bool = True) -> "FourDModel":
         super().train(mode)

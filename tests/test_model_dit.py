@@ -142,3 +142,31 @@ def test_text_is_pooled_over_real_tokens_and_dropped_to_a_null_embedding():
     model.cfg.text_dropout = 1.0
     model.train()
     torch.testing.assert_close(model.time_context_embedding(t, ctx, text, mask), null)
+
+
+def test_tuned_compilation_passes_inductor_options_every_torch_knows(monkeypatch):
+    """``compile_blocks(tune=True)`` compiles every block (and a 4D model's sync layers) with TUNED_COMPILE as
+    inductor options; each option is a real inductor setting (torch.compile rejects unknown ones only when it
+    first compiles, on the GPU in a job); a compile mode cannot be combined with options, so it is refused."""
+    import torch._inductor.config as inductor_config
+
+    from model.dit import TUNED_COMPILE, compile_kwargs
+    from model.fourd import FourDConfig, FourDModel
+
+    assert TUNED_COMPILE and all(hasattr(inductor_config, k) for k in TUNED_COMPILE)
+    assert compile_kwargs(False, {"mode": "max-autotune-no-cudagraphs"}) == {"mode": "max-autotune-no-cudagraphs"}
+    assert compile_kwargs(True, {}) == {"options": TUNED_COMPILE}
+    assert compile_kwargs(True, {"mode": "default", "options": {"trace.enabled": True}}) == \
+        {"options": {**TUNED_COMPILE, "trace.enabled": True}}
+    with pytest.raises(ValueError, match="cannot combine with mode='max-autotune-no-cudagraphs'"):
+        compile_kwargs(True, {"mode": "max-autotune-no-cudagraphs"})
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    model = FourDModel(tiny_dit(), FourDConfig(sync="soft"))
+    model.compile_blocks(tune=True)
+    blocks = len(model.base.blocks)
+    assert [name for name, _ in calls][:blocks] == ["DiTBlock"] * blocks and len(calls) > blocks  # + sync layers
+    assert all(kw == {"options": TUNED_COMPILE} for _, kw in calls)
+    calls.clear()
+    model.compile_blocks()
+    assert calls and all(kw == {} for _, kw in calls)

@@ -403,3 +403,23 @@ def test_a_local_store_given_relative_is_made_absolute(tmp_path, monkeypatch) ->
         assert default_uri(uri, "out") == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")
     assert default_uri("", "out") == f"sqlite:///{tmp_path}/team.db"
+
+
+def test_the_paper_preset_compiles_tuned_and_the_stage_passes_it_on(monkeypatch) -> None:
+    """compile_tuning (the paper preset's base and 4D stages, measured there) reaches each compiled block as
+    model.dit.TUNED_COMPILE's inductor options; off, the blocks compile with torch's defaults."""
+    from model.dit import TUNED_COMPILE
+    from training.config import presets_for
+    from training.stages import build_stage
+
+    assert presets_for("base")["paper"]().compile_tuning and presets_for("4d")["paper"]().compile_tuning
+    assert not presets_for("upsampler")["paper"]().compile_tuning
+    assert not presets_for("base")["proof"]().compile_tuning
+    calls: list[dict] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    cfg = dataclasses.replace(presets_for("base")["tiny"](), compile_blocks=True, compile_tuning=True)
+    stage = build_stage(cfg)
+    assert len(calls) == len(stage.net.blocks) and all(kw == {"options": TUNED_COMPILE} for kw in calls)
+    calls.clear()
+    build_stage(dataclasses.replace(cfg, compile_tuning=False))
+    assert calls and all(kw == {} for kw in calls)

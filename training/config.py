@@ -246,6 +246,9 @@ class TrainConfig:
     activation_checkpointing: bool = doc(False, "recompute block activations in the backward pass")
     compile_blocks: bool = doc(False, "torch.compile the transformer blocks (about 1.8x faster steps on H100; "
                                "see docs/performance.md)")
+    compile_tuning: bool = doc(False, "with compile_blocks: inductor tunes each generated kernel's block sizes on the GPU "
+                               "at compile time (model/dit.py: TUNED_COMPILE; on an H100 +2.8% on the bare base step, "
+                               "+2.0-2.5% through the base job, 1-1.5 minutes more of a fresh compile per worker)")
     log_every: int = doc(1, "optimizer steps between metric logs")
     sample_every: int = doc(0, "optimizer steps between sample grids logged to MLflow (0 = only at the end)")
     sample_steps: int = doc(4, "Euler steps used for the logged samples")
@@ -409,6 +412,9 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   # host thread that queues the GPU's kernels (-11% samples/s at the base, measured)
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
+                  # inductor's kernel tuning at compile time: base job +2.0-2.5%, 4D job +0.5% (within noise), for
+                  # 1-1.5 minutes more of a fresh compile (docs/performance.md, session 21); the upsampler unmeasured
+                  compile_tuning={"base": True, "upsampler": False, "4d": True},
                   # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18;
                   # 45.5-46.0% with session 19's SwiGLU kernel);
                   # on the proof model, sync layers trained so scored 0.04 dB PSNR below bf16's on held-out grids

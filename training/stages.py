@@ -220,11 +220,11 @@ def build_stage(cfg: TrainConfig) -> Stage:
         from model.dit import DiTBlock
         from model.fp8 import enable_fp8, fp8_supported
         if cfg.use_gpu and torch.cuda.is_available() and not fp8_supported(torch.cuda.current_device()):
-            raise UserError(f"fp8 (on at the paper preset's 4D stage) needs FP8 tensor cores (compute capability "
+            raise UserError(f"fp8 (on at the paper preset's base and 4D stages) needs FP8 tensor cores (compute capability "
                             f"8.9+, e.g. H100); {torch.cuda.get_device_name()} has none: pass --set fp8=false")
         for block in (m for m in stage.modules() if isinstance(m, DiTBlock)):
             enable_fp8(block)
     if cfg.compile_blocks:
         net = stage.net
-        (net.compile_blocks if hasattr(net, "compile_blocks") else net.dit.compile_blocks)()
+        (net.compile_blocks if hasattr(net, "compile_blocks") else net.dit.compile_blocks)(tune=cfg.compile_tuning)
     return stage
