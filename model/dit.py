@@ -254,20 +254,22 @@ def block_flops(width: int, mlp_hidden: int, seq_len: int, num_seqs: int) -> tup
 TUNED_COMPILE: dict[str, Any] = {"coordinate_descent_tuning": True}
 """torch.compile options of tuned blocks: inductor benchmarks block sizes and warp counts of every kernel it
 generates (the norms, modulation, gating and FP8 casts between the GEMMs, all memory-bound) on the GPU at compile
-time, instead of taking its heuristics' pick. On an H100 +2.8% on the bare base step and +2.0-2.5% through the
-base job, for 1-1.5 minutes more of a fresh compile per process (docs/performance.md, session 21); CPUs ignore it."""
+time, instead of taking its heuristics' pick. On an H100 +2.8% on the bare base step and +2.0-2.5% samples/s
+(0.9-1.1 MFU points) through the base job, for 1-1.5 minutes more of a first compile per process
+(docs/performance.md, session 21); CPUs ignore it."""
 
 
 def compile_kwargs(tune: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """torch.compile's keyword arguments with ``TUNED_COMPILE`` merged in when ``tune``; torch.compile takes a
-    ``mode`` or ``options``, not both, so a tuned compile with a mode is refused here, by name."""
+    """torch.compile's keyword arguments with ``TUNED_COMPILE`` merged in when ``tune``. torch.compile takes a
+    ``mode`` or ``options``, not both, so a mode becomes the options it stands for (max-autotune's already
+    include this tuning)."""
     if not tune:
         return kwargs
-    if kwargs.get("mode") not in (None, "default"):
-        raise ValueError(f"tuned compilation sets inductor options, which torch.compile cannot combine with "
-                         f"mode={kwargs['mode']!r}")
+    from torch._inductor import list_mode_options
     rest = {k: v for k, v in kwargs.items() if k != "mode"}
-    return {**rest, "options": {**TUNED_COMPILE, **rest.get("options", {})}}
+    mode = kwargs.get("mode") or "default"
+    return {**rest, "options": {**list_mode_options(mode, kwargs.get("dynamic")), **TUNED_COMPILE,
+                                **rest.get("options", {})}}
 
 
 class VideoDiT(nn.Module):

@@ -332,12 +332,14 @@ def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_pat
     cfg = dataclasses.replace(presets_for("base")["tiny"](), output=str(tmp_path))
     (tmp_path / "ray" / cfg.stage).mkdir(parents=True)
     recorded = to_dict(cfg)
-    for key in ("fp8", "profile_at", "profile_steps", "profile_all_ranks"):
+    for key in ("fp8", "profile_at", "profile_steps", "profile_all_ranks", "compile_tuning"):
         recorded.pop(key)
     recorded["data"].pop("keep_filtered")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
     assert check_resume(cfg, tmp_path) is None
     assert check_resume(dataclasses.replace(cfg, profile_at=5), tmp_path) is None  # resume-free
+    # a run started before the paper preset turned compile_tuning on resumes with it: launch settings only
+    assert check_resume(dataclasses.replace(cfg, compile_tuning=True), tmp_path) is None
     with pytest.raises(UserError, match="batch_size"):
         check_resume(dataclasses.replace(cfg, batch_size=cfg.batch_size * 2), tmp_path)
     kept = check_resume(dataclasses.replace(cfg, fp8=True), tmp_path)

@@ -33,6 +33,9 @@ RESUME_FREE = frozenset({
     "optim.max_nonfinite_steps",
     # FP8 matmuls round the same weights differently; the checkpoints are the same with or without them
     "fp8",
+    # kernel launch configurations only: the same arithmetic (a run started before the paper preset turned it on
+    # resumes with it)
+    "compile_tuning",
 })
 NUMERICS_FREE = frozenset({"fp8"})
 """Keys of RESUME_FREE that change a run's arithmetic from the resume on (not what its weights are): a resume
