@@ -43,19 +43,24 @@ MAX_DRAWS = 1000
 """Seeds are ``seed + MAX_DRAWS * batch + k``: draws take k < MAX_DRAWS - 1, the generation's noise the last."""
 
 
-def parse_pairs(text: str, what: str) -> dict[str, str]:
-    """``name=path,name=path`` -> {name: path}, in order; names must be unique."""
+def parse_checkpoints(text: str) -> dict[str, str]:
+    """``--checkpoints name=path,name=path`` -> {name: path}, in order; names must be unique. (``--grids`` is
+    parsed as evaluate_4d.py's is: pipelines.evaluation.parse_grid_sets.)"""
     out: dict[str, str] = {}
     for item in filter(None, text.split(",")):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"error: --{what} entry '{item}' must look like name=path")
+            raise SystemExit(f"error: --checkpoints entry '{item}' must look like name=path")
         if name in out:
-            raise SystemExit(f"error: --{what} names '{name}' twice")
+            raise SystemExit(f"error: --checkpoints names '{name}' twice")
         out[name] = path
     if not out:
-        raise SystemExit(f"error: give at least one --{what} name=path")
+        raise SystemExit("error: give at least one --checkpoints name=path")
     return out
+
+
+def _to01(v: torch.Tensor) -> torch.Tensor:
+    return ((v.float() + 1) / 2).clamp(0, 1)
 
 
 def load_base(spec: str) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -104,8 +109,7 @@ def score(net: torch.nn.Module, batches: list[dict[str, torch.Tensor]], draws: i
             noise = torch.randn(x0.shape, generator=g, device=device)
             gen = rf.sample(fn, noise, steps, cond=x0, mask=first, shift=shift).float()
         losses += torch.stack(per).mean(0).tolist()
-        to01 = lambda v: ((v.float() + 1) / 2).clamp(0, 1)  # noqa: E731
-        frame_psnr = psnr(to01(gen[:, 1:]), to01(x0[:, 1:])).clamp_max(100)  # [B, F-1]; identical frames: 100 dB
+        frame_psnr = psnr(_to01(gen[:, 1:]), _to01(x0[:, 1:])).clamp_max(100)  # [B, F-1]; identical frames: 100 dB
         psnrs += frame_psnr.mean(1).tolist()
     net.cpu()
     return {"loss": losses, "psnr": psnrs}
@@ -170,7 +174,8 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoints", required=True, help="name=path,...: base checkpoints; the first is the reference")
-    ap.add_argument("--grids", required=True, help="name=path,...: held-out grid sets (shard folders or tar globs)")
+    ap.add_argument("--grids", required=True, help="held-out grid sets as evaluate_4d.py takes them: name=path,... "
+                    "(shard folders or tar globs; a bare path is named after its folder)")
     ap.add_argument("--clips", type=int, default=512, help="clips per set")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--draws", type=int, default=4, help="flow times and noises per clip for the loss")
@@ -182,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.clips, args.batch, args.draws, args.steps) < 1:
         raise SystemExit("error: --clips, --batch, --draws and --steps must be >= 1")
     t0 = time.time()
-    result = evaluate(parse_pairs(args.checkpoints, "checkpoints"), parse_pairs(args.grids, "grids"), args.clips,
-                      args.batch, args.draws, args.steps, args.device, args.seed)
+    from pipelines.common.errors import UserError
+    from pipelines.evaluation import parse_grid_sets
+    try:
+        grids = parse_grid_sets(args.grids)
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    result = evaluate(parse_checkpoints(args.checkpoints), grids, args.clips, args.batch, args.draws, args.steps,
+                      args.device, args.seed)
     result["seconds"] = time.time() - t0
     print(report(result))
     if args.out:
