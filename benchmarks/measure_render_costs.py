@@ -3,6 +3,7 @@
     flock /tmp/heavy.lock .venv/bin/python benchmarks/measure_render_costs.py sizes ASSET.glb
     flock /tmp/heavy.lock .venv/bin/python benchmarks/measure_render_costs.py settings ASSET.glb \\
         '{"scrambling_auto": {"cycles.auto_scrambling_distance": true}}'
+    .venv/bin/python benchmarks/measure_render_costs.py regions ASSET.glb [ASSET.glb ...]
 
 The scene is the job's (rendering/scene.py: engine, lighting, 4 cameras with multiview, the render region of
 the first action's 8 sampled frames), at 256x256, 16 samples with OpenImageDenoise, 2 threads.
@@ -11,7 +12,14 @@ the first action's 8 sampled frames), at 256x256, 16 samples with OpenImageDenoi
   denoiser (best of 3): the denoiser's cost per view by image size, and the tracing cost of the same pixels.
 * ``settings``: the job's settings ("base") and each named set of Cycles/scene property overrides, alternated
   over ``--rounds`` rounds; each renders 3 of the 8 time steps in their render regions (ms a frame = per view
-  image, best and median round).
+  image, best and median round). A property path may index a collection: ``view_layers[0].cycles.x``.
+* ``regions``: no rendering. For every action the job renders (up to 4 per asset) and every time step, the share
+  of the frame that the render region covers in three ways: the union of the views' boxes (what the job
+  renders: multiview gives all views of a call one border), one border size for all views (the widest box's
+  width by the tallest box's height: the most that moving each view's box onto a common border with a shifted
+  camera could reach, since multiview views share the border's size), and each view's own box (reachable only
+  with one render call, and so one scene sync, per view). Then the cost of moving a view's pixels back after
+  a shifted camera: decoding one PNG the job wrote, moving it and encoding it again.
 
 Assets: benchmarks/bench_render_real.py builds them (its ``/tmp/bench_render_real_assets``).
 """
@@ -83,7 +91,10 @@ def settings(asset: str, variants: dict, rounds: int, out: str) -> None:
         obj = scene
         parts = path.split(".")
         for p in parts[:-1]:
-            obj = getattr(obj, p)
+            name, _, index = p.partition("[")
+            obj = getattr(obj, name)
+            if index:
+                obj = obj[int(index.rstrip("]"))]
         old = getattr(obj, parts[-1])
         setattr(obj, parts[-1], value)
         return old
@@ -112,18 +123,76 @@ def settings(asset: str, variants: dict, rounds: int, out: str) -> None:
     print("ms a frame, median:", {k: round(sorted(v)[len(v) // 2] * 1000, 1) for k, v in times.items()})
 
 
+def regions(assets: list[str], out: str) -> None:
+    import bpy
+    import numpy as np
+
+    import rendering.scene as S
+    from rendering.render_asset import plan_frames, stage_scene
+    from rendering.settings import RenderSettings
+    s = RenderSettings(width=256, height=256, views=4, frames=8, threads=2)  # max_actions: the job's default
+
+    def area(b) -> float:
+        return (b[1] - b[0]) * (b[3] - b[2])
+    rows = []
+    for asset in assets:
+        staged = stage_scene(asset, s, start_azimuth_deg=0.0)
+        render = bpy.context.scene.render
+        for action in staged.actions[: s.max_actions]:
+            plan = plan_frames(action, staged.rest, staged.rig, s, render.fps / render.fps_base)
+            # The borders of the job's own plan (its union per time step), and per view from the same vertices.
+            points: list = []
+            boxes = S.frame_bboxes(plan.frames, points)  # evaluated after normalization: world = normalized
+            ident = {"center": [0.0, 0.0, 0.0], "scale": 1.0}
+            per_view = S.render_borders(boxes, ident, staged.rig, s.width, s.height, points, per_view=True)
+            for union, views in zip(plan.borders, per_view):
+                common = max(b[1] - b[0] for b in views) * max(b[3] - b[2] for b in views)
+                rows.append((area(union), common, float(np.mean([area(b) for b in views]))))
+            a = np.array(rows[-len(plan.frames):])
+            print(f"{Path(asset).stem} {action.name}: union {a[:, 0].mean():.4f}, common size {a[:, 1].mean():.4f}, "
+                  f"each view's own {a[:, 2].mean():.4f} of the frame", flush=True)
+    a = np.array(rows)
+    u, c, e = a.mean(0)
+    print(f"all {len(rows)} time steps: union {u:.4f}, common size {c:.4f} ({c / u - 1:+.1%}), each view's own "
+          f"{e:.4f} ({e / u - 1:+.1%})")
+    # What moving a shifted camera's pixels back would cost: decode a view the job wrote, move it, encode it
+    # again at the level Blender's compression 15 uses (zlib 1).
+    import io
+
+    from PIL import Image
+    S.set_frame(plan.frames[0])
+    S.set_border(plan.borders[0])
+    bpy.context.scene.render.filepath = str(Path(out) / "t.png")
+    bpy.ops.render.render(write_still=True)
+    png = (Path(out) / "t_v00.png").read_bytes()
+
+    def move_back() -> bytes:
+        img = np.roll(np.asarray(Image.open(io.BytesIO(png))), (3, 5), (0, 1))
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+    for _ in range(5):
+        move_back()
+    t0 = time.perf_counter()
+    for _ in range(100):
+        move_back()
+    print(f"decode, move and encode one view's PNG ({len(png)} bytes): {(time.perf_counter() - t0) * 10:.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("sizes", "settings"))
+    ap.add_argument("mode", choices=("sizes", "settings", "regions"))
     ap.add_argument("asset", help="a GLB (e.g. /tmp/bench_render_real_assets/char-medium-1-v1.glb)")
-    ap.add_argument("variants", nargs="?", default="{}", help="settings: JSON {name: {property path: value}}")
+    ap.add_argument("rest", nargs="*", help="settings: JSON {name: {property path: value}}; regions: more GLBs")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--scratch", default="/tmp/measure_render_costs")
     args = ap.parse_args()
     if args.mode == "sizes":
         sizes(args.asset, args.scratch)
+    elif args.mode == "regions":
+        regions([args.asset, *args.rest], args.scratch)
     else:
-        settings(args.asset, json.loads(args.variants), args.rounds, args.scratch)
+        settings(args.asset, json.loads(args.rest[0] if args.rest else "{}"), args.rounds, args.scratch)
 
 
 if __name__ == "__main__":

@@ -205,3 +205,20 @@ def test_one_cpu_actor_leaves_no_core_spinning(character, tmp_path):
     finally:
         worker.close()
     assert idle < 0.3, f"the idle Blender child used {idle:.2f} cores"
+
+
+def test_measure_render_costs_regions(character, tmp_path):
+    """benchmarks/measure_render_costs.py regions (docs/performance.md, session 22): per action, the union of the
+    views' boxes (the job's own plan) holds the common-size border, which holds each view's own box; then the
+    cost of moving a rendered view back, on a real PNG the job's scene wrote."""
+    import re
+    proc = subprocess.run([sys.executable, "benchmarks/measure_render_costs.py", "regions", character["path"],
+                           "--scratch", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\S+ (\w+): union ([\d.]+), common size ([\d.]+), each view's own ([\d.]+)", proc.stdout, re.M)
+    assert sorted(r[0] for r in rows) == sorted(character["actions"])
+    for _, union, common, each in rows:
+        u, c, e = float(union), float(common), float(each)
+        assert 0.0 < e <= c + 1e-4 and c <= u + 1e-4 and u < 1.0, (u, c, e)
+    m = re.search(r"PNG \((\d+) bytes\): ([\d.]+) ms", proc.stdout)
+    assert m and int(m.group(1)) > 1000 and float(m.group(2)) > 0.0, proc.stdout[-2000:]
