@@ -6,6 +6,7 @@ loop's own status-line metrics: samples/s and MFU over the last logging window.
 
     python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32, fp8 on
     python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=4, over a random base (fp8 on, the preset's)
+    python benchmarks/bench_train_loop.py --stage upsampler   # 8-frame clips 72x128 -> 288x512, B=16 (bf16, the preset's)
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 
 samples/s is the whole job's (all workers); per GPU divide by --workers. MFU is per GPU.
@@ -43,7 +44,7 @@ def save_base(net, folder: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--stage", choices=("base", "4d"), default="base")
+    ap.add_argument("--stage", choices=("base", "upsampler", "4d"), default="base")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--grids", type=int, default=16)
     ap.add_argument("--zero", type=int, default=2)
@@ -63,10 +64,12 @@ def main() -> None:
     if args.base_init != "fresh" and args.stage != "base":
         ap.error("--base-init is the base stage's (the 4D stage's frozen base is always bench_model.random_base)")
     with tempfile.TemporaryDirectory() as d:
-        data = Path(d) / "grids"
-        for p in range(0, args.grids, 4):
-            commit_part(data, p // 4, [textured_grid(i, 8, 16, 72, 128) for i in range(p, p + 4)], [])
         cfg = presets_for(args.stage)["paper"]()
+        data = Path(d) / "grids"
+        # at the stage's own frame size (the upsampler's 288x512 targets), so the loader decodes what it would
+        size = (cfg.data.height, cfg.data.width)
+        for p in range(0, args.grids, 4):
+            commit_part(data, p // 4, [textured_grid(i, 8, 16, *size) for i in range(p, p + 4)], [])
         base_ckpt = ""
         if args.stage == "4d":  # a random paper base, exported in the portable format
             from bench_model import random_base

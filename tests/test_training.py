@@ -296,6 +296,38 @@ def test_killed_worker_is_recovered_from_checkpoint(ray_local, train_grids: Path
     assert jsonl == sorted(set(jsonl))
 
 
+def test_a_step_out_of_gpu_memory_ends_in_one_error_saying_what_to_change(ray_local, train_grids: Path,
+                                                                          tmp_path: Path) -> None:
+    """torch's out-of-memory error in a step (simulated on CPU by fail_kind=oom, raised where a real one is: in the
+    forward, on every rank) ends the job in one UserError that names the change keeping the samples per step."""
+    cfg = tiny("base", tmp_path, [str(train_grids)], total_samples=24, fail_at_step=2, fail_kind="oom",
+               max_failures=0, log_every=1)
+    assert cfg.batch_size == 2 and cfg.grad_accum == 1 and cfg.num_workers == 2
+    with pytest.raises(UserError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert msg.startswith("the base stage ran out of GPU memory at step 2 on cpu: 2 4-frame clips at 16x16"), msg
+    assert "--set batch_size=1 --set grad_accum=2 (the same 4 samples per optimizer step" in msg, msg
+    assert "--set activation_checkpointing=true" in msg and "torch: CUDA out of memory (fail_kind=oom" in msg, msg
+    assert "\n" not in msg  # one line, not Ray's traceback
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]  # step 1 ran and was logged; step 2 failed
+
+
+def test_out_of_memory_advice_follows_the_config(tmp_path: Path) -> None:
+    from training.loop import out_of_memory
+    cfg = tiny("4d", tmp_path, [], batch_size=6, grad_accum=3, activation_checkpointing=True, total_samples=72)
+    msg = str(out_of_memory(cfg, torch.device("cpu"), 7, "CUDA out of memory. Tried to allocate 2 GiB\nmore"))
+    assert f"at step 7 on cpu: 6 {cfg.data.views} x {cfg.data.frames} grids" in msg, msg
+    assert "--set batch_size=3 --set grad_accum=6 (the same 36 samples" in msg, msg
+    assert "activation checkpointing on" in msg and "--set activation_checkpointing" not in msg, msg
+    assert msg.endswith("micro-batches). torch: CUDA out of memory. Tried to allocate 2 GiB"), msg
+    one = tiny("base", tmp_path, [], batch_size=1, activation_checkpointing=True)
+    assert "smaller frames or fewer of them" in str(out_of_memory(one, torch.device("cpu"), 1))
+    odd = tiny("base", tmp_path, [], batch_size=3, total_samples=18)
+    assert "batch_size x grad_accum stays 3" in str(out_of_memory(odd, torch.device("cpu"), 1))
+
+
 def test_a_resume_with_tracking_off_keeps_its_loss_history(ray_local, train_grids: Path, tmp_path: Path) -> None:
     """--mlflow-uri none (the proof recipe's setting): a run continued from its checkpoint is a resume, not a
     restart; metrics.jsonl keeps the first half and gets the rest, each step once."""

@@ -380,6 +380,41 @@ def clear_stale_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[Path]
     return removed
 
 
+def out_of_memory(cfg: TrainConfig, device: torch.device, step: int, detail: str = "") -> UserError:
+    """What a step that ran out of GPU memory should change, as the one error the job ends with.
+
+    Every attempt would draw a batch of the same size again, so the advice is a configuration change: the same
+    samples per optimizer step in smaller micro-batches, or activation checkpointing. ``detail`` is torch's own
+    message (its allocation figures), kept at the end.
+    """
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        where = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    else:
+        where = str(device)
+    d = cfg.data
+    shape = (f"{d.views} x {d.frames} grids" if cfg.stage == "4d" else f"{d.frames}-frame clips") + f" at {d.height}x{d.width}"
+    ckpt = "on" if cfg.activation_checkpointing else "off"
+    fixes = []
+    for k in (2, 4, 8):  # the first divisor: the samples per step and so the recipe stay as they are
+        if cfg.batch_size % k == 0 and cfg.batch_size > 1:
+            fixes.append(f"--set batch_size={cfg.batch_size // k} --set grad_accum={cfg.grad_accum * k} (the same "
+                         f"{cfg.samples_per_step} samples per optimizer step, in smaller micro-batches)")
+            break
+    else:
+        if cfg.batch_size > 1:
+            fixes.append(f"a smaller batch_size with grad_accum raised so that batch_size x grad_accum stays "
+                         f"{cfg.batch_size * cfg.grad_accum}")
+    if not cfg.activation_checkpointing:
+        fixes.append("--set activation_checkpointing=true (each block's activations recomputed in the backward pass: "
+                     "about a third more compute)")
+    if not fixes:
+        fixes.append("smaller frames or fewer of them (data.height, data.width, data.frames), or a GPU with more memory")
+    return UserError(f"the {cfg.stage} stage ran out of GPU memory at step {step} on {where}: {cfg.batch_size} "
+                     f"{shape} a micro-batch per GPU, activation checkpointing {ckpt}. Try " + "; or ".join(fixes)
+                     + "." + (f" torch: {detail.splitlines()[0][:300]}" if detail else ""))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: runs on every worker."""
     cfg = from_dict(TrainConfig, loop_config["config"])
@@ -509,10 +544,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 batch = _to(batch, device, torch.float32)
             if preview is None:
                 preview = {k: v[:1].clone() for k, v in batch.items()}
-            with phase("train/forward"):
-                loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
-            with phase("train/backward"):
-                engine.backward(loss)
+            try:
+                if cfg.fail_kind == "oom" and cfg.fail_at_step == step + 1:
+                    raise torch.OutOfMemoryError("CUDA out of memory (fail_kind=oom: simulated)")
+                with phase("train/forward"):
+                    loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
+                with phase("train/backward"):
+                    engine.backward(loss)
+            except torch.OutOfMemoryError as exc:  # the same batch would fail again: say what to change
+                raise out_of_memory(cfg, device, step + 1, str(exc)) from exc
             with phase("train/optimizer"):  # at accumulation boundaries: clipping and the optimizer step
                 if zero_stage == 0 and micro == cfg.grad_accum - 1:
                     grad_norm = clip_on_device(trainable, cfg.optim.grad_clip, optimizer)
@@ -524,7 +564,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if ema is not None:
             with phase("train/ema"):
                 ema.update()
-        if cfg.fail_at_step and state["step"] == cfg.fail_at_step and rank == min(1, world - 1):
+        if cfg.fail_kind == "kill" and cfg.fail_at_step and state["step"] == cfg.fail_at_step and rank == min(1, world - 1):
             marker = Path(cfg.output) / "_fault_injected"
             if not marker.exists():
                 marker.write_text("rank killed itself once to test recovery")
