@@ -6,7 +6,7 @@ loop's own status-line metrics: samples/s and MFU over the last logging window.
 
     python benchmarks/bench_train_loop.py --stage base   # the paper preset: 8-frame clips at 72x128, B=32, fp8 on
     python benchmarks/bench_train_loop.py --stage 4d     # 8x8 grid at 72x128, B=4, over a random base (fp8 on, the preset's)
-    python benchmarks/bench_train_loop.py --stage upsampler   # 8-frame clips 72x128 -> 288x512, B=16 (bf16, the preset's)
+    python benchmarks/bench_train_loop.py --stage upsampler   # 8-frame clips 72x128 -> 288x512, 8 x 2 a step (bf16, the preset's)
     python benchmarks/bench_train_loop.py --stage base --workers 2 --zero 3   # one Ray Train worker per GPU (NCCL)
 
 samples/s is the whole job's (all workers); per GPU divide by --workers. MFU is per GPU.

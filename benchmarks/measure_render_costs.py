@@ -132,8 +132,11 @@ def regions(assets: list[str], out: str) -> None:
     from rendering.settings import RenderSettings
     s = RenderSettings(width=256, height=256, views=4, frames=8, threads=2)  # max_actions: the job's default
 
-    def area(b) -> float:
-        return (b[1] - b[0]) * (b[3] - b[2])
+    def area(b) -> float:  # None: the whole frame (the job renders it so when no box is safe)
+        return 1.0 if b is None else (b[1] - b[0]) * (b[3] - b[2])
+
+    def side(b, i: int) -> float:
+        return 1.0 if b is None else b[2 * i + 1] - b[2 * i]
     rows = []
     for asset in assets:
         staged = stage_scene(asset, s, start_azimuth_deg=0.0)
@@ -145,8 +148,9 @@ def regions(assets: list[str], out: str) -> None:
             boxes = S.frame_bboxes(plan.frames, points)  # evaluated after normalization: world = normalized
             ident = {"center": [0.0, 0.0, 0.0], "scale": 1.0}
             per_view = S.render_borders(boxes, ident, staged.rig, s.width, s.height, points, per_view=True)
-            for union, views in zip(plan.borders, per_view):
-                common = max(b[1] - b[0] for b in views) * max(b[3] - b[2] for b in views)
+            unions = plan.borders or [None] * len(plan.frames)  # None: a scene the region is not safe for
+            for union, views in zip(unions, per_view if plan.borders else [[None] * s.views] * len(plan.frames)):
+                common = max(side(b, 0) for b in views) * max(side(b, 1) for b in views)
                 rows.append((area(union), common, float(np.mean([area(b) for b in views]))))
             a = np.array(rows[-len(plan.frames):])
             print(f"{Path(asset).stem} {action.name}: union {a[:, 0].mean():.4f}, common size {a[:, 1].mean():.4f}, "
@@ -161,7 +165,7 @@ def regions(assets: list[str], out: str) -> None:
 
     from PIL import Image
     S.set_frame(plan.frames[0])
-    S.set_border(plan.borders[0])
+    S.set_border(plan.borders[0] if plan.borders else None)
     bpy.context.scene.render.filepath = str(Path(out) / "t.png")
     bpy.ops.render.render(write_still=True)
     png = (Path(out) / "t_v00.png").read_bytes()
@@ -192,6 +196,8 @@ def main() -> None:
     elif args.mode == "regions":
         regions([args.asset, *args.rest], args.scratch)
     else:
+        if len(args.rest) > 1:
+            ap.error("settings takes one JSON of variants (quote it)")
         settings(args.asset, json.loads(args.rest[0] if args.rest else "{}"), args.rounds, args.scratch)
 
 

@@ -307,8 +307,11 @@ def test_a_step_out_of_gpu_memory_ends_in_one_error_saying_what_to_change(ray_lo
         run(cfg)
     msg = str(err.value)
     assert msg.startswith("the base stage ran out of GPU memory at step 2 on cpu: 2 4-frame clips at 16x16"), msg
-    assert "--set batch_size=1 --set grad_accum=2 (the same 4 samples per optimizer step" in msg, msg
-    assert "--set activation_checkpointing=true" in msg and "torch: CUDA out of memory (fail_kind=oom" in msg, msg
+    assert "--set batch_size=1 --set grad_accum=2 (the same 4 samples per optimizer step over the 2 workers" in msg, msg
+    assert "--set activation_checkpointing=true" in msg and "only with --force" in msg, msg
+    # torch's own message, cut at a sentence's end
+    assert msg.endswith("torch: CUDA out of memory. Tried to allocate 2.00 GiB (fail_kind=oom: simulated). GPU 0 has "
+                        "a total capacity of 79.18 GiB."), msg
     assert "\n" not in msg  # one line, not Ray's traceback
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]  # step 1 ran and was logged; step 2 failed
@@ -317,15 +320,16 @@ def test_a_step_out_of_gpu_memory_ends_in_one_error_saying_what_to_change(ray_lo
 def test_out_of_memory_advice_follows_the_config(tmp_path: Path) -> None:
     from training.loop import out_of_memory
     cfg = tiny("4d", tmp_path, [], batch_size=6, grad_accum=3, activation_checkpointing=True, total_samples=72)
-    msg = str(out_of_memory(cfg, torch.device("cpu"), 7, "CUDA out of memory. Tried to allocate 2 GiB\nmore"))
+    long = "CUDA out of memory. Tried to allocate 2 GiB. " + "x" * 400 + ". Cut here."
+    msg = str(out_of_memory(cfg, torch.device("cpu"), 7, long))
     assert f"at step 7 on cpu: 6 {cfg.data.views} x {cfg.data.frames} grids" in msg, msg
     assert "--set batch_size=3 --set grad_accum=6 (the same 36 samples" in msg, msg
     assert "activation checkpointing on" in msg and "--set activation_checkpointing" not in msg, msg
-    assert msg.endswith("micro-batches). torch: CUDA out of memory. Tried to allocate 2 GiB"), msg
+    assert msg.endswith("with --force). torch: CUDA out of memory. Tried to allocate 2 GiB."), msg
     one = tiny("base", tmp_path, [], batch_size=1, activation_checkpointing=True)
     assert "smaller frames or fewer of them" in str(out_of_memory(one, torch.device("cpu"), 1))
-    odd = tiny("base", tmp_path, [], batch_size=3, total_samples=18)
-    assert "batch_size x grad_accum stays 3" in str(out_of_memory(odd, torch.device("cpu"), 1))
+    odd = tiny("base", tmp_path, [], batch_size=9, total_samples=18)
+    assert "--set batch_size=3 --set grad_accum=3 (the same 18 samples" in str(out_of_memory(odd, torch.device("cpu"), 1))
 
 
 def test_a_resume_with_tracking_off_keeps_its_loss_history(ray_local, train_grids: Path, tmp_path: Path) -> None:

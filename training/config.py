@@ -269,9 +269,10 @@ class TrainConfig:
                           "<output>/profile/; pick a step after compilation and warm-up")
     profile_steps: int = doc(3, "steps profiled from profile_at")
     profile_all_ranks: bool = doc(False, "profile every rank, not only rank 0")
-    fail_at_step: int = doc(0, "testing: rank 1 exits at this optimizer step on the first attempt (0 = off)")
-    fail_kind: Literal["kill", "oom"] = doc("kill", "testing: what fail_at_step does: kill (the worker dies) or oom (the step raises "
-                                 "the GPU's out-of-memory error on every rank and attempt)")
+    fail_at_step: int = doc(0, "testing: a fault at this optimizer step (0 = off), as fail_kind says")
+    fail_kind: Literal["kill", "oom"] = doc("kill", "testing: what fail_at_step does: kill (rank 1 dies on the first "
+                                                    "attempt) or oom (the step raises the GPU's out-of-memory error "
+                                                    "on every rank and attempt)")
     force: bool = doc(False, "continue the run folder's checkpoints although the config differs from the one "
                       "they were trained with (the old config.yaml is kept beside the new one)")
     data: DataConfig = doc(text="input data", factory=DataConfig)
@@ -414,7 +415,7 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   total_samples={"base": 49_920_000, "upsampler": 49_920_000, "4d": 20_000 * 24 * 8},
                   # The upsampler's 16 clips a step as 2 micro-batches of 8: at 288x512 its 8-frame clips are
                   # 18,432 tokens each, and 16 at once ran an 80 GB H100 out of memory in the first forward (they
-                  # take 132 GB, measured on an H200); 8 take 68 GB, at 46.6% MFU against 46.8% (session 22).
+                  # take 132 GiB, measured on an H200); 8 take 68 GiB, at 46.6% MFU against 46.8% (session 22).
                   batch_size={"base": 32, "upsampler": 8, "4d": 4}, grad_accum={"base": 1, "upsampler": 2, "4d": 1},
                   num_workers=24, use_gpu=True,
                   # loader processes: decoding in the training process contended for its GIL with the
@@ -422,8 +423,8 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
                   # inductor's kernel tuning at compile time: base job +2.0-2.5%, 4D job +0.5% (within noise), for
-                  # 1-1.5 minutes more of a fresh compile (docs/performance.md, session 21); the upsampler unmeasured
-                  # (its tuned first compile outlasted session 22's 170 s runs)
+                  # 1-1.5 minutes more of a fresh compile (docs/performance.md, session 21). The upsampler: 46.5%
+                  # tuned against 45.4% untuned, but on H100s of two calls (session 22), not one: off until measured so
                   compile_tuning={"base": True, "upsampler": False, "4d": True},
                   # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18;
                   # 45.5-46.0% with session 19's SwiGLU kernel);

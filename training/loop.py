@@ -396,23 +396,27 @@ def out_of_memory(cfg: TrainConfig, device: torch.device, step: int, detail: str
     shape = (f"{d.views} x {d.frames} grids" if cfg.stage == "4d" else f"{d.frames}-frame clips") + f" at {d.height}x{d.width}"
     ckpt = "on" if cfg.activation_checkpointing else "off"
     fixes = []
-    for k in (2, 4, 8):  # the first divisor: the samples per step and so the recipe stay as they are
-        if cfg.batch_size % k == 0 and cfg.batch_size > 1:
-            fixes.append(f"--set batch_size={cfg.batch_size // k} --set grad_accum={cfg.grad_accum * k} (the same "
-                         f"{cfg.samples_per_step} samples per optimizer step, in smaller micro-batches)")
-            break
-    else:
-        if cfg.batch_size > 1:
-            fixes.append(f"a smaller batch_size with grad_accum raised so that batch_size x grad_accum stays "
-                         f"{cfg.batch_size * cfg.grad_accum}")
+    if cfg.batch_size > 1:
+        # the smallest factor of the micro-batch: the samples per step, and so the recipe, stay as they are
+        k = next(f for f in range(2, cfg.batch_size + 1) if cfg.batch_size % f == 0)
+        fixes.append(f"--set batch_size={cfg.batch_size // k} --set grad_accum={cfg.grad_accum * k} (the same "
+                     f"{cfg.samples_per_step} samples per optimizer step over the {cfg.num_workers} workers, in "
+                     "smaller micro-batches)")
     if not cfg.activation_checkpointing:
         fixes.append("--set activation_checkpointing=true (each block's activations recomputed in the backward pass: "
                      "about a third more compute)")
     if not fixes:
         fixes.append("smaller frames or fewer of them (data.height, data.width, data.frames), or a GPU with more memory")
+    # torch's message: its first sentences (the allocation that failed, the GPU's capacity and use), whole
+    said = ""
+    for sentence in detail.replace("\n", " ").split(". "):
+        if len(said) + len(sentence) > 300:
+            break
+        said += sentence.rstrip(".") + ". "
     return UserError(f"the {cfg.stage} stage ran out of GPU memory at step {step} on {where}: {cfg.batch_size} "
                      f"{shape} a micro-batch per GPU, activation checkpointing {ckpt}. Try " + "; or ".join(fixes)
-                     + "." + (f" torch: {detail.splitlines()[0][:300]}" if detail else ""))
+                     + " (a run folder that already holds checkpoints continues with these only with --force)."
+                     + (f" torch: {said.strip()}" if said else ""))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -541,22 +545,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 t_wait = time.perf_counter()
                 batch, data_pos = next(batches)
                 waited += time.perf_counter() - t_wait
-                batch = _to(batch, device, torch.float32)
-            if preview is None:
-                preview = {k: v[:1].clone() for k, v in batch.items()}
+            # Out of memory anywhere in a step (the batch's transfer, forward, backward, or the optimizer's state,
+            # made at its first step): the same batch would fail again, so say what to change.
             try:
+                with phase("train/data"):
+                    batch = _to(batch, device, torch.float32)
+                if preview is None:
+                    preview = {k: v[:1].clone() for k, v in batch.items()}
                 if cfg.fail_kind == "oom" and cfg.fail_at_step == step + 1:
-                    raise torch.OutOfMemoryError("CUDA out of memory (fail_kind=oom: simulated)")
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fail_kind=oom: "
+                                                 "simulated). GPU 0 has a total capacity of 79.18 GiB")
                 with phase("train/forward"):
                     loss, _ = engine(batch, seed=(cfg.seed * 1_000_003 + step) * 4099 + micro * 131 + rank)
                 with phase("train/backward"):
                     engine.backward(loss)
-            except torch.OutOfMemoryError as exc:  # the same batch would fail again: say what to change
+                with phase("train/optimizer"):  # at accumulation boundaries: clipping and the optimizer step
+                    if zero_stage == 0 and micro == cfg.grad_accum - 1:
+                        grad_norm = clip_on_device(trainable, cfg.optim.grad_clip, optimizer)
+                    engine.step()
+            except torch.OutOfMemoryError as exc:
                 raise out_of_memory(cfg, device, step + 1, str(exc)) from exc
-            with phase("train/optimizer"):  # at accumulation boundaries: clipping and the optimizer step
-                if zero_stage == 0 and micro == cfg.grad_accum - 1:
-                    grad_norm = clip_on_device(trainable, cfg.optim.grad_clip, optimizer)
-                engine.step()
             losses.append(loss.detach().float())
         nonfinite.add(grad_norm if zero_stage == 0 else engine.get_global_grad_norm())
         state["step"] += 1
