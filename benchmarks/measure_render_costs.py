@@ -148,8 +148,10 @@ def regions(assets: list[str], out: str) -> None:
             boxes = S.frame_bboxes(plan.frames, points)  # evaluated after normalization: world = normalized
             ident = {"center": [0.0, 0.0, 0.0], "scale": 1.0}
             per_view = S.render_borders(boxes, ident, staged.rig, s.width, s.height, points, per_view=True)
-            unions = plan.borders or [None] * len(plan.frames)  # None: a scene the region is not safe for
-            for union, views in zip(unions, per_view if plan.borders else [[None] * s.views] * len(plan.frames)):
+            unions = plan.borders
+            if unions is None:  # a scene the region is not safe for: the job renders whole frames
+                unions, per_view = [None] * len(plan.frames), [[None] * s.views] * len(plan.frames)
+            for union, views in zip(unions, per_view):
                 common = max(side(b, 0) for b in views) * max(side(b, 1) for b in views)
                 rows.append((area(union), common, float(np.mean([area(b) for b in views]))))
             a = np.array(rows[-len(plan.frames):])

@@ -541,14 +541,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         profiler.step_begins(step)
         losses = []
         for micro in range(cfg.grad_accum):
-            with phase("train/data"):
-                t_wait = time.perf_counter()
-                batch, data_pos = next(batches)
-                waited += time.perf_counter() - t_wait
             # Out of memory anywhere in a step (the batch's transfer, forward, backward, or the optimizer's state,
             # made at its first step): the same batch would fail again, so say what to change.
             try:
                 with phase("train/data"):
+                    t_wait = time.perf_counter()
+                    batch, data_pos = next(batches)
+                    waited += time.perf_counter() - t_wait
                     batch = _to(batch, device, torch.float32)
                 if preview is None:
                     preview = {k: v[:1].clone() for k, v in batch.items()}
