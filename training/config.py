@@ -423,8 +423,8 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                   cpus_per_worker=7,
                   precision="bf16", compile_blocks=True, zero_stage=2, log_every=50, sample_every=5000,
                   # inductor's kernel tuning at compile time: base job +2.0-2.5%, 4D job +0.5% (within noise), for
-                  # 1-1.5 minutes more of a fresh compile (docs/performance.md, session 21). The upsampler: 46.5%
-                  # tuned against 45.4% untuned, but on H100s of two calls (session 22), not one: off until measured so
+                  # 1-1.5 minutes more of a fresh compile (docs/performance.md, session 21). The upsampler: at most
+                  # +0.2 points, alternated on one H100 (45.7 against 45.5%; 45.8-46.0 against 45.8-45.9%, session 23): off
                   compile_tuning={"base": True, "upsampler": False, "4d": True},
                   # The 4D stage's frozen base in FP8: +7% samples/s through the job (45.1% MFU on an H100 against 42.2%, session 18;
                   # 45.5-46.0% with session 19's SwiGLU kernel);
