@@ -43,22 +43,6 @@ MAX_DRAWS = 1000
 """Seeds are ``seed + MAX_DRAWS * batch + k``: draws take k < MAX_DRAWS - 1, the generation's noise the last."""
 
 
-def parse_checkpoints(text: str) -> dict[str, str]:
-    """``--checkpoints name=path,name=path`` -> {name: path}, in order; names must be unique. (``--grids`` is
-    parsed as evaluate_4d.py's is: pipelines.evaluation.parse_grid_sets.)"""
-    out: dict[str, str] = {}
-    for item in filter(None, text.split(",")):
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"error: --checkpoints entry '{item}' must look like name=path")
-        if name in out:
-            raise SystemExit(f"error: --checkpoints names '{name}' twice")
-        out[name] = path
-    if not out:
-        raise SystemExit("error: give at least one --checkpoints name=path")
-    return out
-
-
 def _to01(v: torch.Tensor) -> torch.Tensor:
     return ((v.float() + 1) / 2).clamp(0, 1)
 
@@ -188,12 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --clips, --batch, --draws and --steps must be >= 1")
     t0 = time.time()
     from pipelines.common.errors import UserError
-    from pipelines.evaluation import parse_grid_sets
-    try:
+    from pipelines.evaluation import parse_checkpoints, parse_grid_sets
+    try:  # evaluate_4d.py's parsers, so both tools take the same --checkpoints and --grids
+        checkpoints = parse_checkpoints(args.checkpoints, example="start=weights/proof/base.pt.gz")
         grids = parse_grid_sets(args.grids)
     except UserError as exc:
         raise SystemExit(f"error: {exc}") from None
-    result = evaluate(parse_checkpoints(args.checkpoints), grids, args.clips, args.batch, args.draws, args.steps,
+    result = evaluate(checkpoints, grids, args.clips, args.batch, args.draws, args.steps,
                       args.device, args.seed)
     result["seconds"] = time.time() - t0
     print(report(result))

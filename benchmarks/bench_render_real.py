@@ -205,7 +205,8 @@ def run_once(worker, glb: str, uid: str, settings, scratch: Path) -> dict:
     samples = to_samples(uid, result)
     write_tar(scratch / "shards" / f"{uid}.tar", samples)
     wall = time.perf_counter() - t0
-    others = (_busy_seconds() - b0) - (_proc_cpu(worker.proc.pid) - c0) - (time.process_time() - p0)
+    blender_cpu = _proc_cpu(worker.proc.pid) - c0
+    others = (_busy_seconds() - b0) - blender_cpu - (time.process_time() - p0)
     metas = [s["meta"] for s in result["samples"]]
     ph = {"import": metas[0]["seconds"]["import"], "normalize": sum(m["seconds"]["normalize"] for m in metas)}
     for k in ("eval", "sync", "trace_denoise", "write"):
@@ -213,7 +214,10 @@ def run_once(worker, glb: str, uid: str, settings, scratch: Path) -> dict:
     ph["shard"] = wall - (t1 - t0)
     ph["other"] = wall - sum(ph.values())
     frames = sum(m["views"] * m["frames"] for m in metas)
+    # blender_cores: how many of the machine's cores the Blender child kept busy over the asset. Near the core
+    # count, a second actor overlapping one actor's single-threaded phases (sync, PNG writes) has nothing to win.
     return {"wall": wall, "frames": frames, "phases": ph, "others_cpu_share": others / wall,
+            "blender_cores": blender_cpu / wall,
             "region": [m["render"].get("region", 1.0) for m in metas], "actions": len(metas)}
 
 
@@ -246,7 +250,8 @@ def benchmark(assets: list[dict], configs: dict[str, dict], reps: int, threads: 
                         per = r["wall"] / r["frames"]
                         print(f"rep {rep} {key:24s} {per:.3f} s/frame  "
                               + " ".join(f"{k} {v / r['frames'] * 1000:.1f}" for k, v in r["phases"].items())
-                              + f"  (ms/frame; others {r['others_cpu_share']:.1%})", flush=True)
+                              + f"  (ms/frame; Blender {r['blender_cores']:.2f} cores, others {r['others_cpu_share']:.1%})",
+                              flush=True)
                         if key not in best or r["wall"] < best[key]["wall"]:
                             best[key] = r
     finally:
@@ -265,6 +270,7 @@ def summarize(best: dict, configs: dict, nodn: tuple[str, ...], assets: list[dic
         frames = sum(best[k]["frames"] for k in keys)
         ph = {p: sum(best[k]["phases"][p] for k in keys) / frames for p in best[keys[0]]["phases"]}
         row = {"s_per_frame": sum(best[k]["wall"] for k in keys) / frames, "frames": frames, "phases": ph,
+               "blender_cores": sum(best[k]["blender_cores"] * best[k]["wall"] for k in keys) / sum(best[k]["wall"] for k in keys),
                "per_asset": {a["variant"]: best[f"{name}|{a['variant']}"]["wall"] / best[f"{name}|{a['variant']}"]["frames"]
                              for a in assets}}
         if name in nodn and all(f"{name}_nodn|{a['variant']}" in best for a in assets):
@@ -278,11 +284,11 @@ def summarize(best: dict, configs: dict, nodn: tuple[str, ...], assets: list[dic
 def print_table(table: dict) -> None:
     cols = ["import", "normalize", "eval", "sync", "trace_denoise", "path_tracing", "denoise", "write", "shard", "other"]
     print("\nseconds per frame (sum over the assets of each one's best run / their frames)")
-    print(f"{'config':10s} {'total':>7s} " + " ".join(f"{c:>13s}" for c in cols))
+    print(f"{'config':10s} {'total':>7s} " + " ".join(f"{c:>13s}" for c in cols) + "  Blender cores")
     for name, row in table.items():
         vals = [row.get(c, row["phases"].get(c)) for c in cols]
         print(f"{name:10s} {row['s_per_frame']:7.4f} " + " ".join(f"{'-':>13s}" if v is None else f"{v:13.4f}"
-                                                                  for v in vals))
+                                                                  for v in vals) + f"  {row['blender_cores']:13.2f}")
 
 
 # ----------------------------------------------------------------------------------------- quality

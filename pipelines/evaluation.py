@@ -199,17 +199,33 @@ class Variant:
     baseline: str = ""
 
 
+def parse_checkpoints(entries: list[str] | str, example: str = "soft=runs/soft/checkpoint_final") -> dict[str, str]:
+    """``--checkpoints`` entries (a list, or one comma-separated string) -> {name: checkpoint}, in the order given.
+
+    Every tool that compares named checkpoints (evaluate_4d.py, benchmarks/base_heldout.py) parses them here, so
+    they take and refuse the same text: each entry is ``name=path``, names are unique and made of letters,
+    digits, '_', '-' or '.' (they become file names and report columns).
+    """
+    items = entries.split(",") if isinstance(entries, str) else [e for g in entries for e in str(g).split(",")]
+    out: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in items)):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise UserError(f"--checkpoints entry '{item}' must look like name=path (e.g. {example})")
+        if not _NAME.fullmatch(name):
+            raise UserError(f"--checkpoints name '{name}' may hold only letters, digits, '_', '-' and '.'")
+        if name in out:
+            raise UserError(f"--checkpoints names '{name}' twice; give each checkpoint its own name")
+        out[name] = path
+    if not out:
+        raise UserError(f"give at least one --checkpoints name=path (e.g. {example})")
+    return out
+
+
 def plan_variants(cfg: EvalConfig) -> list[Variant]:
     """The trained variants given, the training-free ones on the first checkpoint, then the baselines."""
-    out: list[Variant] = []
-    for item in cfg.checkpoints:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"--checkpoints entry '{item}' must look like name=path "
-                            "(e.g. soft=runs/soft/checkpoint_final)")
-        out.append(Variant(name, path))
-    if not out:
-        raise UserError("give at least one --checkpoints name=path (the training-free variants reuse its base)")
+    out = [Variant(name, path) for name, path in parse_checkpoints(cfg.checkpoints).items()]
     if cfg.train_free:
         out += [Variant(sync, out[0].checkpoint, sync) for sync in TRAIN_FREE_SYNC_VARIANTS]
     out += [Variant(name, baseline=name) for name in BASELINES]

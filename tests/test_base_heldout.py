@@ -73,7 +73,7 @@ def test_checkpoints_of_other_clip_sizes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="different clips would not compare"):
         base_heldout.evaluate({"a": str(BASE), "b": str(path)}, {"heldout": str(HELDOUT)}, clips=2, batch=2,
                               draws=1, steps=1, device="cpu")
-    with pytest.raises(SystemExit, match="must look like name=path"):
-        base_heldout.parse_checkpoints("a=x,b")
+    with pytest.raises(SystemExit, match="error: --checkpoints entry 'b' must look like name=path"):
+        base_heldout.main(["--checkpoints", f"a={BASE},b", "--grids", f"heldout={HELDOUT}"])
     with pytest.raises(SystemExit, match="error: --grids entry 'bad name=x'"):  # evaluate_4d.py's parser and rule
         base_heldout.main(["--checkpoints", f"a={BASE}", "--grids", "bad name=x"])

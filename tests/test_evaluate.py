@@ -19,7 +19,8 @@ from model_helpers import tiny_dit
 from pipelines.common.errors import UserError
 from pipelines.eval_metrics import METRICS, grid_report, psnr
 from pipelines.evaluation import (BASELINES, EvalConfig, check_train_items, copy_first_column, copy_first_row,
-                                 evaluate, format_cell, given_mask, object_mask, parse_grid_sets, plan_variants)
+                                 evaluate, format_cell, given_mask, object_mask, parse_checkpoints, parse_grid_sets,
+                                 plan_variants)
 from shardgen import make_grid_shards
 from pipelines.common.checkpoints import save_checkpoint
 
@@ -63,6 +64,11 @@ def test_grid_sets_and_variants_are_parsed() -> None:
                      "copy_first_row", "copy_first_column"]
     with pytest.raises(UserError, match="two variants are named 'copy_first_row'"):
         plan_variants(EvalConfig(checkpoints=["copy_first_row=c1"]))
+    assert parse_checkpoints(["a=x, b=y", "c=z"]) == {"a": "x", "b": "y", "c": "z"}  # lists and commas alike
+    for bad, why in [("a=x,a=y", "names 'a' twice"), ("a=x,b", "entry 'b' must look like name=path"),
+                     ("a b=x", "name 'a b' may hold only"), (" , ", "give at least one --checkpoints")]:
+        with pytest.raises(UserError, match=why):
+            parse_checkpoints(bad)
     from pipelines.common.config import ConfigError
     with pytest.raises(ConfigError, match="--shift must be positive"):  # an option error, as in generation
         EvalConfig(checkpoints=["soft=c1"], shift=-1.0).validate()
