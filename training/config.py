@@ -371,12 +371,14 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
                  data=dict(frames=4, views=3, height={"base": 16, "upsampler": 32, "4d": 16},
                            width={"base": 16, "upsampler": 32, "4d": 16}, shuffle_buffer=8),
                  optim=dict(lr={"base": 1e-3, "upsampler": 1e-3, "4d": 1e-2}, warmup_samples=4)),
-    # about a minute per stage on 2 CPU cores: enough for structure, not for quality
+    # minutes per stage on 2 CPU cores: enough to see learning, not for quality. The base takes 600 steps (about
+    # 3 minutes): after 150 its fills were pastel noise over the background; after 600 they are the background
+    # with object-coloured blobs where the object stands (docs/results.md, "What make demo's own model shows").
     "demo": dict(model_preset={"base": "demo", "upsampler": "tiny", "4d": "demo"},
-                 total_samples={"base": 2400, "upsampler": 2400, "4d": 800}, batch_size=8, num_workers=2,
+                 total_samples={"base": 9600, "upsampler": 2400, "4d": 800}, batch_size=8, num_workers=2,
                  output="outputs/demo/train_{stage}", sample_every=100, log_every=10,
                  # a killed demo run resumes losing seconds, not restarting from step 1
-                 checkpoint_every={"base": 50, "upsampler": 50, "4d": 20},
+                 checkpoint_every={"base": 100, "upsampler": 50, "4d": 20},
                  # 4 frames: the demo's freeze-time columns have 4 views, so both contexts train
                  data=dict(frames=4, views=4, height=32, width=32),
                  optim=dict(lr=2e-3, warmup_samples=160)),
