@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  4D checkpoint        {out / 'train_4d' / 'checkpoint_final'}")
     if (out / "generated").exists():
         print(f"  generated grid       {out / 'generated' / 'contact_sheet.png'} and MP4s in {out / 'generated'}"
-              "  (the demo's own minute-trained model)")
+              "  (the demo's own model, minutes of CPU training: blobs, not objects yet)")
     if (out / "generated_proof").exists():
         print(f"  proof-model grid     {out / 'generated_proof' / 'contact_sheet.png'}  (weights/proof: trained on "
               "one H100, see docs/results.md)")
