@@ -86,7 +86,7 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     # CPU tests: a few thousand parameters, runs in milliseconds.
     "tiny": DiTConfig(patch_size=4, width=32, depth=2, heads=2, mlp_ratio=2.0),
     # The CPU demo: wider than a 4x4 patch's 64 values (+ mask), so the model can represent the
-    # per-pixel noise it has to remove; trains in about a minute at 32x32 on 2 cores.
+    # per-pixel noise it has to remove; the demo's 600 base steps at 32x32 take about 3 minutes on 2 cores.
     "demo": DiTConfig(patch_size=4, width=128, depth=4, heads=4, mlp_ratio=2.0),
     # The GPU proof run (docs/results.md): 64x64 frames, 16x16 tokens each, ~5M parameters, so the base,
     # every trained sync variant and the upsampler fit the 25 MB of weights shipped in the repository.

@@ -74,7 +74,7 @@ def _read_env(path: Path) -> dict[str, str]:
 
 
 # Status lines that only point at outputs (the summary lists those): the stage's last shown line stays its
-# last step or its result (`[train base] step 150/150 | loss ...`, `[generate] 4x8 grid ... in 12.4s`).
+# last step or its result (`[train base] step 600/600 | loss ...`, `[generate] 4x8 grid ... in 12.4s`).
 STATUS_SKIP = r"\] (?:MLflow:|final checkpoint|done: final checkpoint|contact sheet:|videos:)"
 
 

@@ -182,7 +182,7 @@ PRESET_TABLE: dict[str, dict[str, Any]] = {
     # Tests: as small as still means something, still 9:16 so every test renders a non-square frame.
     "tiny": dict(source="procedural", count=2, max_actions=2, views=2, frames=2, height=18, width=32, samples=1,
                  denoise=False, items_per_part=2, timeout_s=120.0),
-    # What `make demo` renders: a couple of minutes on 2 cores, at the base model's own 72x128.
+    # What `make demo` renders: about 20 s on 2 cores, at the base model's own 72x128.
     "demo": dict(source="procedural", count=3, max_actions=2, views=4, frames=8, height=72, width=128, samples=16,
                  items_per_part=2, timeout_s=300.0),
     # The GPU proof run (docs/results.md): procedural assets at the proof model's own 64x64, 8 views x 8 frames
