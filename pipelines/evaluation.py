@@ -225,18 +225,16 @@ def parse_checkpoints(entries: list[str] | str, example: str = "soft=runs/soft/c
 
 def plan_variants(cfg: EvalConfig) -> list[Variant]:
     """The trained variants given, the training-free ones on the first checkpoint, then the baselines."""
-    out = [Variant(name, path) for name, path in parse_checkpoints(cfg.checkpoints).items()]
+    trained = parse_checkpoints(cfg.checkpoints)  # names checked there: unique, safe in file and metric names
+    taken = (TRAIN_FREE_SYNC_VARIANTS if cfg.train_free else ()) + tuple(BASELINES)
+    for name in trained:
+        if name in taken:
+            raise UserError(f"two variants are named '{name}'; rename the --checkpoints entry (the names "
+                            f"{', '.join(taken)} are taken)")
+    out = [Variant(name, path) for name, path in trained.items()]
     if cfg.train_free:
         out += [Variant(sync, out[0].checkpoint, sync) for sync in TRAIN_FREE_SYNC_VARIANTS]
-    out += [Variant(name, baseline=name) for name in BASELINES]
-    names = [v.name for v in out]
-    for v in out:
-        if not _NAME.fullmatch(v.name):
-            raise UserError(f"variant name '{v.name}' may hold only letters, digits, '_', '-' and '.'")
-        if names.count(v.name) > 1:
-            raise UserError(f"two variants are named '{v.name}'; rename the --checkpoints entry (the names "
-                            f"{', '.join(TRAIN_FREE_SYNC_VARIANTS + tuple(BASELINES))} are taken)")
-    return out
+    return out + [Variant(name, baseline=name) for name in BASELINES]
 
 
 # ---------------------------------------------------------------- training items
