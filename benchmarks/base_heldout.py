@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import rectified_flow as rf  # noqa: E402
-from pipelines.eval_metrics import psnr  # noqa: E402
+from pipelines.eval_metrics import PSNR_CAP_DB, psnr  # noqa: E402
 
 MAX_DRAWS = 1000
 """Seeds are ``seed + MAX_DRAWS * batch + k``: draws take k < MAX_DRAWS - 1, the generation's noise the last."""
@@ -93,7 +93,7 @@ def score(net: torch.nn.Module, batches: list[dict[str, torch.Tensor]], draws: i
             noise = torch.randn(x0.shape, generator=g, device=device)
             gen = rf.sample(fn, noise, steps, cond=x0, mask=first, shift=shift).float()
         losses += torch.stack(per).mean(0).tolist()
-        frame_psnr = psnr(_to01(gen[:, 1:]), _to01(x0[:, 1:])).clamp_max(100)  # [B, F-1]; identical frames: 100 dB
+        frame_psnr = psnr(_to01(gen[:, 1:]), _to01(x0[:, 1:])).clamp_max(PSNR_CAP_DB)  # [B, F-1], exact: the cap
         psnrs += frame_psnr.mean(1).tolist()
     net.cpu()
     return {"loss": losses, "psnr": psnrs}

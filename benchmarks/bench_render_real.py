@@ -80,6 +80,8 @@ CANDIDATES: dict[str, dict] = {
     "denoise_rgb_albedo": {"settings": {}, "engine": {"cycles.denoising_input_passes": "RGB_ALBEDO"}},
     "static_bvh": {"settings": {}, "engine": {"cycles.debug_bvh_type": "STATIC_BVH"}},
     "spatial_splits": {"settings": {}, "engine": {"cycles.debug_use_spatial_splits": True}},
+    # Three Cycles threads on two cores: the third fills the cores while one thread syncs or writes.
+    "threads3": {"settings": {}, "engine": {"render.threads_mode": "FIXED", "render.threads": 3}},
     "full_frame_adaptive": {"settings": {"render_region": False},
                             "engine": {"cycles.use_adaptive_sampling": True, "cycles.adaptive_threshold": 0.01,
                                        "cycles.adaptive_min_samples": 4}},

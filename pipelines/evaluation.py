@@ -185,6 +185,38 @@ BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 """Model-free variants ((row [T, 3, H, W], column [V, 3, H, W]) -> grid [V, T, 3, H, W]): the floor any 4D
 model must clear. They run through the same loop and metrics as the models."""
 
+PAIRED_REFERENCE = "copy_first_row"
+"""The baseline every model row is also compared with grid by grid in the report. A set's grids differ far more
+among themselves (an object alike from every view copies at 37 dB, one that is not at 23) than two variants differ
+on one grid, so a mean margin over a few grids says little until the per-grid differences are seen."""
+
+PAIRED_METRICS = ("psnr", "ssim")
+
+
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """``a`` minus ``b``, grid by grid (both over the same grids, in the same order): the differences' mean and
+    sample standard deviation, ``t`` (the mean over its standard error: |t| above about 2 is a margin that more
+    grids of the same kind would keep), and on how many grids ``a`` is higher. NaN where undefined (one grid,
+    or differences all equal)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired comparison needs the same grids on both sides, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    std = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+    t = float(d.mean() / (std / np.sqrt(len(d)))) if std > 0 else float("nan")
+    return {"mean": float(d.mean()), "std": std, "t": t, "better": int((d > 0).sum()), "grids": len(d)}
+
+
+def paired_rows(rows: dict[str, dict[str, Any]], reference: str = PAIRED_REFERENCE) -> dict[str, dict[str, Any]]:
+    """Every model row of one set against ``reference`` (a row of the same set), per ``PAIRED_METRICS``:
+    ``{variant: {metric: paired(...)}}``; empty when the set has no such row or fewer than two grids."""
+    ref = rows.get(reference)
+    if ref is None or len(ref["per_grid"]) < 2:
+        return {}
+    return {name: {m: paired([g[m] for g in r["per_grid"]], [g[m] for g in ref["per_grid"]])
+                   for m in PAIRED_METRICS}
+            for name, r in rows.items() if r.get("kind") == "model"}
+
+
 # (rows [B, T, 3, H, W], columns [B, V, 3, H, W] in [-1, 1], seeds) -> (grids [B, V, T, 3, H, W], given [V, T])
 Filler = Callable[[torch.Tensor, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -443,6 +475,17 @@ def _markdown(results: dict[str, dict[str, Any]], set_info: dict[str, dict[str, 
         for name, r in rows.items():
             lines.append(f"| {name} | {r['grids']} | " + " | ".join(format_cell(r, k) for k in METRICS) + " |")
         lines.append("")
+        pairs = paired_rows(rows)
+        if pairs:
+            lines += [f"Grid by grid against {PAIRED_REFERENCE}: the difference's mean ± std, t (mean over its "
+                      "standard error) and the grids where the variant is higher.", "",
+                      "| variant | PSNR diff (dB) | t | higher on | SSIM diff | t | higher on |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for name, p in pairs.items():
+                cells = [f"{_fmt(p[m]['mean'], METRICS[m].digits)} ± {_fmt(p[m]['std'], METRICS[m].digits)} | "
+                         f"{_fmt(p[m]['t'], 1)} | {p[m]['better']} / {p[m]['grids']}" for m in PAIRED_METRICS]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines += ["Per-grid metrics: mean ± std [min, max] over the set's grids (std needs two grids). All metrics are "
               "over generated cells only (the given first row and column excluded): PSNR/SSIM per cell; object "
               "PSNR over the object's pixels (ground-truth alpha > 0.5, renders only); consistency errors: mean "
@@ -474,6 +517,10 @@ def _log_mlflow(cfg: EvalConfig, out: Path, results: dict[str, dict[str, Any]]) 
                 keys = [name] + ([f"{name}_{k}" for k in ("std", "min", "max")] if m.per_grid else [])
                 metrics += [Metric(f"{set_name}/{variant}/{k}", float(r[k]), now, 0) for k in keys
                             if r.get(k) is not None and r[k] == r[k]]
+        for variant, p in paired_rows(rows).items():
+            metrics += [Metric(f"{set_name}/{variant}/{m}_vs_{PAIRED_REFERENCE}{suffix}", float(p[m][k]), now, 0)
+                        for m in PAIRED_METRICS for k, suffix in (("mean", ""), ("t", "_t"))
+                        if p[m][k] == p[m][k]]
     params = [Param(k, str(v)[:500]) for k, v in flatten(cfg).items()]
     for i in range(0, max(len(metrics), 1), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(rid, metrics=metrics[i:i + 1000], params=params if i == 0 else [])

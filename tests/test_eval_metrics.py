@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.eval_metrics import (METRICS, MissingWeights, consistency_error, frechet_distance, fvd, grid_report,
-                                    high_frequency_energy, high_frequency_ratio, lpips, psnr, spread, ssim)
+from pipelines.eval_metrics import (METRICS, PSNR_CAP_DB, MissingWeights, consistency_error, frechet_distance, fvd,
+                                    grid_report, high_frequency_energy, high_frequency_ratio, lpips, psnr, spread, ssim)
 
 
 def test_psnr_matches_hand_computation() -> None:
@@ -30,6 +31,20 @@ def test_ssim_of_identical_and_of_a_constant_shift() -> None:
     c1 = 0.01 ** 2
     expected = (2 * 0.4 * 0.6 + c1) / (0.4 ** 2 + 0.6 ** 2 + c1)
     assert ssim(flat, shifted).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 3, 32, 24), (4, 3, 7, 9), (2, 1, 12, 12)])  # 11, 7 and 11 taps
+def test_ssim_equals_the_2d_gaussian_window(shape: tuple[int, ...]) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_eval_metrics import ssim_2d
+    torch.manual_seed(1)
+    a = torch.rand(shape)
+    b = (a + 0.2 * torch.randn(shape)).clamp(0, 1)
+    got = ssim(a, b)
+    assert got.shape == shape[:-3]
+    want = ssim_2d(a, b)  # the 2-D window, as grouped convolutions
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert 0.05 < float(got.min()) < float(got.max()) < 0.99  # a real, non-degenerate comparison
 
 
 def test_consistency_errors_see_flicker_and_view_jumps() -> None:
@@ -92,7 +107,22 @@ def test_registry_drives_the_grid_report() -> None:
     assert {"psnr", "ssim", "psnr_object", "temporal_consistency_error", "multiview_consistency_error",
             "hf_energy_ratio"} == per_grid
     assert per_grid <= set(rep) and {"fvd", "lpips"} <= set(METRICS) - per_grid
-    assert rep["hf_energy_ratio"] == pytest.approx(1.0) and rep["psnr"] == pytest.approx(100.0)
+    assert rep["hf_energy_ratio"] == pytest.approx(1.0) and rep["psnr"] == pytest.approx(PSNR_CAP_DB)
+
+
+def test_cells_closer_than_one_8bit_level_count_at_the_cap() -> None:
+    """An exact cell (a copy of a pose the truth repeats) counts 48.13 dB, not +inf or 100: the mean over a grid
+    must not reward a baseline for what 8-bit truths cannot tell apart."""
+    assert PSNR_CAP_DB == pytest.approx(48.1308, abs=1e-4)
+    truth = torch.full((2, 2, 3, 8, 8), 0.5)
+    gen = truth.clone()
+    gen[1, 0] += 0.1     # 20 dB
+    gen[1, 1] += 1e-4    # 80 dB: closer than one level, counted at the cap
+    given = torch.tensor([[1, 0], [0, 0]])  # cell (0, 1) generated and exact
+    rep = grid_report(gen, truth, given, torch.ones(2, 2, 1, 8, 8, dtype=torch.bool))
+    assert math.isinf(rep["psnr_per_cell"][0][1]) and rep["psnr_per_cell"][1][1] == pytest.approx(80.0, abs=0.01)
+    assert rep["psnr"] == pytest.approx((2 * PSNR_CAP_DB + 20.0) / 3)
+    assert rep["psnr_object"] == pytest.approx((2 * PSNR_CAP_DB + 20.0) / 3)
 
 
 def test_spread_of_per_grid_values() -> None:

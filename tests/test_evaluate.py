@@ -19,16 +19,16 @@ from model_helpers import tiny_dit
 from pipelines.common.errors import UserError
 from pipelines.eval_metrics import METRICS, grid_report, psnr
 from pipelines.evaluation import (BASELINES, EvalConfig, check_train_items, copy_first_column, copy_first_row,
-                                 evaluate, format_cell, given_mask, object_mask, parse_checkpoints, parse_grid_sets,
-                                 plan_variants)
+                                 evaluate, format_cell, given_mask, object_mask, paired, paired_rows,
+                                 parse_checkpoints, parse_grid_sets, plan_variants)
 from shardgen import make_grid_shards
 from pipelines.common.checkpoints import save_checkpoint
 
 
-def _base_ckpt(path: Path, data_items: list[str] | None) -> str:
-    """A base checkpoint as training exports it: tiny random DiT, a 3 x 4 window of 16 x 16 frames."""
+def _base_ckpt(path: Path, data_items: list[str] | None, net: torch.nn.Module | None = None) -> str:
+    """A base checkpoint as training exports it: tiny random DiT (or ``net``), a 3 x 4 window of 16 x 16 frames."""
     payload = {"stage": "base", "model_config": dataclasses.asdict(DIT_PRESETS["tiny"]),
-               "state_dict": tiny_dit().state_dict(),
+               "state_dict": (net or tiny_dit()).state_dict(),
                "config": {"data": {"views": 3, "frames": 4, "height": 16, "width": 16}}}
     if data_items is not None:
         payload["data_items"] = {"items": sorted(data_items), "digest": "0" * 64}
@@ -135,12 +135,35 @@ def test_evaluation_reports_every_variant_per_set(heldout: dict[str, Path], tmp_
     assert "## render:" in report and "## pseudo:" in report and "| copy_first_row | 2 |" in report
     assert format_cell(render["base"], "psnr") in report and " ± " in format_cell(render["base"], "psnr")
     assert "| train_free_sequential | 2 |" in report and "object PSNR" in report
+    # every model row against copying the first row, grid by grid; baselines are not compared with themselves
+    pairs = paired_rows(render)
+    assert set(pairs) == variants - {"copy_first_row", "copy_first_column"}
+    diffs = [g["psnr"] - c["psnr"] for g, c in zip(render["base"]["per_grid"], render["copy_first_row"]["per_grid"])]
+    assert pairs["base"]["psnr"]["mean"] == pytest.approx(np.mean(diffs))
+    assert pairs["base"]["psnr"]["better"] == sum(d > 0 for d in diffs)
+    assert "Grid by grid against copy_first_row" in report
+    assert f"| base | {pairs['base']['psnr']['mean']:.2f} ± " in report
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (rec,) = client.search_runs([client.get_experiment_by_name("4real-eval").experiment_id])
     keys = set(rec.data.metrics)
     assert {"render/base/psnr", "render/base/psnr_std", "pseudo/copy_first_row/ssim_max",
             "render/train_free_sequential/psnr_object"} <= keys
     assert "pseudo/base/psnr_object" not in keys  # n/a is not logged as a number
+    assert rec.data.metrics["render/base/psnr_vs_copy_first_row"] == pytest.approx(pairs["base"]["psnr"]["mean"])
+    assert {"render/base/psnr_vs_copy_first_row_t", "pseudo/train_free_soft/ssim_vs_copy_first_row"} <= keys
+    assert not any(k.startswith("render/copy_first_column/") and "_vs_" in k for k in keys)
+
+
+def test_paired_differences_are_grid_by_grid() -> None:
+    p = paired([31.0, 32.0, 33.0], [30.0, 30.0, 30.0])
+    assert p["mean"] == pytest.approx(2.0) and p["std"] == pytest.approx(1.0) and p["grids"] == 3
+    assert p["t"] == pytest.approx(2.0 * math.sqrt(3)) and p["better"] == 3
+    assert paired([1.0, 0.0], [0.0, 1.0])["better"] == 1 and paired([1.0, 0.0], [0.0, 1.0])["t"] == 0.0
+    assert math.isnan(paired([2.0], [1.0])["std"]) and math.isnan(paired([2.0, 3.0], [1.0, 2.0])["t"])
+    with pytest.raises(ValueError, match="same grids"):
+        paired([1.0, 2.0], [1.0])
+    one = {"kind": "model", "per_grid": [{"psnr": 1.0, "ssim": 0.5}]}
+    assert paired_rows({"m": one, "copy_first_row": dict(one, kind="baseline")}) == {}  # one grid: nothing to pair
 
 
 def test_missing_mlflow_fails_before_any_grid_is_scored(heldout: dict[str, Path], tmp_path: Path,
@@ -224,3 +247,44 @@ def test_grids_the_render_filters_marked_are_skipped(tmp_path: Path) -> None:
                            filtered={0: "empty", 1: "leaves_frame"})
     with pytest.raises(UserError, match=r"every grid in .* was marked bad .*1 empty, 1 leaves_frame.*--filters ''"):
         evaluate(dataclasses.replace(cfg, grids=[f"render={bad}"], out=str(tmp_path / "eval2")))
+
+
+def test_reports_of_one_set_merge_and_compare_grid_by_grid(heldout: dict[str, Path], tmp_path: Path) -> None:
+    """benchmarks/heldout_paired.py: variants scored in separate evaluations of the same grids (parallel processes
+    on one GPU) are merged and compared grid by grid; reports of other grids, or unknown variants, are refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import heldout_paired
+    a_ckpt = _base_ckpt(tmp_path / "a", data_items=None)
+    # b: the same architecture with every weight moved (a fresh adaLN-Zero model predicts alike whatever its seed)
+    torch.manual_seed(1)
+    net = tiny_dit()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b_ckpt = _base_ckpt(tmp_path / "b", data_items=None, net=net)
+    cfg = EvalConfig(grids=[f"render={heldout['render']}"], max_grids=2, steps=1, method="euler", device="cpu",
+                     train_free=False, mlflow_uri="none")
+    evaluate(dataclasses.replace(cfg, checkpoints=[f"a={a_ckpt}"], out=str(tmp_path / "ev_a")))
+    res_b = evaluate(dataclasses.replace(cfg, checkpoints=[f"b={b_ckpt}"], out=str(tmp_path / "ev_b")))
+    reports = [str(tmp_path / "ev_a" / "results.json"), str(tmp_path / "ev_b" / "results.json")]
+    png, out = tmp_path / "paired.png", tmp_path / "paired.json"
+    assert heldout_paired.main([*reports, "--pairs", "a:b", "--figure", str(png), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert set(merged["rows"]) == {"a", "b", "copy_first_row", "copy_first_column"}
+    assert set(merged["against_reference"]) == {"a", "b"}
+    got = merged["pairs"]["a:b"]["psnr"]
+    a_psnr = [g["psnr"] for g in merged["rows"]["a"]["per_grid"]]
+    b_psnr = [g["psnr"] for g in res_b["results"]["render"]["b"]["per_grid"]]
+    assert got["grids"] == 2 and got["mean"] == pytest.approx(np.mean(np.subtract(a_psnr, b_psnr)))
+    assert got["mean"] != pytest.approx(0.0, abs=1e-6)  # two different models, not one compared with itself
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    evaluate(dataclasses.replace(cfg, checkpoints=[f"c={a_ckpt}"], max_grids=1, out=str(tmp_path / "ev_one")))
+    with pytest.raises(SystemExit, match="other grids"):
+        heldout_paired.main([reports[0], str(tmp_path / "ev_one" / "results.json")])
+    with pytest.raises(SystemExit, match="'zz'"):
+        heldout_paired.main([*reports, "--pairs", "a:zz"])
+    with pytest.raises(SystemExit, match="is not a:b"):
+        heldout_paired.main([*reports, "--pairs", "ab"])
+    with pytest.raises(SystemExit, match="no set 'pseudo'"):
+        heldout_paired.main([*reports, "--set", "pseudo"])
