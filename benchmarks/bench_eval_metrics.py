@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_eval_metrics.py [--reps 5]
 
 Why: on the GPU machine, scoring 60 held-out proof grids took 110 s for a baseline that samples nothing, against
-about 20 s of sampling for a model: SSIM in float64 grouped convolutions was 90% of an evaluation. Shapes: the
+15-33 s for a model's row today: SSIM in float64 grouped convolutions was 90% of an evaluation. Shapes: the
 proof's 8 x 8 grids at 64 x 64 and one 4 x 4 block at the paper's 288 x 512. Both ways are run alternately in
 one process, best of ``--reps``.
 """

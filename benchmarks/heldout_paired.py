@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.evaluation import PAIRED_METRICS, PAIRED_REFERENCE, paired, paired_rows  # noqa: E402
@@ -42,10 +44,18 @@ def merge(paths: list[str], set_name: str) -> tuple[dict[str, Any], dict[str, di
             raise SystemExit(f"error: {path} scored other grids of '{set_name}' ({this['count']} grids) than "
                              f"{paths[0]} ({info['count']}): grid-by-grid differences need the same grids")
         for name, row in report["results"][set_name].items():
-            if name in rows and [g["psnr"] for g in rows[name]["per_grid"]] != [g["psnr"] for g in row["per_grid"]]:
+            order = [g.get("item") for g in row["per_grid"]]
+            if info.get("_order") is None:
+                info["_order"] = order
+            elif order != info["_order"]:
+                raise SystemExit(f"error: {path} lists the grids of '{set_name}' in another order than {paths[0]}: "
+                                 "grid-by-grid differences need the same grids in the same order")
+            if name in rows and not np.allclose([g["psnr"] for g in rows[name]["per_grid"]],
+                                                [g["psnr"] for g in row["per_grid"]], rtol=0, atol=1e-6):
                 raise SystemExit(f"error: variant '{name}' scores differently in {path} than in an earlier report; "
                                  "were they sampled with other settings?")
             rows.setdefault(name, row)
+    info.pop("_order", None)
     return info, rows
 
 
@@ -119,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"figure: {args.figure}")
     if args.out:
         slim = {n: {"kind": r.get("kind"), **{k: r[k] for k in KEPT},
-                    "per_grid": [{k: g[k] for k in KEPT} for g in r["per_grid"]]} for n, r in rows.items()}
+                    "per_grid": [{k: g[k] for k in ("item", *KEPT) if k in g} for g in r["per_grid"]]}
+                for n, r in rows.items()}
         Path(args.out).write_text(json.dumps({"set": args.set, "grids": info, "reports": args.reports,
                                               "rows": slim, **result}, indent=1, default=float))
         print(f"wrote {args.out}")

@@ -54,8 +54,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     c, h, w = a.shape[-3:]
     x, y = a.reshape(-1, c, h, w).double(), b.reshape(-1, c, h, w).double()
     g = _gaussian(min(11, h - (1 - h % 2), w - (1 - w % 2))).to(x.device)
-    moments = _valid_filter(g, h) @ torch.stack([x, y, x * x, y * y, x * y]) @ _valid_filter(g, w).T
-    mx, my, exx, eyy, exy = moments
+    gh, gw = _valid_filter(g, h), _valid_filter(g, w).T
+    # one moment at a time: peak memory stays that of the five filtered moments the formula needs
+    mx, my, exx, eyy, exy = (gh @ (z @ gw) for z in (x, y, x * x, y * y, x * y))
     sxx, syy, sxy = exx - mx ** 2, eyy - my ** 2, exy - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
@@ -103,12 +104,12 @@ def high_frequency_ratio(gen: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 PSNR_CAP_DB = 20 * math.log10(255)
-"""The most PSNR a per-cell mean counts (48.13 dB: an error of one 8-bit level on every pixel). The truths are 8-bit
-images, which cannot tell a closer match apart, and an exact cell (+inf) must count as something finite. The cap
-was 100 dB until 2026-11-25. At 100 dB, a baseline that copies a cell the truth repeats exactly got 100 dB for it.
-Procedural actions often return to their first pose: 280 of the 60 held-out render grids' cells for copying the
-first column. That raised its mean by 4.9 dB, to above the trained models (docs/results.md). No model's cell
-comes near the cap (42.0 dB at most there)."""
+"""The most a cell's PSNR counts in a mean: 48.13 dB, an RMS error of one 8-bit level. An exact cell (+inf) must
+count as something finite, and where it stops is a convention: the data are 8-bit images, so closer than one
+level is treated as exact. The cap was 100 dB (for exact cells only) until 2026-11-25. Procedural actions often
+return to their first pose, so copying the first column reproduced 280 of the 60 held-out render grids' cells
+bit for bit. At 100 dB each, they raised its mean by 4.9 dB, level with the trained models (above them on run 7's
+12 grids; docs/results.md). No model's cell comes near the cap (42.0 dB at most there)."""
 
 
 def _capped_psnr(x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ truth, with the report, contact sheets and MLflow run. ``pipelines/evaluate_4d.p
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -195,26 +196,34 @@ PAIRED_METRICS = ("psnr", "ssim")
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
     """``a`` minus ``b``, grid by grid (both over the same grids, in the same order): the differences' mean and
-    sample standard deviation, ``t`` (the mean over its standard error: |t| above about 2 is a margin that more
-    grids of the same kind would keep), and on how many grids ``a`` is higher. NaN where undefined (one grid,
-    or differences all equal)."""
+    sample standard deviation, ``t`` (the mean over its standard error, with ``grids`` - 1 degrees of freedom:
+    from about 30 grids up, |t| above 2 is a margin that more grids of the same kind would keep; with a handful
+    of grids it takes far more), and on how many grids ``a`` is higher. ``std`` and ``t`` are NaN for one grid;
+    ``t`` is +-inf when every grid differs by the same non-zero amount, NaN when by none."""
     if len(a) != len(b) or not a:
         raise ValueError(f"paired comparison needs the same grids on both sides, got {len(a)} and {len(b)}")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     std = float(d.std(ddof=1)) if len(d) > 1 else float("nan")
-    t = float(d.mean() / (std / np.sqrt(len(d)))) if std > 0 else float("nan")
-    return {"mean": float(d.mean()), "std": std, "t": t, "better": int((d > 0).sum()), "grids": len(d)}
+    mean = float(d.mean())
+    if std > 0:
+        t = mean / (std / np.sqrt(len(d)))
+    else:  # one grid (NaN std), or identical differences: a margin with no spread
+        t = float("nan") if std != std or mean == 0 else math.copysign(math.inf, mean)
+    return {"mean": mean, "std": std, "t": float(t), "better": int((d > 0).sum()), "grids": len(d)}
 
 
 def paired_rows(rows: dict[str, dict[str, Any]], reference: str = PAIRED_REFERENCE) -> dict[str, dict[str, Any]]:
     """Every model row of one set against ``reference`` (a row of the same set), per ``PAIRED_METRICS``:
-    ``{variant: {metric: paired(...)}}``; empty when the set has no such row or fewer than two grids."""
+    ``{variant: {metric: paired(...)}}``; empty when the set has no such row or fewer than two grids. A row scored
+    on another window of the grids (views x frames: a checkpoint trained on another window than the first, whose
+    window the baselines use) is left out: its cells are not the reference's."""
     ref = rows.get(reference)
     if ref is None or len(ref["per_grid"]) < 2:
         return {}
     return {name: {m: paired([g[m] for g in r["per_grid"]], [g[m] for g in ref["per_grid"]])
                    for m in PAIRED_METRICS}
-            for name, r in rows.items() if r.get("kind") == "model"}
+            for name, r in rows.items()
+            if r.get("kind") == "model" and (r.get("views"), r.get("frames")) == (ref.get("views"), ref.get("frames"))}
 
 
 # (rows [B, T, 3, H, W], columns [B, V, 3, H, W] in [-1, 1], seeds) -> (grids [B, V, T, 3, H, W], given [V, T])
@@ -410,7 +419,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 filled, given = fill(truth[:, 0], truth[:, :, 0], [cfg.seed + i for i in idx])
                 for i, (one, (cells, objects)) in zip(idx, zip(filled, batch)):
                     sample = GridSample((one + 1) / 2, (cells + 1) / 2, given, objects)
-                    reports.append(grid_report(sample.gen, sample.truth, given, objects))
+                    key, grid = grids[i]  # which grid each score is, for per-grid comparisons and pictures
+                    reports.append({"item": str(grid.meta.get("item_id", key)), "key": key,
+                                    **grid_report(sample.gen, sample.truth, given, objects)})
                     samples.append(sample)
                     if i == 0:
                         contact_sheet(to_uint8(torch.cat([cells, one])), out / f"{set_name}__{variant.name}_grid0.png",
@@ -479,8 +490,9 @@ def _markdown(results: dict[str, dict[str, Any]], set_info: dict[str, dict[str, 
         if pairs:
             lines += [f"Grid by grid against {PAIRED_REFERENCE}: the difference's mean ± std, t (mean over its "
                       "standard error) and the grids where the variant is higher.", "",
-                      "| variant | PSNR diff (dB) | t | higher on | SSIM diff | t | higher on |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
+                      "| variant | " + " | ".join(f"{METRICS[m].label.rstrip(' ↑')} diff | t | higher on"
+                                                   for m in PAIRED_METRICS) + " |",
+                      "| " + " | ".join(["---"] * (1 + 3 * len(PAIRED_METRICS))) + " |"]
             for name, p in pairs.items():
                 cells = [f"{_fmt(p[m]['mean'], METRICS[m].digits)} ± {_fmt(p[m]['std'], METRICS[m].digits)} | "
                          f"{_fmt(p[m]['t'], 1)} | {p[m]['better']} / {p[m]['grids']}" for m in PAIRED_METRICS]

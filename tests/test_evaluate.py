@@ -17,7 +17,7 @@ import torch
 from model import DIT_PRESETS
 from model_helpers import tiny_dit
 from pipelines.common.errors import UserError
-from pipelines.eval_metrics import METRICS, grid_report, psnr
+from pipelines.eval_metrics import METRICS, PSNR_CAP_DB, grid_report, psnr
 from pipelines.evaluation import (BASELINES, EvalConfig, check_train_items, copy_first_column, copy_first_row,
                                  evaluate, format_cell, given_mask, object_mask, paired, paired_rows,
                                  parse_checkpoints, parse_grid_sets, plan_variants)
@@ -127,7 +127,7 @@ def test_evaluation_reports_every_variant_per_set(heldout: dict[str, Path], tmp_
     for name, m in METRICS.items():
         if m.per_grid:
             assert got[name] == pytest.approx(expect[name], nan_ok=True)
-    assert got["psnr"] < 100 and float(psnr(truth, truth).min()) == math.inf
+    assert got["psnr"] <= PSNR_CAP_DB and float(psnr(truth, truth).min()) == math.inf
 
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["results"]) == {"render", "pseudo"} and "psnr_std" in saved["results"]["render"]["base"]
@@ -159,11 +159,18 @@ def test_paired_differences_are_grid_by_grid() -> None:
     assert p["mean"] == pytest.approx(2.0) and p["std"] == pytest.approx(1.0) and p["grids"] == 3
     assert p["t"] == pytest.approx(2.0 * math.sqrt(3)) and p["better"] == 3
     assert paired([1.0, 0.0], [0.0, 1.0])["better"] == 1 and paired([1.0, 0.0], [0.0, 1.0])["t"] == 0.0
-    assert math.isnan(paired([2.0], [1.0])["std"]) and math.isnan(paired([2.0, 3.0], [1.0, 2.0])["t"])
+    assert math.isnan(paired([2.0], [1.0])["std"]) and math.isnan(paired([2.0], [1.0])["t"])
+    assert paired([2.0, 3.0], [1.0, 2.0])["t"] == math.inf and paired([1.0, 2.0], [2.0, 3.0])["t"] == -math.inf
+    assert math.isnan(paired([1.0, 2.0], [1.0, 2.0])["t"])  # no difference at all
     with pytest.raises(ValueError, match="same grids"):
         paired([1.0, 2.0], [1.0])
     one = {"kind": "model", "per_grid": [{"psnr": 1.0, "ssim": 0.5}]}
     assert paired_rows({"m": one, "copy_first_row": dict(one, kind="baseline")}) == {}  # one grid: nothing to pair
+    two = {"kind": "model", "views": 3, "frames": 4,
+           "per_grid": [{"psnr": 1.0, "ssim": 0.5}, {"psnr": 3.0, "ssim": 0.7}]}
+    ref = dict(two, kind="baseline", per_grid=[{"psnr": 0.0, "ssim": 0.5}, {"psnr": 1.0, "ssim": 0.6}])
+    wide = dict(two, views=4)  # another window of the grids: other cells than the baseline's
+    assert set(paired_rows({"m": two, "wide": wide, "copy_first_row": ref})) == {"m"}
 
 
 def test_missing_mlflow_fails_before_any_grid_is_scored(heldout: dict[str, Path], tmp_path: Path,
@@ -278,6 +285,32 @@ def test_reports_of_one_set_merge_and_compare_grid_by_grid(heldout: dict[str, Pa
     assert got["grids"] == 2 and got["mean"] == pytest.approx(np.mean(np.subtract(a_psnr, b_psnr)))
     assert got["mean"] != pytest.approx(0.0, abs=1e-6)  # two different models, not one compared with itself
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    items = [g["item"] for g in merged["rows"]["a"]["per_grid"]]
+    assert len(set(items)) == 2 and items == [g["item"] for g in res_b["results"]["render"]["b"]["per_grid"]]
+
+    # the grids a wins most and least against copying the first row, scored again alone and drawn side by side
+    import heldout_extremes
+    from PIL import Image
+    sheets = tmp_path / "extremes.png"
+    assert heldout_extremes.main(["--merged", str(out), "--grids", str(heldout["render"]), "--checkpoint", a_ckpt,
+                                  "--variant", "a", "--steps", "1", "--device", "cpu", "--out", str(sheets)]) == 0
+    ranked = sorted(merged["rows"]["a"]["per_grid"],
+                    key=lambda g: g["psnr"] - {r["item"]: r["psnr"] for r in merged["rows"]["copy_first_row"]
+                                               ["per_grid"]}[g["item"]])
+    assert [i for i, _, _ in heldout_extremes.extremes(merged, "a")] == [ranked[-1]["item"], ranked[0]["item"]]
+    one = Image.open(next((tmp_path / "ev_a").glob("render__a_grid0.png")))
+    assert Image.open(sheets).size == (2 * one.width + 30, one.height + 40)  # two sheets of the eval's own layout
+    bare = json.loads(out.read_text())
+    for g in bare["rows"]["a"]["per_grid"]:
+        g.pop("item")
+    with pytest.raises(SystemExit, match="no item ids"):
+        heldout_extremes.extremes(bare, "a")
+
+    flipped = json.loads(Path(reports[1]).read_text())  # b's grids listed in another order: not comparable
+    flipped["results"]["render"]["b"]["per_grid"].reverse()
+    (tmp_path / "flipped.json").write_text(json.dumps(flipped))
+    with pytest.raises(SystemExit, match="another order"):
+        heldout_paired.main([reports[0], str(tmp_path / "flipped.json")])
 
     evaluate(dataclasses.replace(cfg, checkpoints=[f"c={a_ckpt}"], max_grids=1, out=str(tmp_path / "ev_one")))
     with pytest.raises(SystemExit, match="other grids"):
