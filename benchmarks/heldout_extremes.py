@@ -7,9 +7,10 @@ time and drawn side by side (truth above the variant's fill, as evaluate_4d.py d
 
 Why: an evaluation draws only each set's first grid, and a mean over 60 grids does not show what a win or a
 loss looks like. ``--merged`` is heldout_paired.py's ``--out`` (per-grid scores with each grid's item). Each of
-the two grids is copied into a shard of its own and evaluated alone with evaluate_4d's own code, sampler and
-seed. On another device the noise draw differs, so the labels give both the merged report's score and this
-run's.
+the two grids is evaluated alone (evaluate_4d's ``--items``) with the evaluation's code and sampler, and with the
+noise seed it had in the set (``--seed`` plus its place there; the noise is drawn on the CPU, so it is the same
+on any device). What differs on another device is the precision (bf16 on a GPU, fp32 on a CPU), so the labels
+give both the merged report's score and this run's.
 """
 
 from __future__ import annotations
@@ -22,38 +23,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common.shards import LazyGrid, Sample, iter_tar_samples, resolve_shards, write_tar  # noqa: E402
 from pipelines.evaluation import PAIRED_REFERENCE, EvalConfig, evaluate  # noqa: E402
 
 
-def extremes(merged: dict, variant: str) -> list[tuple[str, float, float]]:
-    """(item, variant PSNR, reference PSNR) of the grid the variant wins most against the reference and of the
-    one it loses most (or wins least)."""
+def extremes(merged: dict, variant: str) -> list[tuple[int, str, float, float]]:
+    """(place in the set, item, variant PSNR, reference PSNR) of the grid the variant wins most against the
+    reference and of the one it loses most (or wins least)."""
     rows = merged["rows"]
     for name in (variant, PAIRED_REFERENCE):
         if name not in rows:
             raise SystemExit(f"error: the merged report has no row '{name}' (has: {', '.join(rows)})")
-    grids = [(g.get("item"), g["psnr"], r["psnr"]) for g, r in zip(rows[variant]["per_grid"],
-                                                                  rows[PAIRED_REFERENCE]["per_grid"])]
-    if any(item is None for item, _, _ in grids):
+    grids = [(i, g.get("item"), g["psnr"], r["psnr"])
+             for i, (g, r) in enumerate(zip(rows[variant]["per_grid"], rows[PAIRED_REFERENCE]["per_grid"]))]
+    if any(item is None for _, item, _, _ in grids):
         raise SystemExit("error: the merged report's grids carry no item ids (evaluate_4d.py records them since "
                          "2026-11-25); evaluate again to draw them")
-    grids.sort(key=lambda g: g[1] - g[2])
+    grids.sort(key=lambda g: g[2] - g[3])
     return [grids[-1], grids[0]]
-
-
-def one_grid_shard(spec: str, item: str, folder: Path) -> Path:
-    """A shard holding only the grid of ``item`` (its first action), copied member for member."""
-    for shard in resolve_shards(spec):
-        for key, files in iter_tar_samples(shard):
-            grid = LazyGrid(files)
-            if str(grid.meta.get("item_id")) == item:
-                (views, frames), (height, width) = grid.shape, grid.cells([0], [0]).shape[2:4]
-                write_tar(folder / "shards" / "shard-000000.tar",
-                          [Sample(key=key, item_id=item, files=files, kind=grid.meta.get("kind", "render"),
-                                  views=views, frames=frames, height=height, width=width)])
-                return folder / "shards"
-    raise SystemExit(f"error: no grid of item '{item}' in {spec}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,20 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="soft")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--steps", type=int, default=20, help="Euler steps (the proof's evaluation sampler)")
+    ap.add_argument("--seed", type=int, default=0, help="the evaluation's --seed (a grid's noise: seed + its place)")
     ap.add_argument("--out", required=True, help="PNG")
     args = ap.parse_args(argv)
     from PIL import Image, ImageDraw
 
     merged = json.loads(Path(args.merged).read_text())
+    set_name = merged["set"]
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
-        for tag, (item, score, ref) in zip(("win", "loss"), extremes(merged, args.variant)):
-            shards = one_grid_shard(args.grids, item, Path(tmp) / tag)
-            cfg = EvalConfig(grids=[f"render={shards}"], checkpoints=[f"{args.variant}={args.checkpoint}"],
-                             train_free=False, max_grids=1, method="euler", steps=args.steps, device=args.device,
-                             mlflow_uri="none", out=str(Path(tmp) / f"{tag}_eval"))
-            here = evaluate(cfg)["results"]["render"][args.variant]["psnr"]
-            sheet = Image.open(Path(cfg.out) / f"render__{args.variant}_grid0.png").convert("RGB")
+        for tag, (place, item, score, ref) in zip(("win", "loss"), extremes(merged, args.variant)):
+            cfg = EvalConfig(grids=[f"{set_name}={args.grids}"], checkpoints=[f"{args.variant}={args.checkpoint}"],
+                             items=[item], seed=args.seed + place, train_free=False, max_grids=1, method="euler",
+                             steps=args.steps,
+                             device=args.device, mlflow_uri="none", out=str(Path(tmp) / tag))
+            here = evaluate(cfg)["results"][set_name][args.variant]["psnr"]
+            sheet = Image.open(Path(cfg.out) / f"{set_name}__{args.variant}_grid0.png").convert("RGB")
             label = (f"{item}: {args.variant} {score:.1f} dB, copy first row {ref:.1f} (merged report);",
                      f"this run {here:.1f}. Top: truth, bottom: {args.variant}")
             panels.append((sheet, label))

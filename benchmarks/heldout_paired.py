@@ -24,14 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.evaluation import PAIRED_METRICS, PAIRED_REFERENCE, paired, paired_rows  # noqa: E402
+from pipelines.evaluation import PAIRED_REFERENCE, paired_metrics, paired_rows  # noqa: E402
 
 KEPT = ("psnr", "ssim", "psnr_object")  # the per-grid scores --out keeps (results.json also holds per-cell lists)
 
 
 def merge(paths: list[str], set_name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """The set's description and its rows from every report, by variant; a variant in two reports must agree."""
-    info, rows = None, {}
+    info, order, rows = None, None, {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         if set_name not in report["results"]:
@@ -44,10 +44,9 @@ def merge(paths: list[str], set_name: str) -> tuple[dict[str, Any], dict[str, di
             raise SystemExit(f"error: {path} scored other grids of '{set_name}' ({this['count']} grids) than "
                              f"{paths[0]} ({info['count']}): grid-by-grid differences need the same grids")
         for name, row in report["results"][set_name].items():
-            order = [g.get("item") for g in row["per_grid"]]
-            if info.get("_order") is None:
-                info["_order"] = order
-            elif order != info["_order"]:
+            if order is None:
+                order = [g.get("item") for g in row["per_grid"]]
+            elif [g.get("item") for g in row["per_grid"]] != order:
                 raise SystemExit(f"error: {path} lists the grids of '{set_name}' in another order than {paths[0]}: "
                                  "grid-by-grid differences need the same grids in the same order")
             if name in rows and not np.allclose([g["psnr"] for g in rows[name]["per_grid"]],
@@ -55,7 +54,6 @@ def merge(paths: list[str], set_name: str) -> tuple[dict[str, Any], dict[str, di
                 raise SystemExit(f"error: variant '{name}' scores differently in {path} than in an earlier report; "
                                  "were they sampled with other settings?")
             rows.setdefault(name, row)
-    info.pop("_order", None)
     return info, rows
 
 
@@ -65,8 +63,7 @@ def compare(rows: dict[str, dict[str, Any]], pairs: list[tuple[str, str]]) -> di
             if name not in rows:
                 raise SystemExit(f"error: --pairs names '{name}', which no report scored (have: {', '.join(rows)})")
     return {"against_reference": paired_rows(rows),
-            "pairs": {f"{a}:{b}": {m: paired([g[m] for g in rows[a]["per_grid"]], [g[m] for g in rows[b]["per_grid"]])
-                                   for m in PAIRED_METRICS} for a, b in pairs}}
+            "pairs": {f"{a}:{b}": paired_metrics(rows[a], rows[b]) for a, b in pairs}}
 
 
 def figure(rows: dict[str, dict[str, Any]], path: Path, title: str, names: list[str]) -> None:

@@ -35,6 +35,9 @@ class EvalConfig(SamplerOptions):
     allow_train_items: bool = doc(False, "evaluate even when a held-out grid's item is among a checkpoint's "
                                          "training items (its scores then measure memorisation)")
     max_grids: int = doc(8, "held-out grids evaluated per set")
+    items: list[str] = doc(text="evaluate only the grids of these items (comma-separated item ids, e.g. to score "
+                                "and draw chosen grids again; default: every grid, up to --max-grids)",
+                           factory=list)
     views: int = doc(0, "grid views evaluated (0 = the model's window)")
     frames: int = doc(0, "grid time steps evaluated (0 = the model's window)")
     compile: bool = doc(False, "torch.compile the models on a GPU (off: a few batches per variant do not repay "
@@ -117,15 +120,18 @@ def _derived_name(spec: str) -> str:
     return name or "heldout"
 
 
-def heldout_grids(spec: str, limit: int, skipped: dict[str, int]) -> list[tuple[str, Any]]:
-    """The first ``limit`` grids of ``spec``. Grids the render job's filters marked bad (empty, leaving the
-    frame, static, distorted) are skipped as the training loader skips them: a blank or broken held-out grid
-    would score every variant on nothing. ``skipped`` counts them by reason."""
+def heldout_grids(spec: str, limit: int, skipped: dict[str, int],
+                  items: list[str] | None = None) -> list[tuple[str, Any]]:
+    """The first ``limit`` grids of ``spec`` (only those of ``items``, when given). Grids the render job's filters
+    marked bad (empty, leaving the frame, static, distorted) are skipped as the training loader skips them: a
+    blank or broken held-out grid would score every variant on nothing. ``skipped`` counts them by reason."""
     from pipelines.common.shards import LazyGrid, filtered_reason, iter_tar_samples, resolve_shards
     grids = []
     for shard in resolve_shards(spec):
         for key, files in iter_tar_samples(shard):
             grid = LazyGrid(files)
+            if items and str(grid.meta.get("item_id")) not in items:
+                continue
             reason = filtered_reason(grid.meta)
             if reason:
                 skipped[reason] = skipped.get(reason, 0) + 1
@@ -138,6 +144,10 @@ def heldout_grids(spec: str, limit: int, skipped: dict[str, int]) -> list[tuple[
                         + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
                         + "); render more held-out assets, or render them again into a new --output with --filters '' "
                         "to keep them")
+    if items and len(grids) < min(limit, len(items)):
+        found = {str(g.meta.get("item_id")) for _, g in grids}
+        raise UserError(f"--items: no grid of {', '.join(sorted(set(items) - found))} in '{spec}' (or only "
+                        "grids its render filters marked); the set's index.parquet lists its items")
     if not grids:
         raise UserError(f"no grids in '{spec}'")
     return grids
@@ -212,6 +222,11 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "t": float(t), "better": int((d > 0).sum()), "grids": len(d)}
 
 
+def paired_metrics(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Two rows of one set (``a`` minus ``b``), grid by grid, per ``PAIRED_METRICS``."""
+    return {m: paired([g[m] for g in a["per_grid"]], [g[m] for g in b["per_grid"]]) for m in PAIRED_METRICS}
+
+
 def paired_rows(rows: dict[str, dict[str, Any]], reference: str = PAIRED_REFERENCE) -> dict[str, dict[str, Any]]:
     """Every model row of one set against ``reference`` (a row of the same set), per ``PAIRED_METRICS``:
     ``{variant: {metric: paired(...)}}``; empty when the set has no such row or fewer than two grids. A row scored
@@ -220,9 +235,7 @@ def paired_rows(rows: dict[str, dict[str, Any]], reference: str = PAIRED_REFEREN
     ref = rows.get(reference)
     if ref is None or len(ref["per_grid"]) < 2:
         return {}
-    return {name: {m: paired([g[m] for g in r["per_grid"]], [g[m] for g in ref["per_grid"]])
-                   for m in PAIRED_METRICS}
-            for name, r in rows.items()
+    return {name: paired_metrics(r, ref) for name, r in rows.items()
             if r.get("kind") == "model" and (r.get("views"), r.get("frames")) == (ref.get("views"), ref.get("frames"))}
 
 
@@ -348,7 +361,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     sets = parse_grid_sets(cfg.grids)
     variants = plan_variants(cfg)
     skipped: dict[str, dict[str, int]] = {name: {} for name in sets}
-    heldout = {name: heldout_grids(spec, cfg.max_grids, skipped[name]) for name, spec in sets.items()}
+    heldout = {name: heldout_grids(spec, cfg.max_grids, skipped[name], cfg.items) for name, spec in sets.items()}
     notes: dict[str, str] = {}
     for name, counts in skipped.items():
         if counts:

@@ -297,9 +297,16 @@ def test_reports_of_one_set_merge_and_compare_grid_by_grid(heldout: dict[str, Pa
     ranked = sorted(merged["rows"]["a"]["per_grid"],
                     key=lambda g: g["psnr"] - {r["item"]: r["psnr"] for r in merged["rows"]["copy_first_row"]
                                                ["per_grid"]}[g["item"]])
-    assert [i for i, _, _ in heldout_extremes.extremes(merged, "a")] == [ranked[-1]["item"], ranked[0]["item"]]
+    assert [i for _, i, _, _ in heldout_extremes.extremes(merged, "a")] == [ranked[-1]["item"], ranked[0]["item"]]
     one = Image.open(next((tmp_path / "ev_a").glob("render__a_grid0.png")))
     assert Image.open(sheets).size == (2 * one.width + 30, one.height + 40)  # two sheets of the eval's own layout
+    # one grid scored alone (--items) with the seed of its place in the set scores as it did in the set
+    for place, item, score, _ in heldout_extremes.extremes(merged, "a"):
+        alone = evaluate(dataclasses.replace(cfg, checkpoints=[f"a={a_ckpt}"], items=[item], seed=place, max_grids=1,
+                                             out=str(tmp_path / f"alone_{place}")))["results"]["render"]["a"]
+        assert [g["item"] for g in alone["per_grid"]] == [item] and alone["psnr"] == pytest.approx(score, abs=1e-6)
+    with pytest.raises(UserError, match="no grid of nowhere"):
+        evaluate(dataclasses.replace(cfg, checkpoints=[f"a={a_ckpt}"], items=["nowhere"], out=str(tmp_path / "x")))
     bare = json.loads(out.read_text())
     for g in bare["rows"]["a"]["per_grid"]:
         g.pop("item")
