@@ -226,3 +226,53 @@ def test_measure_render_costs_regions(character, tmp_path):
     assert all(float(e) < float(u) - 1e-3 for _, u, _, e in rows), rows
     m = re.search(r"PNG \((\d+) bytes\): ([\d.]+) ms", proc.stdout)
     assert m and int(m.group(1)) > 1000 and float(m.group(2)) > 0.0, proc.stdout[-2000:]
+
+
+def test_measure_render_costs_perview(character, tmp_path):
+    """benchmarks/measure_render_costs.py perview (docs/performance.md, session 25): static snapshots of the skinned
+    meshes render the animated scene's very pixels (no denoiser), each view's own box traces less of the frame
+    than the union, and the three ways are timed."""
+    import re
+    proc = subprocess.run([sys.executable, "benchmarks/measure_render_costs.py", "perview", character["path"],
+                           "--rounds", "1", "--scratch", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"largest pixel difference (\d+)", proc.stdout)
+    assert m and int(m.group(1)) == 0, proc.stdout[-2000:]
+    m = re.search(r"union ([\d.]+), each view's own ([\d.]+)", proc.stdout)
+    assert m and 0.0 < float(m.group(2)) < float(m.group(1)) <= 1.0, proc.stdout[-2000:]
+    best = re.search(r"ms a frame, best: +(\{.*\})", proc.stdout)
+    assert best, proc.stdout[-2000:]
+    times = __import__("ast").literal_eval(best.group(1))
+    assert sorted(times) == ["animated", "multiview", "snapshots"] and all(v > 0 for v in times.values()), times
+    # every way wrote its 4 views of the 8 time steps (the multiview call names its views itself)
+    for way in ("snapshots", "animated"):
+        assert len(list(tmp_path.glob(f"{way}_t*_v0*.png"))) == 32, way
+
+
+def _perf_usable() -> bool:
+    """Linux perf on PATH, allowed to record this user's own processes (perf_event_paranoid 2 or lower, or root)."""
+    import shutil
+    paranoid = Path("/proc/sys/kernel/perf_event_paranoid")
+    return shutil.which("perf") is not None and paranoid.exists() and (
+        os.geteuid() == 0 or int(paranoid.read_text()) <= 2)
+
+
+@pytest.mark.skipif(not _perf_usable(), reason="needs Linux perf, allowed to profile this user's processes")
+def test_measure_render_costs_profile(character, tmp_path):
+    """benchmarks/measure_render_costs.py profile: perf's CPU samples of the job's render calls, grouped (Cycles'
+    camera rays and escaping rays, Embree, OpenImageDenoise) and by function; the shares add up to at most 100%."""
+    import re
+    proc = subprocess.run([sys.executable, "benchmarks/measure_render_costs.py", "profile", character["path"],
+                           "--seconds", "3", "--scratch", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head, _, funcs = proc.stdout.partition("largest functions:")
+    groups = {name.strip(): float(p) for p, name in re.findall(r"^ +([\d.]+)%  (.+)$", head, re.M)}
+    assert 50.0 < sum(groups.values()) <= 100.5, groups
+    for name in ("camera rays (integrator_init_from_camera)", "Embree (ray intersection, BVH builds)",
+                 "OpenImageDenoise"):
+        assert groups.get(name, 0.0) > 0.0, (name, groups)
+    assert len(re.findall(r"^ +[\d.]+%  \S", funcs, re.M)) == 15, funcs
+    m = re.search(r"(\d+) time steps of 4 views in ([\d.]+) s \(([\d.]+) ms a frame\)", proc.stdout)
+    assert m and int(m.group(1)) >= 8 and float(m.group(3)) > 0, proc.stdout[-2000:]
