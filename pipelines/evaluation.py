@@ -342,7 +342,7 @@ def _filler(variant: Variant, info: dict[str, Any] | None, cfg: EvalConfig) -> F
     assert info is not None
     gen = Generator4D(GenerateConfig(checkpoint=info["path"], sync=variant.sync, steps=cfg.steps,
                                      method=cfg.method, shift=cfg.shift, device=cfg.device,
-                                     compile=cfg.compile))
+                                     compile=cfg.compile, window_plan=cfg.window_plan))
     return gen.generate_batch
 
 

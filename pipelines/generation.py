@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from model.rectified_flow import SAMPLER_METHODS
+from model.sliding_window import WINDOW_PLANS
 from pipelines.common.config import ConfigError, check_choices, doc, preset_table
 from pipelines.common.errors import UserError
 
@@ -32,6 +33,10 @@ class SamplerOptions:
                        "trained with, from its checkpoint)")
     seed: int = doc(0, "noise seed (evaluation: the same for every variant)")
     device: str = doc("auto", "cuda, cpu or auto")
+    window_plan: Literal[tuple(WINDOW_PLANS)] = doc(
+        "flush", "how sliding windows tile a grid larger than the model's: even (windows of equal length sharing "
+        "one row/column: every generated frame is kept) or flush (full-size windows, the last flush with the "
+        "edge: what it regenerates under its overlap is discarded, a seam; docs/results.md)")
 
     def validate_sampler(self) -> None:
         if self.steps < 1:
@@ -103,9 +108,20 @@ without --preset gets GenerateConfig's own defaults, which are no preset."""
 PRESETS: dict[str, Callable[[], GenerateConfig]] = preset_table(GenerateConfig, PRESET_TABLE)
 
 
+def _read_image(file: Path, folder: str) -> np.ndarray:
+    """One image of a user's input folder -> uint8 [H, W, 3]; a file PIL cannot decode is the user's to fix (a
+    UserError naming it), not a crash: in a batch it would otherwise fail the whole Ray task."""
+    from PIL import Image
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"could not decode image '{file}' of input '{folder}' ({type(exc).__name__}: {exc}); "
+                        "replace or remove the file") from None
+
+
 def read_frames(path: str) -> np.ndarray:
     """A video file or a folder of images -> uint8 [N, H, W, 3]."""
-    from PIL import Image
     p = Path(path)
     if not p.exists():
         raise UserError(f"input '{path}' does not exist; pass a video file or a folder of images")
@@ -113,7 +129,7 @@ def read_frames(path: str) -> np.ndarray:
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if not files:
             raise UserError(f"folder '{path}' holds no .png/.jpg images")
-        frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        frames = [_read_image(f, path) for f in files]
         if len({f.shape for f in frames}) != 1:
             raise UserError(f"images in '{path}' differ in size; all frames of an input must have one size")
         return np.stack(frames)
@@ -146,8 +162,8 @@ class Generator4D:
     """Loads the 4D model (and optional upsampler) once; fills grids of any size."""
 
     def __init__(self, cfg: GenerateConfig) -> None:
-        from model.fourd import TRAIN_FREE_SYNC_VARIANTS, FourDConfig, FourDModel
-        from pipelines.common.checkpoints import (base_from_checkpoint, load_checkpoint, sync_state,
+        from model.fourd import SYNC_VARIANTS, TRAIN_FREE_SYNC_VARIANTS, FourDConfig, FourDModel
+        from pipelines.common.checkpoints import (BASE_PREFIX, base_from_checkpoint, load_checkpoint, sync_state,
                                                   upsampler_from_checkpoint)
         self.cfg = cfg
         self.device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -157,17 +173,35 @@ class Generator4D:
             raise UserError(f"checkpoint '{cfg.checkpoint}' holds a '{ckpt['stage']}' model; pass a 4D checkpoint "
                             f"(or a base checkpoint with --sync {' / '.join(TRAIN_FREE_SYNC_VARIANTS)})")
         fourd_cfg = dict(ckpt.get("fourd_config", {"sync": "train_free_soft"}))
+        own_sync = fourd_cfg.get("sync", FourDConfig.sync)  # what the checkpoint was trained (or exported) as
         if cfg.sync:
+            if cfg.sync not in SYNC_VARIANTS:  # FourDConfig would raise a bare ValueError
+                raise UserError(f"--sync {cfg.sync} is no sync variant; use one of {', '.join(SYNC_VARIANTS)}")
             fourd_cfg["sync"] = cfg.sync
-        if ckpt["stage"] == "base" and fourd_cfg["sync"] not in TRAIN_FREE_SYNC_VARIANTS:
+        asked = fourd_cfg["sync"]
+        if ckpt["stage"] == "base" and asked not in TRAIN_FREE_SYNC_VARIANTS:
             raise UserError("a base checkpoint has no synchronization layers; use --sync "
                             f"{' / '.join(TRAIN_FREE_SYNC_VARIANTS)}, or pass a 4D checkpoint")
+        if ckpt["stage"] == "4d" and asked != own_sync and asked not in TRAIN_FREE_SYNC_VARIANTS:
+            # Another trained variant's layers are not in this checkpoint: they would run at their initial
+            # values while the outputs say "sync: <variant>" (checked before the base is built: it costs nothing).
+            raise UserError(f"--sync {asked} asks for trained '{asked}' sync layers, but checkpoint "
+                            f"'{cfg.checkpoint}' holds '{own_sync}' ones; pass the checkpoint trained with sync "
+                            f"'{asked}', drop --sync to run its own '{own_sync}', or use a "
+                            f"training-free variant ({' / '.join(TRAIN_FREE_SYNC_VARIANTS)})")
         base = base_from_checkpoint(ckpt, cfg.checkpoint)
         model = FourDModel(base, FourDConfig(**fourd_cfg))
         if ckpt["stage"] == "4d":
-            # a checkpoint of another trained variant carries other sync layers: those may be missing
+            # strict=False: the base is loaded above (its keys are all "missing" here), and a training-free
+            # override leaves the checkpoint's own sync layers unused ("unexpected"). Every sync layer the model
+            # has must come from the checkpoint, though: a missing one would run untrained.
             missing, unexpected = model.load_state_dict(sync_state(ckpt), strict=False)
-            if unexpected and fourd_cfg.get("sync") == ckpt.get("fourd_config", {}).get("sync"):
+            missing_sync = [k for k in missing if not k.startswith(BASE_PREFIX)]
+            if missing_sync:
+                raise UserError(f"checkpoint '{cfg.checkpoint}' lacks {len(missing_sync)} weights of its "
+                                f"'{asked}' sync layers (e.g. {missing_sync[:3]}); they would run "
+                                "untrained. Re-export it from its training run")
+            if unexpected and asked == own_sync:
                 raise UserError(f"checkpoint '{cfg.checkpoint}' does not match the 4D model "
                                 f"(unexpected {unexpected[:3]})")
         self.model = model.to(self.device).eval()
@@ -176,7 +210,7 @@ class Generator4D:
         if self.autocast and cfg.compile:
             self.model.compile_blocks()
         self.window, self.size = checkpoint_geometry(ckpt)
-        self.sync = fourd_cfg["sync"]
+        self.sync = asked
         self.shift = cfg.shift or base.cfg.flow_shift
         # the training items (and the base's) when the checkpoint records them: evaluation refuses to score on them
         self.data_items: dict[str, Any] | None = ckpt.get("data_items")
@@ -221,7 +255,8 @@ class Generator4D:
                 out = rf.sample(lambda xt, t, c, m: self.model(xt, t, cond=c, mask=m).float(), noise,
                                 self.cfg.steps, method=self.cfg.method, cond=x, mask=mask, shift=self.shift)
             return out.float().cpu()
-        filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap))
+        filled, _ = fill_grid(grid, known, self.window, window_fn, (self.cfg.overlap, self.cfg.overlap),
+                              self.cfg.window_plan)
         filled = filled.clamp(-1, 1)
         if self.upsampler is not None:
             # Every row is a fixed-view video: a grid's rows go in as one batch [V, T, C, h, w] (clips inside,
@@ -338,6 +373,40 @@ class _BatchActor:
             return {"name": row["name"], "ok": True, "error": "", "contact_sheet": result["contact_sheet"]}
         except UserError as exc:  # one bad pair never sinks the batch
             return {"name": row["name"], "ok": False, "error": str(exc), "contact_sheet": ""}
+        except Exception as exc:
+            # Anything else one pair raises is that pair's failure too: raised, it would fail the Ray task and
+            # the whole batch, and batch_results.json would never be written. Its type and message are the
+            # record; the traceback goes to the actor's log.
+            import traceback
+            traceback.print_exc()
+            return {"name": row["name"], "ok": False, "error": f"{type(exc).__name__}: {exc}", "contact_sheet": ""}
+
+
+BATCH_RESULTS = "batch_results.json"
+
+
+def check_batch_names(names: list[Any], manifest: str) -> None:
+    """Each pair writes to ``<out>/<name>``: a name must be one folder name, unique in the manifest, or pairs
+    silently overwrite each other (or write outside --out, or over the batch's own files)."""
+    reserved = {BATCH_RESULTS, "config.yaml"}  # what run_batch and generate_4d write beside the pairs' folders
+
+    def plain(n: Any) -> bool:
+        return n is not None and bool(str(n).strip()) and str(n) != "." and ".." not in str(n) \
+            and not any(c in str(n) for c in "/\\\0") and str(n) not in reserved
+    bad = sorted({repr(n) for n in names if not plain(n)})
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[str(n)] = seen.get(str(n), 0) + 1
+    dups = sorted(n for n, count in seen.items() if count > 1)
+    problems = []
+    if dups:
+        problems.append("duplicated " + ", ".join(f"'{n}' ({seen[n]} rows)" for n in dups))
+    if bad:
+        problems.append(f"not a plain folder name (empty, with '/', '\\' or '..', or one of {sorted(reserved)}): "
+                        + ", ".join(bad))
+    if problems:
+        raise UserError(f"manifest {manifest}: each row's name is its output folder under --out and must be unique "
+                        f"and plain; {'; '.join(problems)}. Rename those rows")
 
 
 def run_batch(cfg: GenerateConfig) -> int:
@@ -351,6 +420,7 @@ def run_batch(cfg: GenerateConfig) -> int:
     if missing:
         raise UserError(f"manifest {cfg.manifest} lacks columns {sorted(missing)}; it needs fixed_view, "
                         "freeze_time and name")
+    check_batch_names(table.column("name").to_pylist(), cfg.manifest)  # before Ray starts or a model loads
     init_ray()
     ds = ray.data.from_arrow(table).map(_BatchActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
                                         concurrency=cfg.concurrency, num_gpus=cfg.gpus_per_actor or None)
@@ -359,7 +429,7 @@ def run_batch(cfg: GenerateConfig) -> int:
     for r in results:
         if not r["ok"]:
             print(f"[generate] FAILED {r['name']}: {r['error']}", file=sys.stderr)
-    where = Path(cfg.out) / "batch_results.json"
+    where = Path(cfg.out) / BATCH_RESULTS
     where.parent.mkdir(parents=True, exist_ok=True)  # every pair may have failed before writing anything
     where.write_text(json.dumps(results, indent=2))
     print(f"[generate] {ok}/{len(results)} grids written under {cfg.out}"

@@ -31,15 +31,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
 from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_extent, warp_views
-from pipelines.common.config import (ConfigError, check_same_content, doc, parse_config, preset_table, run_cli,
-                                     write_resolved)
+from pipelines.common.config import (ConfigError, check_same_content, doc, load_yaml, parse_config, preset_table,
+                                     run_cli, write_resolved)
 from pipelines.common.errors import UserError
 from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
-from pipelines.common.shards import Sample, json_bytes, safe_key
+from pipelines.common.shards import Sample, json_bytes, safe_key, scan_output
 from pipelines.frame_codec import PNG_MODES, encode_jpeg, encode_png_fast, encode_png_pillow
 from pipelines.procedural_video import ProceduralConfig, make_video
-from pipelines.video_inputs import list_videos
+from pipelines.video_inputs import check_input_change, list_videos
 from pipelines.common.video import encode_video_bytes
 from pipelines.video_io import VideoSource, open_input
 
@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     items = list_items(cfg)
     output = Path(cfg.output)
     check_resume_settings(cfg, output)
+    if (output / "config.yaml").is_file() and cfg.input.strip() != "procedural":
+        recorded = (load_yaml(output / "config.yaml") or {}).get("input")
+        check_input_change(recorded, cfg.input, items, scan_output(output).done_items)
     write_resolved(cfg, output)
     spec = JobSpec(name="pseudo4d", output=output, items=items,
                    make_processor=partial(Pseudo4DProcessor, cfg, pin_threads=True),

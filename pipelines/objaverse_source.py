@@ -184,6 +184,8 @@ def list_assets(base_url: str, cache_dir: str | Path, uids: Iterable[str] | None
         if missing and len(missing) == len(wanted):
             raise SourceError(f"none of the {len(wanted)} requested uids are in object-paths.json.gz "
                               f"(first: {missing[0]}); check the uid list")
+        if missing:  # counted, so the summary says how many of the list were never there
+            stats["dropped_not_in_index"] = stats.get("dropped_not_in_index", 0) + len(missing)
     groups = sorted({rel.split("/")[1] for uid, rel in paths.items() if wanted is None or uid in wanted})
     items: list[dict[str, Any]] = []
     for group in groups:

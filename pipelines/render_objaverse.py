@@ -29,7 +29,7 @@ from pipelines.common.errors import UserError, require
 from pipelines.common.inputs import list_files
 from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
-from pipelines.common.shards import Sample, filtered_reason, json_bytes, safe_key
+from pipelines.common.shards import Sample, bounded_key, filtered_reason, json_bytes, safe_key
 from pipelines.objaverse_source import (ANIMATED_LIST, DEFAULT_BASE_URL, SPLITS, TEST_LIST, TRAINABLE_LICENSES,  # noqa: E402
                                         SourceError, ensure_asset, list_assets, read_uid_list, split_uids)
 from pipelines.render_filters import FILTERS, describe_funnel, funnel, mark
@@ -337,7 +337,7 @@ def to_samples(item_id: str, result: dict[str, Any]) -> list[Sample]:
         files["cameras.json"] = json_bytes(cams)
         meta["item_id"] = item_id  # the job's identity of the asset (local files: name and fingerprint)
         files["meta.json"] = json_bytes(meta)  # with its filter record (RenderProcessor), when filters ran
-        key = f"{safe_key(item_id)}__{safe_key(s['action'])}"
+        key = bounded_key(f"{safe_key(item_id)}__{safe_key(s['action'])}")
         # "Take 1" and "Take_1" map to the same safe key; a repeated key would merge two samples.
         base, n = key, 1
         while key in used:

@@ -149,6 +149,108 @@ def test_batch_generation_on_ray_data(ray_local, fourd_run, train_grids: Path, t
     assert run_batch(dataclasses.replace(cfg, manifest=str(tmp_path / "bad.parquet"), out=str(tmp_path / "bad"))) == 1
 
 
+PROOF = ROOT / "weights" / "proof"
+
+
+def _proof_pair(folder: Path, corrupt: bool = False) -> tuple[str, str]:
+    """A 2-frame first row and a 2-view first column (image folders) from the shipped held-out grid; ``corrupt``
+    makes the column's second image a file PIL cannot decode."""
+    from pipelines.generation import _first_grid
+    grid, _ = _first_grid(str(PROOF / "heldout"))
+    row, col = folder / "row", folder / "col"
+    for d, frames in ((row, grid[0, :2]), (col, grid[:2, 0])):
+        d.mkdir(parents=True)
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(d / f"{i:03d}.png")
+    if corrupt:
+        (col / "001.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return str(row), str(col)
+
+
+def test_sync_override_to_another_trained_variant_is_refused(tmp_path: Path) -> None:
+    # soft.pt.gz holds soft sync layers only: --sync hard used to run hard layers at their initial values and
+    # label the outputs "sync: hard". Refused in one line, saying what to do instead.
+    soft = str(PROOF / "soft.pt.gz")
+    proc = subprocess.run([sys.executable, "pipelines/generate_4d.py", "--checkpoint", soft, "--sync", "hard",
+                           "--from-grid", str(PROOF / "heldout"), "--out", str(tmp_path / "x")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in ("--sync hard", "'hard' sync layers", "holds 'soft'", "trained with sync 'hard'", "drop --sync"):
+        assert needle in lines[0], lines[0]
+    assert not (tmp_path / "x" / "frames").exists()
+    # The checkpoint's own variant and the training-free ones still load, as before.
+    assert Generator4D(GenerateConfig(checkpoint=soft, sync="soft", device="cpu")).sync == "soft"
+    assert Generator4D(GenerateConfig(checkpoint=soft, sync="train_free_hard", device="cpu")).sync == "train_free_hard"
+
+
+def test_a_checkpoint_missing_sync_weights_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from pipelines.common.checkpoints import load_checkpoint
+    ckpt = load_checkpoint(str(PROOF / "soft.pt.gz"))
+    ckpt.pop("base_ref")  # load_checkpoint merged the base in: the copy stands alone
+    del ckpt["state_dict"]["soft.3.linear.weight"]
+    (tmp_path / "ckpt").mkdir()
+    torch.save(ckpt, tmp_path / "ckpt" / "model.pt")
+    with pytest.raises(UserError, match=r"lacks 1 weights of its 'soft' sync layers .*soft\.3\.linear\.weight"):
+        Generator4D(GenerateConfig(checkpoint=str(tmp_path / "ckpt"), device="cpu"))
+
+
+def test_batch_records_a_corrupt_image_as_that_pairs_failure(ray_local, tmp_path: Path) -> None:
+    from pipelines.generation import run_batch
+    pairs = {name: _proof_pair(tmp_path / name, corrupt=name == "corrupt") for name in ("a", "corrupt", "b")}
+    manifest = tmp_path / "pairs.parquet"
+    rows, cols = zip(*pairs.values())
+    pq.write_table(pa.table({"fixed_view": list(rows), "freeze_time": list(cols), "name": list(pairs)}), manifest)
+    cfg = GenerateConfig(checkpoint=str(PROOF / "soft.pt.gz"), manifest=str(manifest), out=str(tmp_path / "batch"),
+                         steps=1, method="euler", views=2, frames=2, device="cpu", compile=False)
+    assert run_batch(cfg) == 0  # the batch finishes: a decode error of one pair's input used to fail the Ray task
+    assert (tmp_path / "batch" / "a" / "contact_sheet.png").exists()
+    assert (tmp_path / "batch" / "b" / "contact_sheet.png").exists()
+    results = {r["name"]: r for r in json.loads((tmp_path / "batch" / "batch_results.json").read_text())}
+    assert results["a"]["ok"] and results["b"]["ok"] and not results["corrupt"]["ok"]
+    assert "could not decode image" in results["corrupt"]["error"], results["corrupt"]
+    assert str(Path(pairs["corrupt"][1]) / "001.png") in results["corrupt"]["error"]
+
+
+def test_batch_actor_records_any_error_of_a_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not only UserErrors: whatever one pair raises is recorded as its failure (type and message), not raised
+    # into Ray Data, where it would fail the task and the batch before batch_results.json is written.
+    from pipelines.common.config import to_dict
+    from pipelines.generation import _BatchActor
+    actor = _BatchActor(to_dict(GenerateConfig(checkpoint=str(PROOF / "soft.pt.gz"), out=str(tmp_path), device="cpu",
+                                               compile=False)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in pair")
+    monkeypatch.setattr("pipelines.generation.generate_one", broken)
+    result = actor({"fixed_view": "r", "freeze_time": "c", "name": "x"})
+    assert result == {"name": "x", "ok": False, "error": "RuntimeError: boom in pair", "contact_sheet": ""}
+
+
+def test_batch_refuses_duplicate_and_path_like_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import generation
+    row, col = _proof_pair(tmp_path / "in")
+    names = ["a", "b", "a", "../up", "x/y", "", "batch_results.json"]
+    manifest = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"fixed_view": [row] * len(names), "freeze_time": [col] * len(names), "name": names}),
+                   manifest)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the names are checked before Ray starts")
+    monkeypatch.setattr("pipelines.common.job.init_ray", no_ray)
+    cfg = GenerateConfig(checkpoint=str(PROOF / "soft.pt.gz"), manifest=str(manifest), out=str(tmp_path / "batch"))
+    with pytest.raises(UserError) as err:
+        generation.run_batch(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "duplicated 'a' (2 rows)" in message and "'b'" not in message
+    for name in ("'../up'", "'x/y'", "''", "'batch_results.json'"):
+        assert name in message, message
+    assert not (tmp_path / "batch").exists()
+
+
 def test_evaluation_compares_sync_variants(fourd_run, train_grids: Path, tmp_path: Path) -> None:
     import dataclasses
 

@@ -149,3 +149,9 @@ def test_job_reads_a_webdataset_of_videos_and_procedural_source(ray_local, tmp_p
     s = next(iter(samples.values()))
     masks = [np.asarray(Image.open(io.BytesIO(s[f"v{v:02d}mask.png"]))) for v in range(3)]
     assert masks[0].min() == 255 and masks[2].min() == 0   # pad mode: the moved views have an empty margin
+    # and the readers take the grid's frames, not its masks (a mask named like a frame once broke every reader)
+    from pipelines.common.shards import decode_grid
+    grid, meta = decode_grid(s)
+    assert grid.shape[:2] == (3, meta["frames"]) and grid.shape[-1] == 3, grid.shape
+    frame = np.asarray(Image.open(io.BytesIO(s["v02t00.png"])))
+    assert np.array_equal(grid[2, 0], frame)

@@ -258,3 +258,44 @@ def test_manifest_urls_stream_over_http(tmp_path):
         assert e.value.stage == "decode" and "404" in str(e.value)
     finally:
         server.shutdown()
+
+
+def _tar_of(path, names):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    return path
+
+
+def test_video_ids_tell_apart_tars_of_one_name_and_a_second_collection_is_not_skipped_as_done(tmp_path) -> None:
+    """Two folders' shard-000000.tar once gave their clip.mp4 one id, and the job silently kept one of the two;
+    a second collection run into the same output had its videos with the first's relative names skipped as
+    done. Ids now carry the tars' paths below their common folder (a lone tar's name, as before), one id for two
+    videos is refused, and a run from another --input whose ids are done there is refused with what to do."""
+    from pipelines.video_inputs import check_input_change, list_videos
+    a = _tar_of(tmp_path / "a" / "shard-000000.tar", ["clip.mp4", "other.mp4"])
+    _tar_of(tmp_path / "b" / "shard-000000.tar", ["clip.mp4"])
+    ids = [it["item_id"] for it in list_videos(str(tmp_path / "{a,b}" / "shard-000000.tar"))]
+    assert ids == ["a/shard-000000.tar/clip.mp4", "a/shard-000000.tar/other.mp4", "b/shard-000000.tar/clip.mp4"]
+    assert [it["item_id"] for it in list_videos(str(a))] == ["shard-000000.tar/clip.mp4",
+                                                             "shard-000000.tar/other.mp4"]
+    twice = _tar_of(tmp_path / "e" / "twice.tar", ["clip.mp4", "clip.mp4"])  # a tar may hold one name twice
+    with pytest.raises(UserError, match=r"lists two videos under one id 'twice.tar/clip.mp4'"):
+        list_videos(str(twice))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "clip.mp4").write_bytes(b"x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "clip.mp4").write_bytes(b"y")
+    (tmp_path / "d" / "new.mp4").write_bytes(b"z")
+    first, second = list_videos(str(tmp_path / "c")), list_videos(str(tmp_path / "d"))
+    done = {it["item_id"] for it in first}
+    with pytest.raises(UserError, match=r"1 of the videos listed from .* have the ids of videos this output already "
+                                        r"holds from .* \(e.g. 'clip.mp4'\).* --input"):
+        check_input_change(str(tmp_path / "c"), str(tmp_path / "d"), second, done)
+    check_input_change(str(tmp_path / "c"), str(tmp_path / "c"), first, done)  # a resume
+    check_input_change(str(tmp_path / "c") + "/", str(tmp_path / "c"), first, done)  # one folder, spelled otherwise
+    check_input_change(str(tmp_path / "c"), str(tmp_path / "d"), second[1:], done)  # only new ids: goes on
+    check_input_change(None, str(tmp_path / "d"), second, done)  # a new output

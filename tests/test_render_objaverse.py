@@ -133,6 +133,12 @@ def test_listing_keeps_animated_objects_or_given_uids(mirror, tmp_path):
     picked = list_assets(mirror.url, tmp_path / "cache", uids=["s0000000000000000000000000000007"])
     assert [i["uid"] for i in picked] == ["s0000000000000000000000000000007"]
     assert len(mirror.requests) == n_index_requests
+    # uids of the list that the index does not hold are counted, not silently left out
+    stats: dict = {}
+    picked = list_assets(mirror.url, tmp_path / "cache", uids=["s0000000000000000000000000000007", "f" * 32],
+                         stats=stats)
+    assert [i["uid"] for i in picked] == ["s0000000000000000000000000000007"]
+    assert stats["dropped_not_in_index"] == 1
 
 
 def test_download_verify_retry_and_cache(mirror, tmp_path):

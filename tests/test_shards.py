@@ -46,3 +46,62 @@ def test_the_documented_reading_works_when_part_numbers_have_gaps(tmp_path: Path
     assert from_index == sorted(glob.glob(str(out / "shards" / "shard-*.tar")))
     keys = [s["__key__"] for s in wds.WebDataset(from_index, shardshuffle=False)]
     assert keys == ["item000", "item002", "item005"]
+
+
+def test_long_ids_give_keys_a_tar_can_hold_and_an_overlong_key_fails_its_item(tmp_path: Path) -> None:
+    """USTAR holds member names of at most 100 characters: a 32-character Objaverse uid and a long action name
+    once made a key that failed the part's commit, and every re-run's (the item was never recorded). Keys are
+    bounded (distinct, with a hash) and a Sample whose member names cannot fit is refused where it is made,
+    inside the item's own processing."""
+    from pipelines.common.shards import KEY_MAX, USTAR_NAME_MAX, bounded_key, decode_grid
+    from pipelines.render_objaverse import to_samples
+    uid = "0123456789abcdef0123456789abcdef-1a2b3c4d5e"
+    actions = ["Armature|mixamo.com|Layer0_walking_forward_cycle_take_001", "Armature|mixamo.com|Layer0_walking_"
+               "forward_cycle_take_002", "idle"]
+    meta = {"views": 1, "frames": 1, "height": 1, "width": 1}
+    import io
+
+    import numpy as np
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((1, 1, 3), 7, np.uint8)).save(buf, format="PNG")
+    result = {"samples": [{"action": a, "meta": dict(meta), "cameras": {}, "files": {"v00t00.png": buf.getvalue(),
+                                                                                      "v00t00.depth.png": b"d"}}
+                          for a in actions]}
+    samples = to_samples(uid, result)
+    keys = [s.key for s in samples]
+    assert len(set(keys)) == 3 and all(len(k) <= KEY_MAX for k in keys), keys
+    assert keys[2] == f"{uid}__idle"  # keys that fit are as before (outputs written earlier resume as they were)
+    assert keys[0][:40] == keys[1][:40] and keys[0] != keys[1]  # same start, told apart by the hash
+    out = tmp_path / "out"
+    commit_part(out, 0, samples, [])
+    (tar,) = glob.glob(str(out / "shards" / "*.tar"))
+    import tarfile
+    with tarfile.open(tar) as t:
+        names = t.getnames()
+    assert len(names) == 3 * 4 and max(map(len, names)) <= USTAR_NAME_MAX
+    assert bounded_key("x" * 200) != bounded_key("x" * 199 + "y") and len(bounded_key("x" * 200)) == KEY_MAX
+    with pytest.raises(ValueError, match="longer than a tar member name may be"):
+        Sample(key="k" * 95, item_id="i", files={"v00t00.png": b""}, kind="render", views=1, frames=1, height=1,
+               width=1)
+    grid, _ = decode_grid(samples[2].files)  # the frame only, not the depth image beside it
+    assert grid.shape == (1, 1, 1, 1, 3) and grid.max() == 7
+
+
+def test_an_output_that_a_node_cannot_see_is_refused_before_any_work(ray_local, tmp_path: Path, monkeypatch) -> None:
+    """On several nodes a node-local output keeps that node's parts where the driver never reads them. A Ray task
+    pinned to each node looks for the path (the real one here: a single node, which sees what exists and not what
+    does not); check_shared_output names the nodes that miss its marker, and leaves no marker behind."""
+    from pipelines.common import job
+    from pipelines.common.errors import UserError
+    (node,) = job.nodes_missing(tmp_path / "not-there")
+    assert node.split(" (")[0] == ray_local.nodes()[0]["NodeManagerAddress"]
+    assert job.nodes_missing(tmp_path) == []
+    job.check_shared_output(tmp_path / "out", "output")  # one node: nothing to check
+    alive = ray_local.nodes()[0]
+    monkeypatch.setattr(ray_local, "nodes", lambda: [alive, {**alive, "NodeID": "f" * 56}])
+    monkeypatch.setattr(job, "nodes_missing", lambda path: ["10.0.0.7 (ffffffff)"] if Path(path).exists() else ["?"])
+    with pytest.raises(UserError, match=r"the output .*/out is not visible on node\(s\) 10.0.0.7 \(ffffffff\) of "
+                                        r"this cluster.* absolute path on storage every node mounts"):
+        job.check_shared_output(tmp_path / "out", "output")
+    assert not list((tmp_path / "out").glob(".shared-check-*"))

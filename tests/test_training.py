@@ -204,6 +204,38 @@ def test_resume_matches_straight_training(ray_local, train_grids: Path, tmp_path
     assert f"lr: {other.optim.lr}" in (Path(halves.output) / "config.yaml").read_text()
 
 
+def test_resume_from_another_folder_logs_a_run_of_its_own_with_its_own_optimizer_settings(
+        ray_local, train_grids: Path, tmp_path: Path) -> None:
+    """--resume-from a checkpoint of another run folder, with a tenfold learning rate and other betas: the run
+    trains to its end and logs to an MLflow run of its own (its store has no run of the checkpoint's; a shared
+    server's would have been written into), tagged with the one it came from, and its learning rate is the new
+    config's at every step (DeepSpeed restores the saved optimizer's and scheduler's values)."""
+    from training.loop import lr_at
+    src = tiny("base", tmp_path / "src", [str(train_grids)], total_samples=24, steps_this_run=1, log_every=1)
+    run(src)
+    from training.launch import checkpoint_dirs
+    ckpts = checkpoint_dirs(tmp_path / "src" / "ray" / src.run)
+    assert ckpts, list((tmp_path / "src").rglob("*"))[:20]
+    src_client, src_rec = _run_record(src)
+    # a path that is no checkpoint: one line on the driver, naming the checkpoint there
+    with pytest.raises(UserError, match=r"is not a checkpoint of this job .* the latest checkpoint there is .*"
+                                        r"checkpoint_"):
+        run(tiny("base", tmp_path / "bad", [str(train_grids)], resume_from=str(tmp_path / "src")))
+    dst = tiny("base", tmp_path / "dst", [str(train_grids)], total_samples=24, log_every=1,
+               resume_from=str(ckpts[-1]), **{"optim.lr": src.optim.lr * 10, "optim.beta2": 0.95})
+    summary = run(dst)
+    assert summary["metrics"]["samples_seen"] == 24
+    client, rec = _run_record(dst)
+    assert rec.info.run_id != src_rec.info.run_id and rec.data.tags.get("resumed_from_run") == src_rec.info.run_id
+    assert rec.info.status == "FINISHED"
+    rows = [json.loads(line) for line in (tmp_path / "dst" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, dst.total_steps + 1)), rows
+    for r in rows:
+        assert r["lr"] == pytest.approx(dst.optim.lr * lr_at(r["step"], dst), rel=1e-6), r
+    # the source's run is left as it was: one logged step
+    assert len(src_client.get_metric_history(src_rec.info.run_id, "loss")) == 1
+
+
 def test_stage_0_clips_as_deepspeed_does_and_a_resume_keeps_its_checkpoints_stage(ray_local, train_grids: Path,
                                                                                    tmp_path: Path) -> None:
     """At ZeRO stage 0 the loop clips on the device (clip_on_device), DeepSpeed's clipping off. With clipping
@@ -237,8 +269,11 @@ def test_stage_0_clips_as_deepspeed_does_and_a_resume_keeps_its_checkpoints_stag
     run(part)
     two = dataclasses.replace(part, num_workers=2, steps_this_run=0, force=True)
     assert two.zero_stage_run == 2
-    run(two)
+    # twice the samples a step: the checkpoint's 2 steps are 1 here, and the run goes on to its 8 samples
+    assert two.samples_per_step == 2 * part.samples_per_step and part.total_samples == 2 * two.samples_per_step
+    summary = run(two)
     assert ran_at("part") == 0 and (tmp_path / "part" / "checkpoint_final").exists()
+    assert summary["metrics"]["samples_seen"] == part.total_samples
 
 
 def test_a_run_whose_gradients_stay_non_finite_stops_and_says_why(ray_local, train_grids: Path, tmp_path: Path,

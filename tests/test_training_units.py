@@ -330,13 +330,20 @@ def test_a_run_recorded_before_new_options_existed_resumes_without_force(tmp_pat
     from training.launch import check_resume
 
     cfg = dataclasses.replace(presets_for("base")["tiny"](), output=str(tmp_path))
-    (tmp_path / "ray" / cfg.stage).mkdir(parents=True)
+    run_dir = tmp_path / "ray" / cfg.run
+    run_dir.mkdir(parents=True)
     recorded = to_dict(cfg)
     for key in ("fp8", "profile_at", "profile_steps", "profile_all_ranks", "compile_tuning"):
         recorded.pop(key)
     recorded["data"].pop("keep_filtered")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded))
+    # Ray's run folder alone, as a run that failed before its first checkpoint leaves it: nothing to continue
+    assert check_resume(dataclasses.replace(cfg, batch_size=cfg.batch_size * 2), tmp_path) is None
+    (run_dir / "checkpoint_2026-11-25_10-00-00.000000").mkdir()
     assert check_resume(cfg, tmp_path) is None
+    # another run name into the folder: its files (config.yaml, metrics, the MLflow run id) are the first run's
+    with pytest.raises(UserError, match=rf"holds the run '{cfg.run}'; a run folder holds one run.*--run-name"):
+        check_resume(dataclasses.replace(cfg, run_name="second"), tmp_path)
     assert check_resume(dataclasses.replace(cfg, profile_at=5), tmp_path) is None  # resume-free
     # a run started before the paper preset turned compile_tuning on resumes with it: launch settings only
     assert check_resume(dataclasses.replace(cfg, compile_tuning=True), tmp_path) is None
@@ -425,3 +432,47 @@ def test_the_paper_preset_compiles_tuned_and_the_stage_passes_it_on(monkeypatch)
     calls.clear()
     build_stage(dataclasses.replace(cfg, compile_tuning=False))
     assert calls and all(kw == {} for kw in calls)
+
+
+def test_a_resumed_optimizer_follows_the_config_and_the_schedule_counts_samples() -> None:
+    """apply_optim_config: an optimizer and schedule restored from a checkpoint of lr 1e-3, betas (0.9, 0.99),
+    weight decay 0 (what DeepSpeed's load_checkpoint brings back) continue with the config's values. resumed_step:
+    a checkpoint's samples over this run's samples per step."""
+    import dataclasses
+
+    import pytest
+
+    from training.config import presets_for
+    from training.loop import apply_optim_config, lr_at, resumed_step
+
+    old_cfg = presets_for("base")["tiny"]()
+    new_cfg = dataclasses.replace(old_cfg, optim=dataclasses.replace(old_cfg.optim, lr=old_cfg.optim.lr / 10,
+                                                                       beta1=0.8, beta2=0.95, weight_decay=0.1))
+
+    def made(cfg):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                weight_decay=cfg.optim.weight_decay)
+        return p, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg))
+    p, opt, sched = made(old_cfg)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    q, opt2, sched2 = made(new_cfg)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    assert opt2.param_groups[0]["betas"] == (old_cfg.optim.beta1, old_cfg.optim.beta2)  # what a resume brought back
+    apply_optim_config(opt2, sched2, new_cfg, 3)
+    group = opt2.param_groups[0]
+    assert group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.1
+    assert group["lr"] == pytest.approx(new_cfg.optim.lr * lr_at(3, new_cfg)) == sched2.get_last_lr()[0]
+    q.grad = torch.ones(3)
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(new_cfg.optim.lr * lr_at(4, new_cfg))
+    sps = new_cfg.samples_per_step
+    assert resumed_step({"step": 4, "samples_seen": 4 * sps}, new_cfg) == 4
+    assert resumed_step({"step": 8, "samples_seen": 4 * sps}, new_cfg) == 4  # steps of half the size
+    assert resumed_step({"step": 2, "samples_seen": 4 * sps}, new_cfg) == 4
+    assert resumed_step({"step": 3}, new_cfg) == 3  # a state without the count: its steps

@@ -350,6 +350,14 @@ def _produce(stage: str, cfg: DataConfig, batch_size: int, rank: int, world: int
         out.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
 
 
+def loader_processes_of(position: dict[str, Any] | None) -> int | None:
+    """How many loader processes a saved data position came from: ProcessLoader's holds one entry per process,
+    the training process's own TrainLoader's none (0); None when nothing was saved."""
+    if position is None:
+        return None
+    return len(position["sub"]) if "sub" in position else 0
+
+
 class ProcessLoader:
     """``data.loader_processes`` TrainLoaders in their own processes, batches taken from each in turn.
 
@@ -364,6 +372,9 @@ class ProcessLoader:
         import torch.multiprocessing as mp
         P = cfg.loader_processes
         subs = (state or {}).get("sub")
+        if state is not None and subs is None:  # else every process would start its slice again, silently
+            raise UserError(f"the data position was saved by the training process's own loader, this run has {P} "
+                            "loader processes; set data.loader_processes=0 to resume it exactly")
         if subs is not None and len(subs) != P:
             raise UserError(f"the data position was saved with {len(subs)} loader processes, this run has {P}; "
                             f"set data.loader_processes={len(subs)} to resume it exactly")

@@ -27,9 +27,19 @@ def check_resume(cfg: TrainConfig, output: Path) -> Path | None:
     from pipelines.common.config import ConfigError, flatten, from_dict, load_yaml
     from training.config import option_changes
     old_path = output / "config.yaml"
-    if not old_path.is_file() or not (output / "ray" / cfg.run).exists():
+    # Ray Train makes <output>/ray/<run> when a run starts, before any checkpoint: a run that failed before its
+    # first (an out-of-memory first step) left nothing to continue, and its re-run with other options is a new run.
+    if not old_path.is_file():
         return None
     recorded = load_yaml(old_path)
+    old_run = recorded.get("run_name") or recorded.get("stage")
+    if old_run and old_run != cfg.run and checkpoint_dirs(output / "ray" / old_run):
+        # config.yaml, metrics.jsonl, the MLflow run id and checkpoint_final are one per folder: a second run
+        # would take them over from the first
+        raise UserError(f"{output} holds the run '{old_run}'; a run folder holds one run. Give another --output for "
+                        f"run '{cfg.run}', or --run-name {old_run} to continue that one")
+    if not checkpoint_dirs(output / "ray" / cfg.run):
+        return None
     try:  # options added since the run started read as their defaults, not as differences
         recorded = from_dict(TrainConfig, recorded)
     except (ConfigError, TypeError, ValueError):  # an option since removed: compare the file as written
@@ -78,11 +88,34 @@ def check_nonfinite_stop(cfg: TrainConfig, output: Path) -> None:
         (output / NONFINITE_STOP).unlink(missing_ok=True)
 
 
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """A Ray Train run folder's checkpoints, oldest first (their names carry the time they were written)."""
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def check_resume_from(cfg: TrainConfig) -> None:
+    """A local ``resume_from`` must be a checkpoint this job wrote (a folder with train_state.json), checked on the
+    driver: in the workers a wrong path fails every attempt with a filesystem error instead of this line."""
+    from pipelines.common.tracking import URI_SCHEME
+    spec = cfg.resume_from
+    if not spec or URI_SCHEME.match(spec):
+        return
+    path = Path(spec)
+    if (path / "train_state.json").is_file():
+        return
+    found = checkpoint_dirs(path) or checkpoint_dirs(path / "ray" / cfg.run)
+    hint = f"; the latest checkpoint there is {found[-1]}" if found else (
+        "; pass one of a run's <output>/ray/<run name>/checkpoint_* folders")
+    what = "does not exist" if not path.exists() else "is not a checkpoint of this job (no train_state.json)"
+    raise UserError(f"--resume-from {spec} {what}{hint}")
+
+
 def check_run_folder(cfg: TrainConfig, output: Path) -> Path | None:
     """The driver's checks of a run folder before Ray starts, in this order: ``check_resume`` first, so that a
     re-run with other options and no --force is refused with the non-finite stop's record still in place (the
     second check would drop it, as this run's record with other options); then ``check_nonfinite_stop``. Returns
     check_resume's value (the path of the config it kept aside, or None)."""
+    check_resume_from(cfg)
     kept = check_resume(cfg, output)
     check_nonfinite_stop(cfg, output)
     return kept
@@ -124,10 +157,14 @@ def run(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.common.job import init_ray
+    from pipelines.common.job import check_shared_output, init_ray
     from training.loop import train_loop_per_worker
     from training.tracking import ensure_experiment, experiment_name, mark_run_ended, tracking_uri
 
+    from pipelines.common.tracking import URI_SCHEME
+    if URI_SCHEME.match(cfg.output):  # Path() would make s3://b/run a local folder named "s3:" without a word
+        raise UserError(f"--output {cfg.output}: the training job writes a local or mounted folder (on several "
+                        "nodes, one every node mounts at the same path); a URI is not supported")
     output = ensure_output_dir(Path(cfg.output).resolve())  # a file or read-only folder: one line, now
     cfg = dataclasses.replace(absolute_paths(cfg), output=str(output))
     cfg = dataclasses.replace(cfg, mlflow_uri=tracking_uri(cfg))  # resolved once, on the driver ("none": off)
@@ -144,6 +181,9 @@ def run(cfg: TrainConfig) -> dict:
     (output / "data_items.json").write_text(json.dumps(items))
     ensure_experiment(cfg)
     init_ray(cfg.ray_address)
+    # Ray Train's own check of shared storage fires when a worker on another node reports its first checkpoint:
+    # with checkpoint_every=0, at the end of the run. Checked here, before any step.
+    check_shared_output(output / "ray", "run folder's checkpoint storage")
     env = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
     os.environ.update(env)
     trainer = TorchTrainer(

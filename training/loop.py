@@ -48,6 +48,35 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, step: int) -> None:
+    """Make a resumed optimizer and schedule follow ``cfg`` at optimizer ``step``.
+
+    DeepSpeed's load_checkpoint restores the optimizer's param groups (learning rate, betas, weight decay) and the
+    scheduler's base learning rates as they were saved, so a run continued with --force and another optim.lr,
+    betas or weight decay (what the non-finite stop's message suggests) would go on with the old ones while its
+    config.yaml named the new. The config is the record: its values win, and the schedule stands at ``step``.
+    """
+    for group in optimizer.param_groups:
+        group["betas"] = (cfg.optim.beta1, cfg.optim.beta2)
+        group["weight_decay"] = cfg.optim.weight_decay
+        group["initial_lr"] = cfg.optim.lr
+        group["lr"] = cfg.optim.lr * lr_at(step, cfg)
+    scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def resumed_step(state: dict[str, Any], cfg: TrainConfig) -> int:
+    """The optimizer step a checkpoint stands at under ``cfg``: its samples seen over this run's samples per step.
+
+    The schedule (lr_at) and the end (total_steps) count steps of ``cfg.samples_per_step`` samples; a checkpoint
+    continued with another (--force with more workers, another batch size or accumulation) has made
+    ``samples_seen`` samples in steps of another size. Its step count alone would move the schedule and the end,
+    and could end the run at once as finished with half its samples unseen."""
+    seen = int(state.get("samples_seen", 0))
+    return seen // cfg.samples_per_step if seen else int(state.get("step", 0))
+
+
 def _lower_precision_modules() -> list[str]:
     from deepspeed.runtime.torch_autocast import get_default_autocast_lower_precision_modules
 
@@ -422,14 +451,20 @@ def out_of_memory(cfg: TrainConfig, device: torch.device, step: int, detail: str
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: runs on every worker."""
     cfg = from_dict(TrainConfig, loop_config["config"])
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
+    # Set, not defaulted: a DS_ACCELERATOR from the cluster's runtime_env (cluster/runtime_env.yaml ships "cpu" for
+    # the CPU demo) would give a GPU preset DeepSpeed's CPU accelerator, which moves the model off the GPU.
+    accelerator = "cuda" if cfg.use_gpu else "cpu"
+    if os.environ.get("DS_ACCELERATOR", accelerator) != accelerator:
+        print(f"[train] DS_ACCELERATOR={os.environ['DS_ACCELERATOR']} in the environment ignored: use_gpu="
+              f"{cfg.use_gpu} runs DeepSpeed's {accelerator} accelerator", flush=True)
+    os.environ["DS_ACCELERATOR"] = accelerator
     for lock in clear_stale_build_locks():
         print(f"[train] removed a stale build lock left by a killed process: {lock}", flush=True)
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
-    from training.data import make_loader, prefetch
+    from training.data import loader_processes_of, make_loader, prefetch
     from training.stages import build_stage
     from pipelines.common.tracking import say
     from training.tracking import Tracker
@@ -477,16 +512,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 for group in optimizer.param_groups:  # flags: keep the fused kernel
                     group["fused"], group["foreach"] = True, None
             state = resumed
+            updates, step = state["step"], resumed_step(state, cfg)
+            if step != state["step"] and rank == 0:
+                say(f"[train] the checkpoint's {state['samples_seen']} samples took {state['step']} steps; at "
+                    f"{cfg.samples_per_step} samples a step they are step {step} of {cfg.total_steps}")
+            state["step"] = step
+            apply_optim_config(optimizer, scheduler, cfg, step)
             rank_file = Path(d) / f"data_rank{rank}.json"
-            if rank_file.exists() and state.get("world") == world:
-                data_state = json.loads(rank_file.read_text())
-            elif rank == 0:
-                say(f"[train] checkpoint was written by {state.get('world')} workers, now {world}: "
-                    "data order restarts")
+            saved_pos = json.loads(rank_file.read_text()) if rank_file.exists() else None
+            if saved_pos is not None and state.get("world") == world \
+                    and loader_processes_of(saved_pos) == cfg.data.loader_processes:
+                data_state = saved_pos
+            elif rank == 0:  # another layout of the data: its saved positions do not apply
+                procs = loader_processes_of(saved_pos)
+                say(f"[train] the data position was saved by {state.get('world')} workers with "
+                    f"{'?' if procs is None else procs} loader processes each, now {world} with "
+                    f"{cfg.data.loader_processes}: data order restarts")
             if ema is not None and (Path(d) / "ema.pt").exists():
                 saved = torch.load(Path(d) / "ema.pt", map_location="cpu")
                 ema.shadow = {k: v.to(ema.shadow[k].device) for k, v in saved.items()}
-                ema.updates = state["step"]
+                ema.updates = updates  # the updates it has had (its warm-up counts them)
         if rank == 0:
             say(f"[train] resumed at step {state['step']} ({state['samples_seen']} samples seen)")
 

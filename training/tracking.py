@@ -117,9 +117,16 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri(cfg))  # a worker process of its own: global state is fine here
         mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_every)
         mlflow.set_system_metrics_samples_before_logging(1)
+        resumed_from = None
+        if run_id is not None and not self._continuable(run_id):
+            resumed_from, run_id = run_id, None
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                                run_name=cfg.run, log_system_metrics=True)
         self.run_id = run.info.run_id
+        if resumed_from:
+            mlflow.set_tag("resumed_from_run", resumed_from)
+            say(f"[train] MLflow: the checkpoint's run {resumed_from} is not this folder's run in {tracking_uri(cfg)}; "
+                f"logging to a new run {self.run_id} (tag resumed_from_run)")
         (Path(cfg.output) / RUN_ID_FILE).write_text(self.run_id)
         if run_id and resumed_at and not (cfg.force or cfg.resume_from):
             history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
@@ -128,6 +135,20 @@ class Tracker:
             params = {**flatten(cfg), **(extra_params or {})}
             mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in params.items()})
             mlflow.set_tags({"stage": cfg.stage, "model_preset": cfg.model_preset, "sync": cfg.sync})
+
+    def _continuable(self, run_id: str) -> bool:
+        """Whether the MLflow run a checkpoint names is this run folder's own, in this tracking store. A checkpoint
+        from another folder (--resume-from) names another run: continuing it would log into that run (a shared
+        server) or fail on every attempt (a folder's own SQLite store, which has no such run); so would a run
+        whose tracking store changed (--mlflow-uri, MLFLOW_TRACKING_URI set later)."""
+        own = Path(self.cfg.output) / RUN_ID_FILE
+        if not own.is_file() or own.read_text().strip() != run_id:
+            return False
+        try:
+            self.mlflow.MlflowClient().get_run(run_id)
+        except self.mlflow.exceptions.MlflowException:
+            return False
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.rank != 0:

@@ -66,6 +66,45 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
 
 
+def nodes_missing(path: str | Path) -> list[str]:
+    """The alive Ray nodes on which ``path`` does not exist, each checked by a task pinned to it (the driver's
+    own node included): a job's output must be one folder that every node writes to and the driver reads."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def exists(p: str) -> bool:
+        return os.path.exists(p)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    found = ray.get([exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                     .remote(str(path)) for n in nodes])
+    return [f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n, ok in zip(nodes, found) if not ok]
+
+
+def check_shared_output(output: Path, what: str) -> None:
+    """Refuse, before any work, an output folder that not every node of the cluster sees.
+
+    On several nodes, each worker writes where the path points on its own node: a node-local folder (or a
+    relative path, resolved in each node's copy of the job's working directory) keeps that node's work where the
+    driver never looks, and the run ends "ok" with part of it missing. One Ray task per node looks for a marker
+    the driver just wrote. A single node passes at once."""
+    import ray
+    if len([n for n in ray.nodes() if n.get("Alive")]) < 2:
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    marker = output / f".shared-check-{os.getpid()}"
+    marker.write_text("")
+    try:
+        missing = nodes_missing(marker)
+    finally:
+        marker.unlink(missing_ok=True)
+    if missing:
+        from pipelines.common.errors import UserError
+        raise UserError(f"the {what} {output} is not visible on node(s) {', '.join(missing)} of this cluster: "
+                        "their work would stay where the driver never reads it. Give an absolute path on storage "
+                        "every node mounts at that path (NFS, a shared volume; cluster/README.md)")
+
+
 class _PartWorker:
     """Ray Data actor: one warm processor, many parts."""
 
@@ -137,11 +176,14 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     nodes: set[str] = set()
     if todo:
         init_ray(spec.ray_address)
+        check_shared_output(output, "output")
         rows = [{"part": state.next_part + i,
                  "items": json.dumps(todo[i * spec.items_per_part:(i + 1) * spec.items_per_part])}
                 for i in range(n_parts)]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(n_parts, 1000)))
-        ds = ds.map(_PartWorker, fn_constructor_kwargs=dict(make_processor=spec.make_processor, output=str(output)),
+        # absolute: a relative path would resolve in each worker's own working directory
+        ds = ds.map(_PartWorker, fn_constructor_kwargs=dict(make_processor=spec.make_processor,
+                                                            output=str(output.resolve())),
                     concurrency=max(1, min(spec.concurrency, n_parts)), num_cpus=spec.num_cpus)
         done_parts = 0
         for row in ds.iter_rows():

@@ -19,10 +19,12 @@ nothing half-counted, and a re-run redoes exactly the uncommitted items.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
 import random
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,13 @@ class Sample:
         # silently split one sample into several.
         if "." in self.key or "/" in self.key:
             raise ValueError(f"sample key {self.key!r} may not contain '.' or '/'")
+        # Checked here, inside the item's own processing, so that a name the tar cannot hold fails that item
+        # (recorded in failures.parquet) instead of the part's commit, which would fail every re-run too.
+        longest = max((len(suffix) for suffix in self.files), default=0)
+        if len(self.key) + 1 + longest > USTAR_NAME_MAX:
+            raise ValueError(f"sample key {self.key!r} ({len(self.key)} characters) with member suffix of "
+                             f"{longest} is longer than a tar member name may be ({USTAR_NAME_MAX}); build keys "
+                             "with bounded_key()")
 
 
 @dataclass
@@ -104,6 +113,21 @@ class PartResult:
 def safe_key(text: str) -> str:
     """Map an arbitrary id to a WebDataset-safe key (no dots or slashes)."""
     return "".join(c if (c.isalnum() or c in "-_") else "_" for c in text)
+
+
+USTAR_NAME_MAX = 100
+"""A member name of the shards' tar format (USTAR) without a '/' holds at most 100 characters."""
+KEY_MAX = 64
+"""Longest sample key: leaves 35 characters for a member's suffix (``v00t00.normal.png`` is 17)."""
+
+
+def bounded_key(key: str, limit: int = KEY_MAX) -> str:
+    """``key`` (already WebDataset-safe) as it is when it fits, else its first characters and a hash of all of it,
+    ``limit`` characters in all: long uids or action names still give distinct keys that a tar can hold."""
+    if len(key) <= limit:
+        return key
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return f"{key[:limit - 11]}-{digest}"
 
 
 TMP_DIR = ".tmp"
@@ -424,13 +448,18 @@ def _decode_png(data: bytes) -> np.ndarray:
     return np.asarray(img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB"))
 
 
+_FRAME_NAME = re.compile(r"(v\d\dt\d\d|f\d\d)\.(png|jpg)")
+"""A grid's frame ``v{VV}t{TT}.png`` or a clip's ``f{TT}.png`` (docs/data_format.md)."""
+
+
 class LazyGrid:
     """A sample's frames, decoded only when a cell is asked for (a base clip needs one row of a grid)."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
         self.meta = json.loads(files["meta.json"]) if "meta.json" in files else {}
-        names = sorted(k for k in files if k[0] in "vf" and k.endswith((".png", ".jpg")) and k.count(".") == 1)
+        # Frames only: a sample may hold other images beside them (pad mode's per-view masks, v{VV}mask.png).
+        names = sorted(k for k in files if _FRAME_NAME.fullmatch(k))
         if not names:
             raise ValueError("sample has no frames")
         self.ext = names[0].rsplit(".", 1)[1]
