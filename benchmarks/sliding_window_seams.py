@@ -126,26 +126,41 @@ def run(args: argparse.Namespace) -> None:
 
 
 def plot(args: argparse.Namespace) -> None:
+    """Top: each plan's jump profile (generated minus truth). Bottom: the second plan minus the first, grid by grid,
+    with two standard errors: a seam of one plan stands out where it is alone."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     rep = json.loads(Path(args.report).read_text())
     plans = sorted(rep["per_plan"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.4), sharex="col")
     colours = dict(zip(plans, ("tab:blue", "tab:red", "tab:green")))
-    for ax, axis, key, n in ((axes[0], "time", "time_jump_profile", rep["frames"]),
-                             (axes[1], "views", "view_jump_profile", rep["views"])):
+    for col, (axis, key, prof_key) in enumerate((("time", "time_jump", "time_jump_profile"),
+                                                 ("views", "view_jump", "view_jump_profile"))):
+        top, bottom = axes[0, col], axes[1, col]
         for p in plans:
-            prof = rep["summary"][p][key]
+            prof = rep["summary"][p][prof_key]
             xs = [i + 1.5 for i in range(len(prof))]  # pair (i + 1, i + 2)
-            ax.plot(xs, prof, "-o", ms=3, color=colours[p], label=p)
-            for i, seam in enumerate(rep["seams"][p][axis]):
-                ax.axvline(seam + 0.5, color=colours[p], ls=":", lw=1, label=f"{p} seams" if i == 0 else None)
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xlabel(f"between {'time steps' if axis == 'time' else 'views'} i and i + 1 (centre)")
-        ax.set_ylabel("mean |change|, generated minus truth")
-        ax.set_title(f"{axis}: {len(rep['grids'])} held-out {rep['views']}x{rep['frames']} grids")
-        ax.legend(fontsize=8)
+            top.plot(xs, prof, "-o", ms=3, color=colours[p], label=p)
+        if len(plans) == 2:
+            d = np.array(rep["per_plan"][plans[1]][key]) - np.array(rep["per_plan"][plans[0]][key])
+            se = d.std(0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.zeros(d.shape[1])
+            xs = [i + 1.5 for i in range(d.shape[1])]
+            bottom.errorbar(xs, d.mean(0), yerr=2 * se, fmt="-o", ms=3, color="k", capsize=2,
+                            label=f"{plans[1]} minus {plans[0]} (2 s.e.)")
+        for ax in (top, bottom):
+            for p in plans:
+                for i, seam in enumerate(rep["seams"][p][axis]):
+                    ax.axvline(seam + 0.5, color=colours[p], ls=":", lw=1,
+                               label=f"{p} seams" if i == 0 and ax is top else None)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.legend(fontsize=7)
+        top.set_ylabel("mean |change|, generated - truth")
+        bottom.set_ylabel("difference of the plans")
+        bottom.set_xlabel(f"between {'time steps' if axis == 'time' else 'views'} i and i + 1 (centre)")
+        top.set_title(f"{axis}: {len(rep['grids'])} held-out {rep['views']}x{rep['frames']} grids, "
+                      f"{Path(rep['checkpoint']).name}", fontsize=9)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

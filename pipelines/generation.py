@@ -34,9 +34,10 @@ class SamplerOptions:
     seed: int = doc(0, "noise seed (evaluation: the same for every variant)")
     device: str = doc("auto", "cuda, cpu or auto")
     window_plan: Literal[tuple(WINDOW_PLANS)] = doc(
-        "flush", "how sliding windows tile a grid larger than the model's: even (windows of equal length sharing "
-        "one row/column: every generated frame is kept) or flush (full-size windows, the last flush with the "
-        "edge: what it regenerates under its overlap is discarded, a seam; docs/results.md)")
+        "even", "how sliding windows tile a grid larger than the model's: even (windows of about equal length "
+        "sharing one row/column, every generated frame kept) or flush (full-size windows, the last flush with "
+        "the edge: what it regenerates under its overlap is discarded, which left a seam between the last two "
+        "views; the same PSNR: docs/results.md, 'Sliding windows')")
 
     def validate_sampler(self) -> None:
         if self.steps < 1:

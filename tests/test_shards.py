@@ -105,3 +105,25 @@ def test_an_output_that_a_node_cannot_see_is_refused_before_any_work(ray_local, 
                                         r"this cluster.* absolute path on storage every node mounts"):
         job.check_shared_output(tmp_path / "out", "output")
     assert not list((tmp_path / "out").glob(".shared-check-*"))
+
+
+def test_a_shard_committed_after_the_index_is_still_described(tmp_path: Path) -> None:
+    """index.parquet is rebuilt at a data job's end; a job killed after committing more parts leaves shards it
+    does not list. describe_source (training's data_items, evaluation's held-out checks) then reads the samples
+    themselves instead of undercounting."""
+    import json
+
+    from pipelines.common.shards import describe_source
+
+    def sample(i: int) -> Sample:  # with its meta.json's item_id, as the jobs write it
+        s = _sample(i)
+        s.files["meta.json"] = json.dumps({"item_id": s.item_id}).encode()
+        return s
+    out = tmp_path / "out"
+    commit_part(out, 0, [sample(0)], [])
+    consolidate(out)
+    commit_part(out, 1, [sample(1)], [])  # the job was killed before consolidating again
+    desc = describe_source(str(out))
+    assert desc["samples"] == 2 and desc["items"] == ["item0", "item1"], desc
+    consolidate(out)
+    assert describe_source(str(out))["items"] == ["item0", "item1"]

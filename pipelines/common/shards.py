@@ -404,6 +404,10 @@ def _index_rows(shards: list[str]) -> list[dict[str, Any]] | None:
         if not index.is_file():
             return None
         table = pq.read_table(index).to_pylist()
+        if names - {r.get("shard") for r in table}:
+            # shards committed after the index was last rebuilt (a data job killed before its end): the samples'
+            # own meta.json, or their items would be missing from the count and from the held-out checks
+            return None
         rows += [r for r in table if r.get("shard") in names]
     return rows
 
