@@ -67,7 +67,8 @@ class GenerateConfig(SamplerOptions):
     corner_psnr: float = doc(20.0, "the two inputs' first frames must agree to this PSNR (dB) after resizing")
     fps: int = doc(8, "frame rate of the MP4s")
     compile: bool = doc(True, "torch.compile the model's blocks on a GPU: pays off over many grids of one size "
-                        "(each new batch or grid shape compiles again)")
+                        "(each new batch or window shape compiles again; even windows of a larger grid take up "
+                        "to four shapes, e.g. 6x6, 6x7, 7x6 and 7x7 at 12 x 30)")
     concurrency: int = doc(1, "batch mode: model actors")
     gpus_per_actor: float = doc(0.0, "batch mode: GPUs per actor (1 on GPU nodes)")
 
@@ -415,14 +416,17 @@ def run_batch(cfg: GenerateConfig) -> int:
     import ray
 
     from pipelines.common.config import to_dict
-    from pipelines.common.job import init_ray
+    from pipelines.common.job import check_shared_output, init_ray
     table = pq.read_table(cfg.manifest)
     missing = {"fixed_view", "freeze_time", "name"} - set(table.column_names)
     if missing:
         raise UserError(f"manifest {cfg.manifest} lacks columns {sorted(missing)}; it needs fixed_view, "
                         "freeze_time and name")
     check_batch_names(table.column("name").to_pylist(), cfg.manifest)  # before Ray starts or a model loads
+    # absolute, and seen by every node: each actor writes its pairs' folders under it, the driver the results
+    cfg = dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()))
     init_ray()
+    check_shared_output(Path(cfg.out), "output")
     ds = ray.data.from_arrow(table).map(_BatchActor, fn_constructor_kwargs={"cfg_dict": to_dict(cfg)},
                                         concurrency=cfg.concurrency, num_gpus=cfg.gpus_per_actor or None)
     results = list(ds.iter_rows())

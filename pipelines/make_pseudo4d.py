@@ -31,15 +31,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from a checkout without install
 
 from pipelines.affine import TransformConfig, draw_path, sampling_grid, source_extent, warp_views
-from pipelines.common.config import (ConfigError, check_same_content, doc, load_yaml, parse_config, preset_table,
-                                     run_cli, write_resolved)
+from pipelines.common.config import (ConfigError, check_same_content, doc, parse_config, preset_table, run_cli,
+                                     write_resolved)
 from pipelines.common.errors import UserError
 from pipelines.common.errors import ItemError
 from pipelines.common.job import JobSpec, exit_code, run_job
-from pipelines.common.shards import Sample, json_bytes, safe_key, scan_output
+from pipelines.common.shards import Sample, clip_utf8, json_bytes, safe_key, scan_output
 from pipelines.frame_codec import PNG_MODES, encode_jpeg, encode_png_fast, encode_png_pillow
 from pipelines.procedural_video import ProceduralConfig, make_video
-from pipelines.video_inputs import check_input_change, list_videos
+from pipelines.video_inputs import check_input_change, list_videos, record_input, recorded_inputs
 from pipelines.common.video import encode_video_bytes
 from pipelines.video_io import VideoSource, open_input
 
@@ -159,7 +159,7 @@ def item_seed(job_seed: int, item_id: str, grid: int) -> list[int]:
 def sample_key(item_id: str) -> str:
     """WebDataset-safe key: a readable stem plus a hash, so 'a/b.mp4' and 'a_b.mp4' never collide."""
     digest = hashlib.sha1(item_id.encode()).hexdigest()[:10]
-    return f"{safe_key(Path(item_id).stem)[:48]}-{digest}"
+    return f"{clip_utf8(safe_key(Path(item_id).stem), 48)}-{digest}"  # bytes: tar names are bounded in bytes
 
 
 @dataclass
@@ -393,10 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     items = list_items(cfg)
     output = Path(cfg.output)
     check_resume_settings(cfg, output)
-    if (output / "config.yaml").is_file() and cfg.input.strip() != "procedural":
-        recorded = (load_yaml(output / "config.yaml") or {}).get("input")
-        check_input_change(recorded, cfg.input, items, scan_output(output).done_items)
+    videos = cfg.input.strip() != "procedural"
+    inputs = recorded_inputs(output) if videos else []  # before write_resolved replaces config.yaml's input
+    if inputs:
+        check_input_change(inputs, cfg.input, items, scan_output(output).done_items)
     write_resolved(cfg, output)
+    if videos:
+        record_input(output, cfg.input, inputs)
     spec = JobSpec(name="pseudo4d", output=output, items=items,
                    make_processor=partial(Pseudo4DProcessor, cfg, pin_threads=True),
                    items_per_part=cfg.items_per_part, concurrency=cfg.concurrency, num_cpus=cfg.num_cpus,

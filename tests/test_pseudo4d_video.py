@@ -270,18 +270,22 @@ def _tar_of(path, names):
     return path
 
 
-def test_video_ids_tell_apart_tars_of_one_name_and_a_second_collection_is_not_skipped_as_done(tmp_path) -> None:
+def test_one_id_for_two_videos_is_refused_and_a_second_collection_is_not_skipped_as_done(tmp_path) -> None:
     """Two folders' shard-000000.tar once gave their clip.mp4 one id, and the job silently kept one of the two;
     a second collection run into the same output had its videos with the first's relative names skipped as
-    done. Ids now carry the tars' paths below their common folder (a lone tar's name, as before), one id for two
-    videos is refused, and a run from another --input whose ids are done there is refused with what to do."""
-    from pipelines.video_inputs import check_input_change, list_videos
+    done. Ids stay what they were (a tar's name and member: listing more tars later changes no id), one id for
+    two videos is refused, and a run from a new --input whose ids are done there is refused with what to do;
+    any input the output took before (a resume) goes on."""
+    from pipelines.video_inputs import check_input_change, list_videos, record_input, recorded_inputs
     a = _tar_of(tmp_path / "a" / "shard-000000.tar", ["clip.mp4", "other.mp4"])
     _tar_of(tmp_path / "b" / "shard-000000.tar", ["clip.mp4"])
-    ids = [it["item_id"] for it in list_videos(str(tmp_path / "{a,b}" / "shard-000000.tar"))]
-    assert ids == ["a/shard-000000.tar/clip.mp4", "a/shard-000000.tar/other.mp4", "b/shard-000000.tar/clip.mp4"]
-    assert [it["item_id"] for it in list_videos(str(a))] == ["shard-000000.tar/clip.mp4",
-                                                             "shard-000000.tar/other.mp4"]
+    _tar_of(tmp_path / "b" / "shard-000001.tar", ["more.mp4"])
+    ids_a = [it["item_id"] for it in list_videos(str(a))]
+    assert ids_a == ["shard-000000.tar/clip.mp4", "shard-000000.tar/other.mp4"]
+    both = [it["item_id"] for it in list_videos(str(tmp_path / "{a/shard-000000,b/shard-000001}.tar"))]
+    assert both == ids_a + ["shard-000001.tar/more.mp4"]  # more tars listed: the first tar's ids unchanged
+    with pytest.raises(UserError, match=r"lists two videos under one id 'shard-000000.tar/clip.mp4'.*item_id"):
+        list_videos(str(tmp_path / "{a,b}" / "shard-000000.tar"))
     twice = _tar_of(tmp_path / "e" / "twice.tar", ["clip.mp4", "clip.mp4"])  # a tar may hold one name twice
     with pytest.raises(UserError, match=r"lists two videos under one id 'twice.tar/clip.mp4'"):
         list_videos(str(twice))
@@ -291,11 +295,21 @@ def test_video_ids_tell_apart_tars_of_one_name_and_a_second_collection_is_not_sk
     (tmp_path / "d" / "clip.mp4").write_bytes(b"y")
     (tmp_path / "d" / "new.mp4").write_bytes(b"z")
     first, second = list_videos(str(tmp_path / "c")), list_videos(str(tmp_path / "d"))
+    c, d = str(tmp_path / "c"), str(tmp_path / "d")
     done = {it["item_id"] for it in first}
     with pytest.raises(UserError, match=r"1 of the videos listed from .* have the ids of videos this output already "
-                                        r"holds from .* \(e.g. 'clip.mp4'\).* --input"):
-        check_input_change(str(tmp_path / "c"), str(tmp_path / "d"), second, done)
-    check_input_change(str(tmp_path / "c"), str(tmp_path / "c"), first, done)  # a resume
-    check_input_change(str(tmp_path / "c") + "/", str(tmp_path / "c"), first, done)  # one folder, spelled otherwise
-    check_input_change(str(tmp_path / "c"), str(tmp_path / "d"), second[1:], done)  # only new ids: goes on
-    check_input_change(None, str(tmp_path / "d"), second, done)  # a new output
+                                        r"holds from .* \(e.g. 'clip.mp4'\).* earlier --input"):
+        check_input_change([c], d, second, done)
+    check_input_change([c], c, first, done)  # a resume
+    check_input_change([c + "/"], c, first, done)  # one folder, spelled otherwise
+    check_input_change([c], d, second[1:], done)  # only new ids: goes on
+    check_input_change([], d, second, done)  # a new output
+    check_input_change([d, c], c, first, done)  # the first input again after another: a resume too
+    out = tmp_path / "out"
+    out.mkdir()
+    assert recorded_inputs(out) == []
+    (out / "config.yaml").write_text(f"input: {c}\n")  # an output made before inputs.json: its config's input
+    assert recorded_inputs(out) == [c]
+    record_input(out, d, recorded_inputs(out))
+    record_input(out, d, recorded_inputs(out))
+    assert recorded_inputs(out) == [c, d]

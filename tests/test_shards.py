@@ -81,6 +81,13 @@ def test_long_ids_give_keys_a_tar_can_hold_and_an_overlong_key_fails_its_item(tm
         names = t.getnames()
     assert len(names) == 3 * 4 and max(map(len, names)) <= USTAR_NAME_MAX
     assert bounded_key("x" * 200) != bounded_key("x" * 199 + "y") and len(bounded_key("x" * 200)) == KEY_MAX
+    # the tar's limit is in bytes: a name of non-ASCII letters (3 bytes each here) is bounded in bytes too
+    cjk = to_samples("角色" * 20, {"samples": [{"action": "走路" * 10, "meta": dict(meta), "cameras": {},
+                                               "files": {"v00t00.png": buf.getvalue()}}]})
+    assert len(cjk[0].key.encode()) <= KEY_MAX
+    commit_part(tmp_path / "cjk", 0, cjk, [])
+    from pipelines.make_pseudo4d import sample_key
+    assert len(sample_key("视频" * 40 + ".mp4").encode()) <= 48 + 11
     with pytest.raises(ValueError, match="longer than a tar member name may be"):
         Sample(key="k" * 95, item_id="i", files={"v00t00.png": b""}, kind="render", views=1, frames=1, height=1,
                width=1)

@@ -221,9 +221,13 @@ def test_resume_from_another_folder_logs_a_run_of_its_own_with_its_own_optimizer
     with pytest.raises(UserError, match=r"is not a checkpoint of this job .* the latest checkpoint there is .*"
                                         r"checkpoint_"):
         run(tiny("base", tmp_path / "bad", [str(train_grids)], resume_from=str(tmp_path / "src")))
+    # a worker dies at the first step, before the new folder has a checkpoint: Ray's retry starts from the source
+    # checkpoint again, and logs on to the MLflow run the first attempt made (one run, not two)
     dst = tiny("base", tmp_path / "dst", [str(train_grids)], total_samples=24, log_every=1,
-               resume_from=str(ckpts[-1]), **{"optim.lr": src.optim.lr * 10, "optim.beta2": 0.95})
+               resume_from=str(ckpts[-1]), fail_at_step=2, max_failures=1,
+               **{"optim.lr": src.optim.lr * 10, "optim.beta2": 0.95})
     summary = run(dst)
+    assert (tmp_path / "dst" / "_fault_injected").exists()
     assert summary["metrics"]["samples_seen"] == 24
     client, rec = _run_record(dst)
     assert rec.info.run_id != src_rec.info.run_id and rec.data.tags.get("resumed_from_run") == src_rec.info.run_id

@@ -284,7 +284,7 @@ def test_non_finite_steps_are_counted_per_window_and_a_long_run_of_them_stops_th
     import yaml
     from pipelines.common.config import to_dict
     folder = dataclasses.replace(limited, output=str(tmp_path))
-    (tmp_path / "ray" / folder.stage).mkdir(parents=True)
+    (tmp_path / "ray" / folder.run / "checkpoint_2026-11-25_10-00-00.000000").mkdir(parents=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(to_dict(folder)))
     (tmp_path / NONFINITE_STOP).write_text(json.dumps(ours))
     with pytest.raises(UserError, match="holds checkpoints of a run with other options"):
@@ -476,3 +476,22 @@ def test_a_resumed_optimizer_follows_the_config_and_the_schedule_counts_samples(
     assert resumed_step({"step": 8, "samples_seen": 4 * sps}, new_cfg) == 4  # steps of half the size
     assert resumed_step({"step": 2, "samples_seen": 4 * sps}, new_cfg) == 4
     assert resumed_step({"step": 3}, new_cfg) == 3  # a state without the count: its steps
+
+
+def test_resume_from_is_checked_only_while_the_run_folder_has_no_checkpoint(tmp_path) -> None:
+    """--resume-from names where a run starts; once its folder has checkpoints of its own the workers resume from
+    those, and the folder given once may be gone (its own run pruned it): a re-run must not be refused for it."""
+    import dataclasses
+
+    import pytest
+
+    from pipelines.common.errors import UserError
+    from training.config import presets_for
+    from training.launch import check_resume_from
+
+    cfg = dataclasses.replace(presets_for("base")["tiny"](), output=str(tmp_path / "out"),
+                              resume_from=str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"--resume-from .*gone does not exist; pass one of a run's"):
+        check_resume_from(cfg, tmp_path / "out")
+    (tmp_path / "out" / "ray" / cfg.run / "checkpoint_2026-11-25_10-00-00.000000").mkdir(parents=True)
+    check_resume_from(cfg, tmp_path / "out")  # its own checkpoint now: nothing to check

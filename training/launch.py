@@ -93,12 +93,14 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
 
 
-def check_resume_from(cfg: TrainConfig) -> None:
+def check_resume_from(cfg: TrainConfig, output: Path) -> None:
     """A local ``resume_from`` must be a checkpoint this job wrote (a folder with train_state.json), checked on the
-    driver: in the workers a wrong path fails every attempt with a filesystem error instead of this line."""
+    driver: in the workers a wrong path fails every attempt with a filesystem error instead of this line. Only
+    while the run folder has no checkpoint of its own: after that the workers resume from those, and the folder
+    given once may be gone (pruned by its own run's keep_checkpoints)."""
     from pipelines.common.tracking import URI_SCHEME
     spec = cfg.resume_from
-    if not spec or URI_SCHEME.match(spec):
+    if not spec or URI_SCHEME.match(spec) or checkpoint_dirs(output / "ray" / cfg.run):
         return
     path = Path(spec)
     if (path / "train_state.json").is_file():
@@ -115,7 +117,7 @@ def check_run_folder(cfg: TrainConfig, output: Path) -> Path | None:
     re-run with other options and no --force is refused with the non-finite stop's record still in place (the
     second check would drop it, as this run's record with other options); then ``check_nonfinite_stop``. Returns
     check_resume's value (the path of the config it kept aside, or None)."""
-    check_resume_from(cfg)
+    check_resume_from(cfg, output)
     kept = check_resume(cfg, output)
     check_nonfinite_stop(cfg, output)
     return kept

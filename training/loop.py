@@ -542,7 +542,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         profiler.done = True
     resumed_at = state["step"] if ckpt is not None else 0
     tracker = Tracker(cfg, rank, state.get("mlflow_run_id"),
-                      {"trainable_parameters": n_trainable, "total_parameters": n_total}, resumed_at=resumed_at)
+                      {"trainable_parameters": n_trainable, "total_parameters": n_total}, resumed_at=resumed_at,
+                      resumed_samples=state["samples_seen"] if ckpt is not None else 0)
     # the nodes Ray placed the workers on, by Ray node id (Ray Train's local ranks go by IP address, which two
     # raylets of one machine share); reported with every checkpoint, so summary.json shows a cluster was used
     node_ids: list[Any] = [None] * world

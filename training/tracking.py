@@ -83,9 +83,10 @@ def mark_run_ended(cfg: TrainConfig, status: str) -> str | None:
 
 class Tracker:
     def __init__(self, cfg: TrainConfig, rank: int, run_id: str | None,
-                 extra_params: dict[str, Any] | None = None, resumed_at: int = 0) -> None:
+                 extra_params: dict[str, Any] | None = None, resumed_at: int = 0, resumed_samples: int = 0) -> None:
         """``run_id``: the MLflow run to continue (None: a new one); ``resumed_at``: the step of the checkpoint
-        this attempt resumed from (0: it starts at step 1)."""
+        this attempt resumed from (0: it starts at step 1); ``resumed_samples``: its samples seen (what the kept
+        history is cut at: a resume with another samples-per-step counts steps of another size)."""
         self.cfg, self.rank, self.run_id = cfg, rank, run_id
         self.t0 = time.time()
         self.mlflow = None
@@ -100,7 +101,9 @@ class Tracker:
         # where an attempt left metrics but no checkpoint says so, keeps them aside and closes its MLflow run.
         self.logged_through = 0  # MLflow only
         if rank == 0 and resumed_at:
-            kept = [r for r in read_metric_rows(self.metrics_file) if int(r.get("step", 0)) <= resumed_at]
+            kept = [r for r in read_metric_rows(self.metrics_file)
+                    if (float(r["samples_seen"]) <= resumed_samples if "samples_seen" in r and resumed_samples
+                        else int(r.get("step", 0)) <= resumed_at)]
             self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif rank == 0 and last_logged_step(self.metrics_file) > 0:
             gone = last_logged_step(self.metrics_file)
@@ -119,14 +122,15 @@ class Tracker:
         mlflow.set_system_metrics_samples_before_logging(1)
         resumed_from = None
         if run_id is not None and not self._continuable(run_id):
-            resumed_from, run_id = run_id, None
+            # another folder's run: this folder's own, when an earlier attempt of this job made one, else a new run
+            resumed_from, run_id = run_id, self._own_run()
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
                                run_name=cfg.run, log_system_metrics=True)
         self.run_id = run.info.run_id
         if resumed_from:
             mlflow.set_tag("resumed_from_run", resumed_from)
             say(f"[train] MLflow: the checkpoint's run {resumed_from} is not this folder's run in {tracking_uri(cfg)}; "
-                f"logging to a new run {self.run_id} (tag resumed_from_run)")
+                f"logging to {'its own run' if run_id else 'a new run'} {self.run_id} (tag resumed_from_run)")
         (Path(cfg.output) / RUN_ID_FILE).write_text(self.run_id)
         if run_id and resumed_at and not (cfg.force or cfg.resume_from):
             history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
@@ -136,19 +140,24 @@ class Tracker:
             mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in params.items()})
             mlflow.set_tags({"stage": cfg.stage, "model_preset": cfg.model_preset, "sync": cfg.sync})
 
+    def _own_run(self) -> str | None:
+        """The run this folder's mlflow_run_id.txt names, if this tracking store has it."""
+        own = Path(self.cfg.output) / RUN_ID_FILE
+        if not own.is_file():
+            return None
+        run_id = own.read_text().strip()
+        try:
+            self.mlflow.MlflowClient().get_run(run_id)
+        except self.mlflow.exceptions.MlflowException:
+            return None
+        return run_id
+
     def _continuable(self, run_id: str) -> bool:
         """Whether the MLflow run a checkpoint names is this run folder's own, in this tracking store. A checkpoint
         from another folder (--resume-from) names another run: continuing it would log into that run (a shared
         server) or fail on every attempt (a folder's own SQLite store, which has no such run); so would a run
         whose tracking store changed (--mlflow-uri, MLFLOW_TRACKING_URI set later)."""
-        own = Path(self.cfg.output) / RUN_ID_FILE
-        if not own.is_file() or own.read_text().strip() != run_id:
-            return False
-        try:
-            self.mlflow.MlflowClient().get_run(run_id)
-        except self.mlflow.exceptions.MlflowException:
-            return False
-        return True
+        return self._own_run() == run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.rank != 0:

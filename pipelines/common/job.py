@@ -66,7 +66,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", **kwargs)
 
 
-def nodes_missing(path: str | Path) -> list[str]:
+def nodes_missing(path: str | Path, timeout_s: float = 300.0) -> list[str]:
     """The alive Ray nodes on which ``path`` does not exist, each checked by a task pinned to it (the driver's
     own node included): a job's output must be one folder that every node writes to and the driver reads."""
     import ray
@@ -76,9 +76,13 @@ def nodes_missing(path: str | Path) -> list[str]:
     def exists(p: str) -> bool:
         return os.path.exists(p)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    found = ray.get([exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                     .remote(str(path)) for n in nodes])
-    return [f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" for n, ok in zip(nodes, found) if not ok]
+    refs = [exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(str(path)) for n in nodes]
+    # a node that cannot start a task in that time (its runtime_env failing, say) is reported, not waited on
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    found = [ray.get(r) if r in ready else None for r in refs]
+    return [f"{n.get('NodeManagerAddress')} ({n['NodeID'][:8]})" + ("" if ok is False else ": no answer")
+            for n, ok in zip(nodes, found) if not ok]
 
 
 def check_shared_output(output: Path, what: str) -> None:
@@ -87,10 +91,11 @@ def check_shared_output(output: Path, what: str) -> None:
     On several nodes, each worker writes where the path points on its own node: a node-local folder (or a
     relative path, resolved in each node's copy of the job's working directory) keeps that node's work where the
     driver never looks, and the run ends "ok" with part of it missing. One Ray task per node looks for a marker
-    the driver just wrote. A single node passes at once."""
+    the driver just wrote. A single node passes at once. Nodes an autoscaler adds later are not checked."""
     import ray
     if len([n for n in ray.nodes() if n.get("Alive")]) < 2:
         return
+    output = output.resolve()  # as the workers get it: a relative path resolves in each task's own folder
     output.mkdir(parents=True, exist_ok=True)
     marker = output / f".shared-check-{os.getpid()}"
     marker.write_text("")

@@ -81,11 +81,11 @@ class Sample:
             raise ValueError(f"sample key {self.key!r} may not contain '.' or '/'")
         # Checked here, inside the item's own processing, so that a name the tar cannot hold fails that item
         # (recorded in failures.parquet) instead of the part's commit, which would fail every re-run too.
-        longest = max((len(suffix) for suffix in self.files), default=0)
-        if len(self.key) + 1 + longest > USTAR_NAME_MAX:
-            raise ValueError(f"sample key {self.key!r} ({len(self.key)} characters) with member suffix of "
-                             f"{longest} is longer than a tar member name may be ({USTAR_NAME_MAX}); build keys "
-                             "with bounded_key()")
+        longest = max((len(suffix.encode()) for suffix in self.files), default=0)
+        size = len(self.key.encode())  # the tar's limit is in bytes: a non-ASCII name takes more than one each
+        if size + 1 + longest > USTAR_NAME_MAX:
+            raise ValueError(f"sample key {self.key!r} ({size} bytes) with a member suffix of {longest} is longer "
+                             f"than a tar member name may be ({USTAR_NAME_MAX} bytes); build keys with bounded_key()")
 
 
 @dataclass
@@ -116,18 +116,23 @@ def safe_key(text: str) -> str:
 
 
 USTAR_NAME_MAX = 100
-"""A member name of the shards' tar format (USTAR) without a '/' holds at most 100 characters."""
+"""A member name of the shards' tar format (USTAR) without a '/' holds at most 100 bytes (UTF-8)."""
 KEY_MAX = 64
-"""Longest sample key: leaves 35 characters for a member's suffix (``v00t00.normal.png`` is 17)."""
+"""Longest sample key in bytes: leaves 35 for a member's suffix (``v00t00.normal.png`` is 17)."""
+
+
+def clip_utf8(text: str, size: int) -> str:
+    """The longest start of ``text`` whose UTF-8 takes at most ``size`` bytes (never half a character)."""
+    return text.encode()[:size].decode("utf-8", "ignore")
 
 
 def bounded_key(key: str, limit: int = KEY_MAX) -> str:
-    """``key`` (already WebDataset-safe) as it is when it fits, else its first characters and a hash of all of it,
-    ``limit`` characters in all: long uids or action names still give distinct keys that a tar can hold."""
-    if len(key) <= limit:
+    """``key`` (already WebDataset-safe) as it is when it fits, else its start and a hash of all of it, at most
+    ``limit`` bytes in all: long (or non-ASCII) uids and action names still give distinct keys a tar can hold."""
+    if len(key.encode()) <= limit:
         return key
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return f"{key[:limit - 11]}-{digest}"
+    return f"{clip_utf8(key, limit - 11)}-{digest}"
 
 
 TMP_DIR = ".tmp"
