@@ -353,7 +353,8 @@ def generate_one(gen: Generator4D, cfg: GenerateConfig, out: Path) -> dict:
                         "needs at least 2 of each (a given row and column and something to generate)")
     grid, given = gen.generate(row, col, cfg.seed)
     meta = {"views": int(grid.shape[0]), "frames": int(grid.shape[1]), "window": list(gen.window),
-            "sync": gen.sync, "steps": cfg.steps, "method": cfg.method, "seconds": time.time() - t0, **info}
+            "window_plan": cfg.window_plan, "sync": gen.sync, "steps": cfg.steps, "method": cfg.method,
+            "seconds": time.time() - t0, **info}
     paths = write_outputs(grid, given, out, cfg.fps, meta)
     return {**meta, **paths}
 

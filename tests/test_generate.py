@@ -66,6 +66,7 @@ def test_generate_a_larger_grid_with_sliding_windows(fourd_run, train_grids: Pat
     assert gen.window == (3, 4) and gen.window < grid.shape[:2]
     result = generate_one(gen, cfg, out)
     assert (result["views"], result["frames"]) == (4, 6)
+    assert json.loads((out / "meta.json").read_text())["window_plan"] == "even"  # the default, recorded
     frames = sorted(p.name for p in (out / "frames").glob("*.png"))
     assert len(frames) == 24 and frames[0] == "v00t00.png" and frames[-1] == "v03t05.png"
     given = to_uint8(frames_to_tensor(grid, *gen.size))  # the inputs at the model's resolution
