@@ -261,7 +261,7 @@ def _perf_usable() -> bool:
 @pytest.mark.skipif(not _perf_usable(), reason="needs Linux perf, allowed to profile this user's processes")
 def test_measure_render_costs_profile(character, tmp_path):
     """benchmarks/measure_render_costs.py profile: perf's CPU samples of the job's render calls, grouped (Cycles'
-    camera rays and escaping rays, Embree, OpenImageDenoise) and by function; the shares add up to at most 100%."""
+    camera rays and escaping rays, Embree, OpenImageDenoise) and by function; the shares add up to about 100%."""
     import re
     proc = subprocess.run([sys.executable, "benchmarks/measure_render_costs.py", "profile", character["path"],
                            "--seconds", "3", "--scratch", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
@@ -269,7 +269,8 @@ def test_measure_render_costs_profile(character, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     head, _, funcs = proc.stdout.partition("largest functions:")
     groups = {name.strip(): float(p) for p, name in re.findall(r"^ +([\d.]+)%  (.+)$", head, re.M)}
-    assert 50.0 < sum(groups.values()) <= 100.5, groups
+    # perf prints each of hundreds of functions' shares rounded to 0.01%: their sum may pass 100 by a little
+    assert 50.0 < sum(groups.values()) <= 103.0, groups
     for name in ("camera rays (integrator_init_from_camera)", "Embree (ray intersection, BVH builds)",
                  "OpenImageDenoise"):
         assert groups.get(name, 0.0) > 0.0, (name, groups)
