@@ -26,15 +26,14 @@ def _video_item(path: str, item_id: str) -> dict[str, Any]:
     return {"item_id": item_id, "path": str(path)}
 
 
-def _tar_items(tar_path: Path, name: str) -> list[dict[str, Any]]:
-    """Video members of a WebDataset tar, located by one sequential pass over its headers; ``name`` is the tar's
-    part of their item ids."""
+def _tar_items(tar_path: Path) -> list[dict[str, Any]]:
+    """Video members of a WebDataset tar, located by one sequential pass over its headers."""
     items = []
     try:
         with tarfile.open(tar_path, "r:") as tar:  # uncompressed: members must be seekable by offset
             for m in tar:
                 if m.isfile() and m.name.lower().endswith(VIDEO_EXTENSIONS):
-                    items.append({"item_id": f"{name}/{m.name}", "tar": str(tar_path),
+                    items.append({"item_id": f"{tar_path.name}/{m.name}", "tar": str(tar_path),
                                   "offset": m.offset_data, "size": m.size})
     except (tarfile.TarError, OSError) as exc:
         raise UserError(f"cannot read WebDataset tar {tar_path} ({exc}); pass uncompressed .tar shards of videos")
@@ -52,7 +51,7 @@ def list_videos(spec: str) -> list[dict[str, Any]]:
             raise UserError(f"WebDataset tar {missing[0]} does not exist; check --input")
         # A tar's file name in the ids, whatever else is listed beside it: ids must not change when a later run
         # lists more tars (a resume would redo every video). Two tars of one name are refused below.
-        items = [it for t in tars for it in _tar_items(Path(t), Path(t).name)]
+        items = [it for t in tars for it in _tar_items(Path(t))]
     else:
         items = [_video_item(f.path, f.given_id or f.name)
                  for f in list_files(spec, VIDEO_EXTENSIONS, id_column="item_id", what="videos",
